@@ -1,0 +1,58 @@
+"""Argument checks shared by the ops: each raises naming the bad argument."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(name: str, value, *, floating: bool = True) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), "
+                        f"got dtype {value.dtype}")
+    return value
+
+
+def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
+    names = list(tensors)
+    first = tensors[names[0]]
+    for n in names[1:]:
+        if tensors[n].dtype != first.dtype:
+            raise TypeError(f"{n} has dtype {tensors[n].dtype} but {names[0]} has {first.dtype}; "
+                            "pass tensors of one dtype")
+    return first.dtype
+
+
+def same_device(**tensors: torch.Tensor) -> torch.device:
+    names = list(tensors)
+    first = tensors[names[0]]
+    for n in names[1:]:
+        if tensors[n].device != first.device:
+            raise ValueError(f"{n} is on {tensors[n].device} but {names[0]} is on {first.device}; "
+                             "move them to one device")
+    return first.device
+
+
+def broadcast_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> torch.Size:
+    try:
+        return torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        raise ValueError(f"{name_a} of shape {tuple(a.shape)} and {name_b} of shape {tuple(b.shape)} "
+                         "are not broadcastable") from None
+
+
+def choice(name: str, value, options) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+
+
+def positive_finite(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+    if not (v > 0 and v != float("inf")):
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    return v

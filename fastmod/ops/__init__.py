@@ -1,0 +1,18 @@
+"""Public ops.  Each has a plain-PyTorch ``*_reference`` beside it and one
+dispatch point that picks a kernel backend (see ``fastmod.backends``)."""
+from fastmod.ops.mixed_node import OP_NAMES, mixed_node, mixed_node_reference, mixed_node_weights
+from fastmod.ops.gumbel_gate import gumbel_sigmoid_gate, gumbel_sigmoid_gate_reference
+from fastmod.ops.load_balancing import load_balancing_loss
+from fastmod.ops.routed_conv import routed_conv2d, routed_conv2d_reference
+
+__all__ = [
+    "OP_NAMES",
+    "mixed_node",
+    "mixed_node_reference",
+    "mixed_node_weights",
+    "gumbel_sigmoid_gate",
+    "gumbel_sigmoid_gate_reference",
+    "load_balancing_loss",
+    "routed_conv2d",
+    "routed_conv2d_reference",
+]

@@ -1,0 +1,34 @@
+"""Test setup.  Without a GPU, Triton kernels run in Triton's CPU interpreter:
+TRITON_INTERPRET must be set before anything imports triton, so it is set here,
+at collection time, before fastmod is imported."""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastmod  # noqa: E402,F401
+from fastmod import backends  # noqa: E402
+
+
+def kernel_devices_and_backends(op, cpp_op, implemented):
+    """(device, backend) pairs that can run on this machine for an op."""
+    pairs = []
+    for dev in ["cpu"] + (["cuda"] if HAS_CUDA else []):
+        d = torch.device(dev)
+        for b in implemented:
+            if backends.available(b, d, cpp_op if b in ("cpu", "cuda") else None):
+                pairs.append((dev, b))
+    return pairs
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
