@@ -1,14 +1,230 @@
-"""LNMN mixed node (issue 2). Being written."""
+"""LNMN's mixed node: O(x1, x2) = sum_i w_i * op_i(x1, x2) over six element-wise ops.
+
+The public op is :func:`mixed_node`; :func:`mixed_node_reference` is the plain
+PyTorch definition it must match.  The kernel backends ("triton" for CUDA,
+"cpu" for the C++ kernels in ``csrc/mixed_node``) share one contract, the
+canonical 4-D form built by :func:`_canonical`:
+
+* x1, x2: ``[K|1, B|1, C|1, S|1]`` views of the inputs (node, batch, channel,
+  flattened spatial; size 1 on broadcast dims), any strides;
+* w: ``[K, 6]`` weights (float32, float64 for float64 inputs);
+* forward returns the contiguous ``[K, B, C, S]`` output, backward returns
+  gradients with exactly x1's and x2's canonical shapes plus ``dw [K, 6]``.
+
+Only x1, x2 and w are saved for backward; everything else is recomputed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastmod import _checks, _extension, backends
+
 OP_NAMES = ("min", "max", "sum", "product", "choose1", "choose2")
+MODES = ("soft", "hard")
+NORM_EPS = 1e-12  # F.normalize's default, which the authors' code uses
+_IMPLEMENTED = ("triton", "cpu")
 
 
-def mixed_node(*args, **kwargs):
-    raise NotImplementedError
+# --------------------------------------------------------------------------- weights
+def mixed_node_weights(alpha: torch.Tensor, mode: str = "soft", op_mask=None) -> torch.Tensor:
+    """Op weights of a node from its architecture parameters.
+
+    alpha: ``[6]`` or ``[K, 6]`` floating.  ``mode="soft"``: softmax(alpha);
+    ``"hard"``: one-hot at argmax(alpha) (no gradient).  ``op_mask``: bool ``[6]``
+    (or ``[K, 6]``); masked ops get weight 0 and the rest are NOT renormalised
+    (LNMN's operator ablation; in hard mode a masked argmax leaves the node 0).
+    Returns float32 weights (float64 if alpha is float64) of alpha's shape.
+    """
+    _checks.tensor("alpha", alpha)
+    _checks.choice("mode", mode, MODES)
+    if alpha.dim() not in (1, 2) or alpha.shape[-1] != len(OP_NAMES):
+        raise ValueError(f"alpha must have shape [6] or [K, 6], got {tuple(alpha.shape)}")
+    acc = torch.float64 if alpha.dtype == torch.float64 else torch.float32
+    a = alpha.to(acc)
+    if mode == "soft":
+        w = torch.softmax(a, dim=-1)
+    else:
+        w = F.one_hot(a.detach().argmax(dim=-1), len(OP_NAMES)).to(acc)
+    if op_mask is not None:
+        w = w * _op_mask(op_mask, alpha).to(acc)
+    return w
 
 
-def mixed_node_reference(*args, **kwargs):
-    raise NotImplementedError
+def _op_mask(op_mask, alpha: torch.Tensor) -> torch.Tensor:
+    if not isinstance(op_mask, torch.Tensor):
+        op_mask = torch.as_tensor(op_mask)
+    if op_mask.dtype != torch.bool:
+        raise TypeError(f"op_mask must be a bool tensor, got dtype {op_mask.dtype}")
+    try:
+        torch.broadcast_shapes(op_mask.shape, alpha.shape)
+    except RuntimeError:
+        raise ValueError(f"op_mask of shape {tuple(op_mask.shape)} does not broadcast to alpha's "
+                         f"shape {tuple(alpha.shape)}; expected [6]") from None
+    return op_mask.to(alpha.device)
 
 
-def mixed_node_weights(*args, **kwargs):
-    raise NotImplementedError
+# --------------------------------------------------------------------------- checks
+def _check_inputs(x1, x2, alpha, mode, op_mask, normalize):
+    """Validate arguments; return (K or None, full output shape, node shape)."""
+    _checks.tensor("x1", x1)
+    _checks.tensor("x2", x2)
+    _checks.tensor("alpha", alpha)
+    _checks.same_dtype(x1=x1, x2=x2)
+    _checks.same_device(x1=x1, x2=x2, alpha=alpha)
+    _checks.choice("mode", mode, MODES)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    if alpha.dim() not in (1, 2) or alpha.shape[-1] != len(OP_NAMES):
+        raise ValueError(f"alpha must have shape [6] (one node) or [K, 6] (K nodes), got {tuple(alpha.shape)}")
+    full = _checks.broadcast_shape("x1", x1, "x2", x2)
+    K = None
+    if alpha.dim() == 2:
+        K = alpha.shape[0]
+        if len(full) == 0 or full[0] not in (1, K):
+            raise ValueError(f"with alpha of shape [K={K}, 6], x1 and x2 must broadcast to [K, B, ...]; "
+                             f"they broadcast to {tuple(full)}")
+        full = torch.Size((K,) + tuple(full[1:]))
+    node_shape = full if K is None else full[1:]
+    if normalize and len(node_shape) < 2:
+        raise ValueError(f"normalize=True needs a channel dim: each node's tensor must be [B, C, ...], "
+                         f"got node shape {tuple(node_shape)}")
+    if op_mask is not None:
+        _op_mask(op_mask, alpha)
+    return K, full, node_shape
+
+
+# --------------------------------------------------------------------------- reference
+def mixed_node_reference(x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor, *, mode: str = "soft",
+                         op_mask=None, normalize: bool = False) -> torch.Tensor:
+    """Plain-PyTorch definition of :func:`mixed_node` (same arguments and result)."""
+    K, full, _ = _check_inputs(x1, x2, alpha, mode, op_mask, normalize)
+    w = mixed_node_weights(alpha, mode, op_mask).to(x1.dtype)
+    ops = (torch.minimum(x1, x2), torch.maximum(x1, x2), x1 + x2, x1 * x2, x1, x2)
+    out = torch.zeros(full, dtype=x1.dtype, device=x1.device)
+    for i, op in enumerate(ops):
+        wi = w[i] if K is None else w[:, i].reshape((K,) + (1,) * (len(full) - 1))
+        # A zero weight removes its op entirely (0 * inf must not give NaN).
+        out = out + wi * torch.where(wi != 0, op, torch.zeros((), dtype=op.dtype, device=op.device))
+    if normalize:
+        out = F.normalize(out, p=2, dim=1 if K is None else 2, eps=NORM_EPS)
+    return out
+
+
+# --------------------------------------------------------------------------- canonical form
+def _canonical(x: torch.Tensor, node_shape) -> torch.Tensor:
+    """View operand x as [K|1, B|1, C|1, S|1] (see module docstring).
+
+    Spatial dims are flattened into S; an operand broadcast over only some
+    spatial dims cannot be expressed with one stride and is materialised.
+    """
+    n = len(node_shape)
+    shape = (1,) * (n + 1 - x.dim()) + tuple(x.shape)
+    x = x.reshape(shape)
+    k, node = shape[0], shape[1:]
+    if n == 0:
+        return x.reshape(k, 1, 1, 1)
+    if n == 1:  # a vector per node: let the long dim be the contiguous S
+        return x.reshape(k, 1, 1, node[0])
+    sp, full_sp = node[2:], tuple(node_shape[2:])
+    if sp != full_sp and any(d != 1 for d in sp):
+        x = x.expand(k, node[0], node[1], *full_sp)
+        sp = full_sp
+    return x.reshape(k, node[0], node[1], math.prod(sp))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _full4(x1: torch.Tensor, x2: torch.Tensor, w: torch.Tensor):
+    K = w.shape[0]
+    return (K, max(x1.shape[1], x2.shape[1]), max(x1.shape[2], x2.shape[2]), max(x1.shape[3], x2.shape[3]))
+
+
+# --------------------------------------------------------------------------- autograd (shared)
+def _setup_context(ctx, inputs, output):
+    x1, x2, w, normalize = inputs
+    ctx.save_for_backward(x1, x2, w)
+    ctx.normalize = normalize
+
+
+def _autograd_backward(bwd_op):
+    def backward(ctx, grad):
+        x1, x2, w = ctx.saved_tensors
+        need1, need2, needw = ctx.needs_input_grad[:3]
+        dx1, dx2, dw = bwd_op(grad.contiguous(), x1, x2, w, ctx.normalize, need1, need2)
+        # The reference's zero-weight terms are cut out of the graph: no gradient there.
+        dw = torch.where(w != 0, dw, torch.zeros_like(dw)) if needw else None
+        return (dx1 if need1 else None), (dx2 if need2 else None), dw, None
+
+    return backward
+
+
+# --------------------------------------------------------------------------- C++ backend
+if _extension.has_op("mixed_node_fwd"):
+
+    @torch.library.register_fake("fastmod::mixed_node_fwd")
+    def _cpp_fwd_fake(x1, x2, w, normalize):
+        return x1.new_empty(_full4(x1, x2, w))
+
+    @torch.library.register_fake("fastmod::mixed_node_bwd")
+    def _cpp_bwd_fake(grad, x1, x2, w, normalize, need_dx1, need_dx2):
+        return (x1.new_empty(x1.shape if need_dx1 else (0,)), x2.new_empty(x2.shape if need_dx2 else (0,)),
+                w.new_empty(w.shape))
+
+    torch.library.register_autograd("fastmod::mixed_node_fwd",
+                                    _autograd_backward(lambda *a: torch.ops.fastmod.mixed_node_bwd(*a)),
+                                    setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- Triton backend
+if backends.triton_installed():
+    from fastmod.ops._mixed_node_triton import mixed_node_triton_bwd, mixed_node_triton_fwd
+
+    mixed_node_triton_fwd.register_autograd(_autograd_backward(mixed_node_triton_bwd),
+                                            setup_context=_setup_context)
+
+
+def _kernel_forward(backend: str):
+    if backend == "triton":
+        return mixed_node_triton_fwd
+    return torch.ops.fastmod.mixed_node_fwd
+
+
+# --------------------------------------------------------------------------- public op
+def mixed_node(x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor, *, mode: str = "soft", op_mask=None,
+               normalize: bool = False, backend: str | None = None) -> torch.Tensor:
+    """Fused LNMN node: ``sum_i w_i * op_i(x1, x2)``, ops = (min, max, x1+x2, x1*x2, x1, x2).
+
+    Args:
+        x1, x2: floating tensors (float16, bfloat16, float32, float64) of one
+            dtype and device, broadcastable to a common shape, e.g. ``[B, D, H, W]``
+            with ``[B, D, 1, 1]`` or ``[B, 1, H, W]``.  With ``alpha`` of shape
+            ``[K, 6]`` they broadcast to ``[K, B, ...]`` (K nodes in one launch;
+            a tensor without the K dim is shared by all nodes).
+        alpha: ``[6]`` or ``[K, 6]`` architecture parameters; w = softmax(alpha)
+            (``mode="soft"``) or one-hot at argmax (``mode="hard"``, no gradient).
+        op_mask: optional bool ``[6]``; masked ops contribute nothing (no renormalisation).
+        normalize: L2-normalise the result over the channel dim (dim 1 of each
+            node's ``[B, C, ...]`` tensor) at every position, eps 1e-12, as
+            ``F.normalize`` in the authors' code.
+        backend: None/"auto", "reference", "triton" or "cpu" (see ``fastmod.backends``).
+
+    Returns:
+        The broadcast shape, in the inputs' dtype (fp32 arithmetic inside).
+        Gradients flow to x1, x2 (summed over broadcast dims) and alpha.
+        At x1 == x2, min and max pass half the gradient to each input and NaN
+        propagates, as ``torch.minimum``/``torch.maximum`` do.  A weight of
+        exactly 0 removes its op (so masked ops never inject inf/NaN).
+    """
+    K, full, node_shape = _check_inputs(x1, x2, alpha, mode, op_mask, normalize)
+    chosen = backends.select("mixed_node", backend, x1.device, _IMPLEMENTED, cpp_op="mixed_node_fwd")
+    if chosen == "reference":
+        return mixed_node_reference(x1, x2, alpha, mode=mode, op_mask=op_mask, normalize=normalize)
+    w = mixed_node_weights(alpha, mode, op_mask).to(_acc_dtype(x1.dtype)).reshape(-1, len(OP_NAMES))
+    a, b = _canonical(x1, node_shape), _canonical(x2, node_shape)
+    out = _kernel_forward(chosen)(a, b, w.contiguous(), normalize)
+    return out.reshape(full)

@@ -1,0 +1,104 @@
+"""Triton backend of the mixed node, registered with ``torch.library.triton_op`` so
+``torch.compile`` traces into the kernels.  Works on the canonical 4-D form
+described in ``fastmod.ops.mixed_node``."""
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+from fastmod.kernels.mixed_node import mixed_node_bwd_kernel, mixed_node_fwd_kernel
+
+NORM_EPS = 1e-12
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _eff_strides(x: torch.Tensor):
+    # Size-1 dims are broadcast dims: read them with stride 0.
+    return [0 if x.shape[d] == 1 else x.stride(d) for d in range(4)]
+
+
+def _plan(K, B, C, S, normalize, s_reduced, tile):
+    """Block sizes and the program grid for a [K, B, C, S] problem.
+
+    The whole of C is walked by one program when the norm over C is needed;
+    otherwise each program takes one BLOCK_C chunk.  When an operand is
+    broadcast over S (e.g. a [B, D, 1, 1] textual parameter), one block spans
+    all of S so its gradient is reduced without atomics.
+    """
+    cap_s = 1024 if s_reduced else 128
+    block_s = min(_pow2(S), cap_s)
+    block_c = max(1, min(_pow2(C), tile // block_s))
+    n_sblk = -(-S // block_s)
+    if normalize:
+        n_cprog, c_per_prog = 1, C
+    else:
+        n_cprog, c_per_prog = -(-C // block_c), block_c
+    return block_c, block_s, n_sblk, n_cprog, c_per_prog
+
+
+@triton_op("fastmod::mixed_node_triton_fwd", mutates_args=())
+def mixed_node_triton_fwd(x1: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
+    K = w.shape[0]
+    B, C, S = (max(x1.shape[d], x2.shape[d]) for d in (1, 2, 3))
+    out = torch.empty((K, B, C, S), dtype=x1.dtype, device=x1.device)
+    if out.numel() == 0:
+        return out
+    block_c, block_s, n_sblk, n_cprog, c_per_prog = _plan(K, B, C, S, normalize, False, 2048)
+    grid = (K * B * n_cprog * n_sblk,)
+    wrap_triton(mixed_node_fwd_kernel)[grid](
+        x1, x2, w, out, B, C, S, n_sblk, n_cprog, c_per_prog,
+        *_eff_strides(x1), *_eff_strides(x2),
+        NORMALIZE=normalize, IS_FP64=x1.dtype == torch.float64, EPS=NORM_EPS,
+        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
+    )
+    return out
+
+
+def _grad_layout(x, full, need, n_sblk, n_cprog, acc_dtype):
+    """Where an operand's gradient goes and how it is reduced.
+
+    Returns (buffer, strides, red_c, red_s, atomic).  Dims the operand is
+    broadcast over are reduced; reductions that span several programs use
+    atomics into an fp32/fp64 buffer, the rest are plain stores.
+    """
+    if not need:
+        return x.new_empty((1,)), [0, 0, 0, 0], False, False, False
+    bk, bb, bc, bs = (x.shape[d] == 1 and full[d] > 1 for d in range(4))
+    atomic = bk or bb or (bs and n_sblk > 1) or (bc and n_cprog > 1)
+    buf = torch.zeros(x.shape, dtype=acc_dtype, device=x.device) if atomic else \
+        torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    strides = [0 if x.shape[d] == 1 else buf.stride(d) for d in range(4)]
+    return buf, strides, bc, bs, atomic
+
+
+@triton_op("fastmod::mixed_node_triton_bwd", mutates_args=())
+def mixed_node_triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, normalize: bool,
+                          need_dx1: bool, need_dx2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    K = w.shape[0]
+    B, C, S = (max(x1.shape[d], x2.shape[d]) for d in (1, 2, 3))
+    full = (K, B, C, S)
+    acc = torch.float64 if x1.dtype == torch.float64 else torch.float32
+    if grad.numel() == 0:
+        return (x1.new_zeros(x1.shape if need_dx1 else (0,)), x2.new_zeros(x2.shape if need_dx2 else (0,)),
+                torch.zeros_like(w))
+    s_reduced = any(x.shape[3] == 1 and S > 1 for x, need in ((x1, need_dx1), (x2, need_dx2)) if need)
+    block_c, block_s, n_sblk, n_cprog, c_per_prog = _plan(K, B, C, S, normalize, s_reduced, 1024)
+    n_prog = K * B * n_cprog * n_sblk
+    g1, st1, rc1, rs1, at1 = _grad_layout(x1, full, need_dx1, n_sblk, n_cprog, acc)
+    g2, st2, rc2, rs2, at2 = _grad_layout(x2, full, need_dx2, n_sblk, n_cprog, acc)
+    dw_part = torch.empty((n_prog, 6), dtype=acc, device=x1.device)
+    wrap_triton(mixed_node_bwd_kernel)[(n_prog,)](
+        grad, x1, x2, w, g1, g2, dw_part, B, C, S, n_sblk, n_cprog, c_per_prog,
+        *_eff_strides(x1), *_eff_strides(x2), *st1, *st2,
+        NEED1=need_dx1, RED1_C=rc1, RED1_S=rs1, ATOMIC1=at1,
+        NEED2=need_dx2, RED2_C=rc2, RED2_S=rs2, ATOMIC2=at2,
+        NORMALIZE=normalize, IS_FP64=x1.dtype == torch.float64, EPS=NORM_EPS,
+        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
+    )
+    dx1 = g1.to(x1.dtype) if need_dx1 else x1.new_empty((0,))
+    dx2 = g2.to(x2.dtype) if need_dx2 else x2.new_empty((0,))
+    dw = dw_part.view(K, -1, 6).sum(1).to(w.dtype)
+    return dx1, dx2, dw

@@ -1,0 +1,249 @@
+"""Triton kernels of LNMN's mixed node: out = sum_i w_i * op_i(x1, x2).
+
+Both kernels work on the canonical 4-D view [K, B, C, S] built by
+``fastmod.ops.mixed_node``: node, batch, channel, flattened spatial.  Operands
+reach the kernel with their own strides, 0 on broadcast dims, so broadcast
+operands are never materialised.  One program owns one (k, b) row and a block
+of S positions, and walks a range of C in BLOCK_C chunks: the whole of C when
+the output is L2-normalised over channels (the norm needs it), one chunk
+otherwise.  Arithmetic is fp32 (fp64 for fp64 inputs).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _upcast(x, IS_FP64: tl.constexpr):
+    if IS_FP64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _load_weights(w_ptr, k, IS_FP64: tl.constexpr):
+    base = w_ptr + k * 6
+    w0 = _upcast(tl.load(base + 0), IS_FP64)
+    w1 = _upcast(tl.load(base + 1), IS_FP64)
+    w2 = _upcast(tl.load(base + 2), IS_FP64)
+    w3 = _upcast(tl.load(base + 3), IS_FP64)
+    w4 = _upcast(tl.load(base + 4), IS_FP64)
+    w5 = _upcast(tl.load(base + 5), IS_FP64)
+    return w0, w1, w2, w3, w4, w5
+
+
+@triton.jit
+def _min_max(a, b):
+    # NaN propagates like torch.minimum / torch.maximum.
+    a_nan = a != a
+    mn = tl.where((a < b) | a_nan, a, b)
+    mx = tl.where((a > b) | a_nan, a, b)
+    return mn, mx
+
+
+@triton.jit
+def _mix(a, b, w0, w1, w2, w3, w4, w5):
+    # A zero weight skips its op entirely, so 0 * inf never turns into NaN
+    # (hard mode and op_mask rely on it).
+    mn, mx = _min_max(a, b)
+    u = tl.where(w0 != 0, w0 * mn, 0.0)
+    u += tl.where(w1 != 0, w1 * mx, 0.0)
+    u += tl.where(w2 != 0, w2 * (a + b), 0.0)
+    u += tl.where(w3 != 0, w3 * (a * b), 0.0)
+    u += tl.where(w4 != 0, w4 * a, 0.0)
+    u += tl.where(w5 != 0, w5 * b, 0.0)
+    return u
+
+
+@triton.jit
+def _row_coords(pid, n_sblk, n_cprog, B, BLOCK_S: tl.constexpr):
+    # 1-D grid (grid dims 1 and 2 are capped at 65535): pid -> (k, b, c-program, s-block).
+    s_blk = pid % n_sblk
+    rest = pid // n_sblk
+    c_prog = rest % n_cprog
+    kb = rest // n_cprog
+    k = kb // B
+    b = kb % B
+    offs_s = s_blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    return k, b, c_prog, offs_s
+
+
+@triton.jit
+def mixed_node_fwd_kernel(
+    x1_ptr, x2_ptr, w_ptr, out_ptr,
+    B, C, S, n_sblk, n_cprog, c_per_prog,
+    s1k, s1b, s1c, s1s, s2k, s2b, s2c, s2s,
+    NORMALIZE: tl.constexpr, IS_FP64: tl.constexpr, EPS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    k, b, c_prog, offs_s = _row_coords(pid, n_sblk, n_cprog, B, BLOCK_S)
+    mask_s = offs_s < S
+    w0, w1, w2, w3, w4, w5 = _load_weights(w_ptr, k, IS_FP64)
+    p1 = x1_ptr + k * s1k + b * s1b + offs_s[None, :] * s1s
+    p2 = x2_ptr + k * s2k + b * s2b + offs_s[None, :] * s2s
+    po = out_ptr + (k * B + b) * C * S + offs_s[None, :]
+    c_lo = c_prog * c_per_prog
+    c_hi = tl.minimum(c_lo + c_per_prog, C)
+    cs = tl.arange(0, BLOCK_C)[:, None]
+
+    if NORMALIZE:
+        # Pass 1: squared norm over channels; pass 2 recomputes and scales.
+        sq = tl.zeros([BLOCK_S], dtype=tl.float64 if IS_FP64 else tl.float32)
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            c = c0 + cs
+            m = (c < c_hi) & mask_s[None, :]
+            a = _upcast(tl.load(p1 + c * s1c, mask=m, other=0.0), IS_FP64)
+            bb = _upcast(tl.load(p2 + c * s2c, mask=m, other=0.0), IS_FP64)
+            u = _mix(a, bb, w0, w1, w2, w3, w4, w5)
+            sq += tl.sum(u * u, axis=0)
+        inv = 1.0 / tl.maximum(tl.sqrt(sq), EPS)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        c = c0 + cs
+        m = (c < c_hi) & mask_s[None, :]
+        a = _upcast(tl.load(p1 + c * s1c, mask=m, other=0.0), IS_FP64)
+        bb = _upcast(tl.load(p2 + c * s2c, mask=m, other=0.0), IS_FP64)
+        u = _mix(a, bb, w0, w1, w2, w3, w4, w5)
+        if NORMALIZE:
+            u = u * inv[None, :]
+        tl.store(po + c * S, u.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _put_grad(ptr, val, mask, ATOMIC: tl.constexpr):
+    if ATOMIC:
+        tl.atomic_add(ptr, val, mask=mask)
+    else:
+        tl.store(ptr, val.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_chunk(d, ptr_row, cvec, offs_s, m, acc,
+                RED_C: tl.constexpr, RED_S: tl.constexpr, ATOMIC: tl.constexpr,
+                C_STRIDE, S_STRIDE, C_HI):
+    # One chunk of an operand's gradient.  Reductions over S are finished
+    # here; reductions over C accumulate in `acc` and are written once by
+    # _flush_grad after the C loop.
+    if RED_C:
+        acc += tl.sum(d, axis=0)
+    else:
+        if RED_S:
+            _put_grad(ptr_row + cvec * C_STRIDE, tl.sum(d, axis=1), cvec < C_HI, ATOMIC)
+        else:
+            _put_grad(ptr_row + cvec[:, None] * C_STRIDE + offs_s[None, :] * S_STRIDE, d, m, ATOMIC)
+    return acc
+
+
+@triton.jit
+def _flush_grad(ptr_row, acc, offs_s, mask_s,
+                RED_C: tl.constexpr, RED_S: tl.constexpr, ATOMIC: tl.constexpr, S_STRIDE):
+    if RED_C:
+        if RED_S:
+            total = tl.sum(acc, axis=0)
+            if ATOMIC:
+                tl.atomic_add(ptr_row, total)
+            else:
+                tl.store(ptr_row, total.to(ptr_row.dtype.element_ty))
+        else:
+            _put_grad(ptr_row + offs_s * S_STRIDE, acc, mask_s, ATOMIC)
+
+
+@triton.jit
+def mixed_node_bwd_kernel(
+    g_ptr, x1_ptr, x2_ptr, w_ptr, dx1_ptr, dx2_ptr, dw_ptr,
+    B, C, S, n_sblk, n_cprog, c_per_prog,
+    s1k, s1b, s1c, s1s, s2k, s2b, s2c, s2s,
+    # gradient layouts: strides of dx1/dx2 (0 on reduced dims)
+    d1k, d1b, d1c, d1s, d2k, d2b, d2c, d2s,
+    NEED1: tl.constexpr, RED1_C: tl.constexpr, RED1_S: tl.constexpr, ATOMIC1: tl.constexpr,
+    NEED2: tl.constexpr, RED2_C: tl.constexpr, RED2_S: tl.constexpr, ATOMIC2: tl.constexpr,
+    NORMALIZE: tl.constexpr, IS_FP64: tl.constexpr, EPS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    k, b, c_prog, offs_s = _row_coords(pid, n_sblk, n_cprog, B, BLOCK_S)
+    mask_s = offs_s < S
+    w0, w1, w2, w3, w4, w5 = _load_weights(w_ptr, k, IS_FP64)
+    p1 = x1_ptr + k * s1k + b * s1b + offs_s[None, :] * s1s
+    p2 = x2_ptr + k * s2k + b * s2b + offs_s[None, :] * s2s
+    pg = g_ptr + (k * B + b) * C * S + offs_s[None, :]
+    q1 = dx1_ptr + k * d1k + b * d1b
+    q2 = dx2_ptr + k * d2k + b * d2b
+    c_lo = c_prog * c_per_prog
+    c_hi = tl.minimum(c_lo + c_per_prog, C)
+    cs = tl.arange(0, BLOCK_C)[:, None]
+    ACC = tl.float64 if IS_FP64 else tl.float32
+
+    if NORMALIZE:
+        # Pass 1: ||u|| and <grad, u> per position (nothing was saved in forward).
+        sq = tl.zeros([BLOCK_S], dtype=ACC)
+        dot = tl.zeros([BLOCK_S], dtype=ACC)
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            c = c0 + cs
+            m = (c < c_hi) & mask_s[None, :]
+            a = _upcast(tl.load(p1 + c * s1c, mask=m, other=0.0), IS_FP64)
+            bb = _upcast(tl.load(p2 + c * s2c, mask=m, other=0.0), IS_FP64)
+            g = _upcast(tl.load(pg + c * S, mask=m, other=0.0), IS_FP64)
+            u = _mix(a, bb, w0, w1, w2, w3, w4, w5)
+            sq += tl.sum(u * u, axis=0)
+            dot += tl.sum(g * u, axis=0)
+        nrm = tl.sqrt(sq)
+        inv = 1.0 / tl.maximum(nrm, EPS)
+        # Below eps the denominator is the constant eps: no gradient through the norm.
+        coef = tl.where(nrm > EPS, dot * inv * inv * inv, 0.0)
+
+    acc1 = tl.zeros([BLOCK_S], dtype=ACC)
+    acc2 = tl.zeros([BLOCK_S], dtype=ACC)
+    g0 = tl.zeros([BLOCK_S], dtype=ACC)
+    g1 = tl.zeros([BLOCK_S], dtype=ACC)
+    g2 = tl.zeros([BLOCK_S], dtype=ACC)
+    g3 = tl.zeros([BLOCK_S], dtype=ACC)
+    g4 = tl.zeros([BLOCK_S], dtype=ACC)
+    g5 = tl.zeros([BLOCK_S], dtype=ACC)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        cvec = c0 + tl.arange(0, BLOCK_C)
+        c = cvec[:, None]
+        m = (c < c_hi) & mask_s[None, :]
+        a = _upcast(tl.load(p1 + c * s1c, mask=m, other=0.0), IS_FP64)
+        bb = _upcast(tl.load(p2 + c * s2c, mask=m, other=0.0), IS_FP64)
+        du = _upcast(tl.load(pg + c * S, mask=m, other=0.0), IS_FP64)
+        mn, mx = _min_max(a, bb)
+        if NORMALIZE:
+            u = _mix(a, bb, w0, w1, w2, w3, w4, w5)
+            du = du * inv[None, :] - u * coef[None, :]
+        # Partial sums for dw: g_i = sum du * op_i.
+        g0 += tl.sum(du * mn, axis=0)
+        g1 += tl.sum(du * mx, axis=0)
+        g2 += tl.sum(du * (a + bb), axis=0)
+        g3 += tl.sum(du * (a * bb), axis=0)
+        g4 += tl.sum(du * a, axis=0)
+        g5 += tl.sum(du * bb, axis=0)
+        # min/max split the gradient at ties exactly like torch.minimum/maximum.
+        eq = a == bb
+        common = tl.where(w2 != 0, w2, 0.0)
+        if NEED1:
+            m1 = tl.where(eq, 0.5, tl.where(a > bb, 0.0, 1.0))
+            M1 = tl.where(eq, 0.5, tl.where(a < bb, 0.0, 1.0))
+            c1 = common + tl.where(w0 != 0, w0 * m1, 0.0) + tl.where(w1 != 0, w1 * M1, 0.0)
+            c1 += tl.where(w3 != 0, w3 * bb, 0.0) + tl.where(w4 != 0, w4, 0.0)
+            d1 = tl.where(m, du * c1, 0.0)
+            acc1 = _grad_chunk(d1, q1, cvec, offs_s, m, acc1, RED1_C, RED1_S, ATOMIC1, d1c, d1s, c_hi)
+        if NEED2:
+            m2 = tl.where(eq, 0.5, tl.where(a < bb, 0.0, 1.0))
+            M2 = tl.where(eq, 0.5, tl.where(a > bb, 0.0, 1.0))
+            c2 = common + tl.where(w0 != 0, w0 * m2, 0.0) + tl.where(w1 != 0, w1 * M2, 0.0)
+            c2 += tl.where(w3 != 0, w3 * a, 0.0) + tl.where(w5 != 0, w5, 0.0)
+            d2 = tl.where(m, du * c2, 0.0)
+            acc2 = _grad_chunk(d2, q2, cvec, offs_s, m, acc2, RED2_C, RED2_S, ATOMIC2, d2c, d2s, c_hi)
+    if NEED1:
+        _flush_grad(q1, acc1, offs_s, mask_s, RED1_C, RED1_S, ATOMIC1, d1s)
+    if NEED2:
+        _flush_grad(q2, acc2, offs_s, mask_s, RED2_C, RED2_S, ATOMIC2, d2s)
+    # One row of 6 partial sums per program; summed per node on the host side.
+    pw = dw_ptr + pid * 6
+    tl.store(pw + 0, tl.sum(g0, axis=0))
+    tl.store(pw + 1, tl.sum(g1, axis=0))
+    tl.store(pw + 2, tl.sum(g2, axis=0))
+    tl.store(pw + 3, tl.sum(g3, axis=0))
+    tl.store(pw + 4, tl.sum(g4, axis=0))
+    tl.store(pw + 5, tl.sum(g5, axis=0))
