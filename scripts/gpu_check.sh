@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# GPU validation, run on a lent GPU machine in one call:
+#   scripts/gpu_check.sh [TEST_GLOB] [BENCH_FILES...]
+# builds fastmod (CUDA on, sm_90), runs the CUDA tests and the benchmarks and
+# writes everything under $OUT (env.txt, build.log, tests.log, bench.json,
+# bench.txt).  Each stage has its own time limit so a slow stage still leaves
+# the others' results behind.
+set -uo pipefail
+OUT=${OUT:-/tmp/fastmod-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+TESTS=${1:-"tests/test_mixed_node*.py tests/test_gumbel*.py tests/test_load_balancing.py tests/test_router.py tests/test_routed*.py"}
+shift || true
+BENCH=${*:-benchmarks}
+BUILD_LIMIT=${BUILD_LIMIT:-240} TEST_LIMIT=${TEST_LIMIT:-150} BENCH_LIMIT=${BENCH_LIMIT:-240}
+
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv;
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/env.txt"
+python3 scripts/gpu_bandwidth.py 2>&1 | tee -a "$OUT/env.txt"
+
+echo "== build"
+start=$(date +%s)
+timeout "$BUILD_LIMIT" pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+echo "build rc=$? in $(( $(date +%s) - start ))s" | tee -a "$OUT/env.txt"
+grep -E "error|Error" "$OUT/build.log" | head -20
+python3 -c "import fastmod, torch; from fastmod import _extension; print('_C loaded', _extension.load(), 'cuda compiled', _extension.cuda_compiled())" 2>&1 | tee -a "$OUT/env.txt"
+
+echo "== tests"
+# shellcheck disable=SC2086
+timeout "$TEST_LIMIT" python3 -m pytest $TESTS -q -x -p no:cacheprovider --benchmark-disable -rfs \
+    > "$OUT/tests.log" 2>&1
+echo "tests rc=$?" | tee -a "$OUT/env.txt"
+tail -25 "$OUT/tests.log"
+
+echo "== benchmarks"
+# shellcheck disable=SC2086
+timeout "$BENCH_LIMIT" python3 -m pytest $BENCH --benchmark-only -q -p no:cacheprovider \
+    --benchmark-json="$OUT/bench.json" > "$OUT/bench.log" 2>&1
+echo "bench rc=$?" | tee -a "$OUT/env.txt"
+python3 benchmarks/summarize.py "$OUT/bench.json" --markdown > "$OUT/bench.md" 2>&1
+cat "$OUT/bench.md"
