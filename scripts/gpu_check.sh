@@ -2,16 +2,18 @@
 # GPU validation, run on a lent GPU machine in one call:
 #   scripts/gpu_check.sh [TEST_GLOB] [BENCH_FILES...]
 # builds fastmod (CUDA on, sm_90), runs the CUDA tests and the benchmarks and
-# writes everything under $OUT (env.txt, build.log, tests.log, bench.json,
-# bench.txt).  Each stage has its own time limit so a slow stage still leaves
-# the others' results behind.
+# writes everything under $OUT (env.txt, build.log, tests.log, bench.log,
+# summary.md and one bench_*.json per benchmark file: at most 8 files).
+# Each stage has its own time limit, so a slow stage still leaves the others'
+# results behind.
 set -uo pipefail
 OUT=${OUT:-/tmp/fastmod-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 TESTS=${1:-"tests/test_mixed_node*.py tests/test_gumbel*.py tests/test_load_balancing.py tests/test_router.py tests/test_routed*.py"}
 shift || true
-BENCH=${*:-benchmarks}
+TESTS=$(ls $TESTS 2>/dev/null | tr "\n" " ")
+BENCH=${*:-$(ls benchmarks/bench_*.py)}
 BUILD_LIMIT=${BUILD_LIMIT:-240} TEST_LIMIT=${TEST_LIMIT:-150} BENCH_LIMIT=${BENCH_LIMIT:-240}
 
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv;
@@ -34,9 +36,13 @@ echo "tests rc=$?" | tee -a "$OUT/env.txt"
 tail -25 "$OUT/tests.log"
 
 echo "== benchmarks"
+# One JSON per file, so a file that runs out of time does not cost the others.
 # shellcheck disable=SC2086
-timeout "$BENCH_LIMIT" python3 -m pytest $BENCH --benchmark-only -q -p no:cacheprovider \
-    --benchmark-json="$OUT/bench.json" > "$OUT/bench.log" 2>&1
-echo "bench rc=$?" | tee -a "$OUT/env.txt"
-python3 benchmarks/summarize.py "$OUT/bench.json" --markdown > "$OUT/bench.md" 2>&1
-cat "$OUT/bench.md"
+for f in $BENCH; do
+  name=$(basename "$f" .py)
+  timeout "$BENCH_LIMIT" python3 -m pytest "$f" --benchmark-only -q -p no:cacheprovider \
+      --benchmark-json="$OUT/$name.json" >> "$OUT/bench.log" 2>&1
+  echo "$name rc=$?" | tee -a "$OUT/env.txt"
+  { echo "### $name"; python3 benchmarks/summarize.py "$OUT/$name.json" --markdown; } >> "$OUT/summary.md" 2>&1
+done
+cat "$OUT/summary.md"

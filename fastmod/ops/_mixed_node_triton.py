@@ -9,6 +9,9 @@ from torch.library import triton_op, wrap_triton
 from fastmod.kernels.mixed_node import mixed_node_bwd_kernel, mixed_node_fwd_kernel
 
 NORM_EPS = 1e-12
+# Launch parameters (elements per tile, warps, S-block cap); scripts/tune_mixed_node.py
+# times alternatives on a GPU.
+CONFIG = {"fwd_tile": 2048, "bwd_tile": 1024, "fwd_warps": 4, "bwd_warps": 4, "s_cap": 128}
 
 
 def _pow2(n: int) -> int:
@@ -28,7 +31,7 @@ def _plan(K, B, C, S, normalize, s_reduced, tile):
     broadcast over S (e.g. a [B, D, 1, 1] textual parameter), one block spans
     all of S so its gradient is reduced without atomics.
     """
-    cap_s = 1024 if s_reduced else 128
+    cap_s = 1024 if s_reduced else CONFIG["s_cap"]
     block_s = min(_pow2(S), cap_s)
     block_c = max(1, min(_pow2(C), tile // block_s))
     n_sblk = -(-S // block_s)
@@ -46,13 +49,13 @@ def mixed_node_triton_fwd(x1: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, n
     out = torch.empty((K, B, C, S), dtype=x1.dtype, device=x1.device)
     if out.numel() == 0:
         return out
-    block_c, block_s, n_sblk, n_cprog, c_per_prog = _plan(K, B, C, S, normalize, False, 2048)
+    block_c, block_s, n_sblk, n_cprog, c_per_prog = _plan(K, B, C, S, normalize, False, CONFIG["fwd_tile"])
     grid = (K * B * n_cprog * n_sblk,)
     wrap_triton(mixed_node_fwd_kernel)[grid](
         x1, x2, w, out, B, C, S, n_sblk, n_cprog, c_per_prog,
         *_eff_strides(x1), *_eff_strides(x2),
         NORMALIZE=normalize, IS_FP64=x1.dtype == torch.float64, EPS=NORM_EPS,
-        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
+        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=CONFIG["fwd_warps"],
     )
     return out
 
@@ -85,7 +88,7 @@ def mixed_node_triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor
         return (x1.new_zeros(x1.shape if need_dx1 else (0,)), x2.new_zeros(x2.shape if need_dx2 else (0,)),
                 torch.zeros_like(w))
     s_reduced = any(x.shape[3] == 1 and S > 1 for x, need in ((x1, need_dx1), (x2, need_dx2)) if need)
-    block_c, block_s, n_sblk, n_cprog, c_per_prog = _plan(K, B, C, S, normalize, s_reduced, 1024)
+    block_c, block_s, n_sblk, n_cprog, c_per_prog = _plan(K, B, C, S, normalize, s_reduced, CONFIG["bwd_tile"])
     n_prog = K * B * n_cprog * n_sblk
     g1, st1, rc1, rs1, at1 = _grad_layout(x1, full, need_dx1, n_sblk, n_cprog, acc)
     g2, st2, rc2, rs2, at2 = _grad_layout(x2, full, need_dx2, n_sblk, n_cprog, acc)
@@ -96,7 +99,7 @@ def mixed_node_triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor
         NEED1=need_dx1, RED1_C=rc1, RED1_S=rs1, ATOMIC1=at1,
         NEED2=need_dx2, RED2_C=rc2, RED2_S=rs2, ATOMIC2=at2,
         NORMALIZE=normalize, IS_FP64=x1.dtype == torch.float64, EPS=NORM_EPS,
-        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=4,
+        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=CONFIG["bwd_warps"],
     )
     dx1 = g1.to(x1.dtype) if need_dx1 else x1.new_empty((0,))
     dx2 = g2.to(x2.dtype) if need_dx2 else x2.new_empty((0,))
