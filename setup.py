@@ -6,6 +6,9 @@ Builds the extension ``fastmod._C`` from ``csrc/``:
     found.  ``FASTMOD_CUDA=0`` forces them off, ``FASTMOD_CUDA=1`` forces them on
     (and fails loudly if that is impossible).
 
+``FASTMOD_BUILD_EXT=0`` skips the extension altogether (Triton and reference
+backends only).
+
 ``kernels/`` (Triton) is installed as the subpackage ``fastmod.kernels``.
 
 The extension is compiled against the torch found at build time and is only
@@ -91,7 +94,12 @@ def _torch_requirement():
     return f"torch=={torch.__version__.split('+')[0]}"
 
 
-ext_modules, build_ext = _extensions()
+if _env_flag("FASTMOD_BUILD_EXT") is False:
+    # Pure-Python install: Triton kernels and PyTorch references only.
+    ext_modules, cmdclass = [], {}
+else:
+    ext_modules, build_ext = _extensions()
+    cmdclass = {"build_ext": build_ext}
 
 setup(
     name="fastmod",
@@ -103,7 +111,7 @@ setup(
     packages=find_packages(include=["fastmod", "fastmod.*"]) + ["fastmod.kernels"],
     package_dir={"fastmod.kernels": "kernels"},
     ext_modules=ext_modules,
-    cmdclass={"build_ext": build_ext},
+    cmdclass=cmdclass,
     install_requires=[
         _torch_requirement(),
         "numpy",

@@ -24,7 +24,13 @@ python3 scripts/gpu_bandwidth.py 2>&1 | tee -a "$OUT/env.txt"
 echo "== build"
 start=$(date +%s)
 timeout "$BUILD_LIMIT" pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
-echo "build rc=$? in $(( $(date +%s) - start ))s" | tee -a "$OUT/env.txt"
+rc=$?
+echo "build rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/env.txt"
+if [ $rc -ne 0 ]; then  # keep the Triton paths testable even if csrc fails to build
+  tail -40 "$OUT/build.log"
+  FASTMOD_BUILD_EXT=0 pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1
+  echo "pure-Python install rc=$?" | tee -a "$OUT/env.txt"
+fi
 grep -E "error|Error" "$OUT/build.log" | head -20
 python3 -c "import fastmod, torch; from fastmod import _extension; print('_C loaded', _extension.load(), 'cuda compiled', _extension.cuda_compiled())" 2>&1 | tee -a "$OUT/env.txt"
 
