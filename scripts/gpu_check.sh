@@ -36,7 +36,7 @@ python3 -c "import fastmod, torch; from fastmod import _extension; print('_C loa
 
 echo "== tests"
 # shellcheck disable=SC2086
-timeout "$TEST_LIMIT" python3 -m pytest $TESTS -q -x -p no:cacheprovider --benchmark-disable -rfs \
+timeout "$TEST_LIMIT" python3 -m pytest $TESTS -q --maxfail=15 -p no:cacheprovider --benchmark-disable -rfs \
     > "$OUT/tests.log" 2>&1
 echo "tests rc=$?" | tee -a "$OUT/env.txt"
 tail -25 "$OUT/tests.log"
