@@ -23,12 +23,12 @@ python3 scripts/gpu_bandwidth.py 2>&1 | tee -a "$OUT/env.txt"
 
 echo "== build"
 start=$(date +%s)
-timeout "$BUILD_LIMIT" pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+timeout "$BUILD_LIMIT" python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
 rc=$?
 echo "build rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/env.txt"
 if [ $rc -ne 0 ]; then  # keep the Triton paths testable even if csrc fails to build
   tail -40 "$OUT/build.log"
-  FASTMOD_BUILD_EXT=0 pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1
+  FASTMOD_BUILD_EXT=0 python3 -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1
   echo "pure-Python install rc=$?" | tee -a "$OUT/env.txt"
 fi
 grep -E "error|Error" "$OUT/build.log" | head -20
