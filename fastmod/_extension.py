@@ -39,11 +39,16 @@ def error() -> BaseException | None:
     return _error
 
 
-def has_op(name: str) -> bool:
-    """Whether ``torch.ops.fastmod.<name>`` was registered by the extension."""
+def has_op(name: str, dispatch_key: str | None = None) -> bool:
+    """Whether ``torch.ops.fastmod.<name>`` was registered by the extension
+    (and, given ``dispatch_key`` such as "CPU" or "CUDA", has a kernel for it)."""
     import torch
 
-    return load() and hasattr(torch.ops.fastmod, name)
+    if not (load() and hasattr(torch.ops.fastmod, name)):
+        return False
+    if dispatch_key is None:
+        return True
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmod::{name}", dispatch_key)
 
 
 def cuda_compiled() -> bool:

@@ -50,9 +50,9 @@ def available(backend: str, device: torch.device, op: str | None = None) -> bool
     if backend == "triton":
         return triton_installed() and (device.type == "cuda" or (device.type == "cpu" and triton_interpreting()))
     if backend == "cpu":
-        return device.type == "cpu" and (_extension.has_op(op) if op else _extension.load())
+        return device.type == "cpu" and (_extension.has_op(op, "CPU") if op else _extension.load())
     if backend == "cuda":
-        return device.type == "cuda" and _extension.cuda_compiled() and (op is None or _extension.has_op(op))
+        return device.type == "cuda" and _extension.cuda_compiled() and (op is None or _extension.has_op(op, "CUDA"))
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
 
 
