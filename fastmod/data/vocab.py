@@ -56,8 +56,10 @@ class Vocab:
                 raise ValueError(f"{name} must map str tokens to int indices")
         for name, d in (("question_token_to_idx", question_token_to_idx),
                         ("program_token_to_idx", program_token_to_idx)):
-            if d.get(NULL) != 0 or UNK not in d and name == "question_token_to_idx":
-                raise ValueError(f"{name} must have {NULL}=0 and {UNK}")
+            if d.get(NULL) != 0 or START not in d or END not in d:
+                raise ValueError(f"{name} must have {NULL}=0, {START} and {END}")
+        if UNK not in question_token_to_idx:
+            raise ValueError(f"question_token_to_idx must have {UNK}")
         self.question_token_to_idx = dict(question_token_to_idx)
         self.answer_token_to_idx = dict(answer_token_to_idx)
         self.program_token_to_idx = dict(program_token_to_idx)
@@ -89,8 +91,8 @@ class Vocab:
         return ids
 
     def decode_question(self, ids) -> str:
-        return " ".join(self.question_idx_to_token.get(int(i), UNK) for i in ids
-                        if self.question_idx_to_token.get(int(i)) not in SPECIALS)
+        words = (self.question_idx_to_token.get(int(i), UNK) for i in ids)
+        return " ".join(w for w in words if w not in (NULL, START, END))
 
     def encode_answer(self, answer: str, allow_unknown: bool = False) -> int:
         """Class index of ``answer``; unknown answers raise ``ValueError`` (or give -1
