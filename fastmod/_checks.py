@@ -9,7 +9,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def tensor(name: str, value, *, floating: bool = True) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if floating and value.dtype not in FLOAT_DTYPES:
+    if floating and not value.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), "
                         f"got dtype {value.dtype}")
     return value
@@ -36,11 +36,19 @@ def same_device(**tensors: torch.Tensor) -> torch.device:
 
 
 def broadcast_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> torch.Size:
-    try:
-        return torch.broadcast_shapes(a.shape, b.shape)
-    except RuntimeError:
-        raise ValueError(f"{name_a} of shape {tuple(a.shape)} and {name_b} of shape {tuple(b.shape)} "
-                         "are not broadcastable") from None
+    # Hand-rolled: torch.broadcast_shapes costs more than a small kernel launch.
+    sa, sb = a.shape, b.shape
+    if sa == sb:
+        return sa
+    n = max(len(sa), len(sb))
+    pa, pb = (1,) * (n - len(sa)) + tuple(sa), (1,) * (n - len(sb)) + tuple(sb)
+    out = []
+    for da, db in zip(pa, pb):
+        if da != db and da != 1 and db != 1:
+            raise ValueError(f"{name_a} of shape {tuple(sa)} and {name_b} of shape {tuple(sb)} "
+                             "are not broadcastable")
+        out.append(db if da == 1 else da)
+    return torch.Size(out)
 
 
 def choice(name: str, value, options) -> None:

@@ -151,99 +151,141 @@ def _flush_grad(ptr_row, acc, offs_s, mask_s,
 @triton.jit
 def mixed_node_bwd_kernel(
     g_ptr, x1_ptr, x2_ptr, w_ptr, dx1_ptr, dx2_ptr, dw_ptr,
-    B, C, S, n_sblk, n_cprog, c_per_prog,
+    K, B, C, S, n_sblk, n_cprog, c_per_prog,
     s1k, s1b, s1c, s1s, s2k, s2b, s2c, s2s,
     # gradient layouts: strides of dx1/dx2 (0 on reduced dims)
     d1k, d1b, d1c, d1s, d2k, d2b, d2c, d2s,
-    NEED1: tl.constexpr, RED1_C: tl.constexpr, RED1_S: tl.constexpr, ATOMIC1: tl.constexpr,
-    NEED2: tl.constexpr, RED2_C: tl.constexpr, RED2_S: tl.constexpr, ATOMIC2: tl.constexpr,
-    NORMALIZE: tl.constexpr, IS_FP64: tl.constexpr, EPS: tl.constexpr,
+    NEED1: tl.constexpr, RED1_K: tl.constexpr, RED1_C: tl.constexpr, RED1_S: tl.constexpr,
+    ATOMIC1: tl.constexpr,
+    NEED2: tl.constexpr, RED2_K: tl.constexpr, RED2_C: tl.constexpr, RED2_S: tl.constexpr,
+    ATOMIC2: tl.constexpr,
+    K_INNER: tl.constexpr, NORMALIZE: tl.constexpr, IS_FP64: tl.constexpr, EPS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    # K_INNER: one program walks all K nodes of its (b, C-chunk, S-block), so an
+    # operand shared by the nodes (RED*_K) sums its gradient in registers
+    # instead of with atomics.  Only used without NORMALIZE (one C chunk).
     pid = tl.program_id(0).to(tl.int64)
-    k, b, c_prog, offs_s = _row_coords(pid, n_sblk, n_cprog, B, BLOCK_S)
+    s_blk = pid % n_sblk
+    rest = pid // n_sblk
+    c_prog = rest % n_cprog
+    rest = rest // n_cprog
+    if K_INNER:
+        b = rest
+        k_lo = 0
+        k_hi = K
+    else:
+        b = rest % B
+        k_lo = rest // B
+        k_hi = k_lo + 1
+    offs_s = s_blk * BLOCK_S + tl.arange(0, BLOCK_S)
     mask_s = offs_s < S
-    w0, w1, w2, w3, w4, w5 = _load_weights(w_ptr, k, IS_FP64)
-    p1 = x1_ptr + k * s1k + b * s1b + offs_s[None, :] * s1s
-    p2 = x2_ptr + k * s2k + b * s2b + offs_s[None, :] * s2s
-    pg = g_ptr + (k * B + b) * C * S + offs_s[None, :]
-    q1 = dx1_ptr + k * d1k + b * d1b
-    q2 = dx2_ptr + k * d2k + b * d2b
     c_lo = c_prog * c_per_prog
     c_hi = tl.minimum(c_lo + c_per_prog, C)
     cs = tl.arange(0, BLOCK_C)[:, None]
     ACC = tl.float64 if IS_FP64 else tl.float32
+    prog_in_k = (b * n_cprog + c_prog) * n_sblk + s_blk
+    t1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+    t2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
 
-    if NORMALIZE:
-        # Pass 1: ||u|| and <grad, u> per position (nothing was saved in forward).
-        sq = tl.zeros([BLOCK_S], dtype=ACC)
-        dot = tl.zeros([BLOCK_S], dtype=ACC)
+    for k in range(k_lo, k_hi):
+        w0, w1, w2, w3, w4, w5 = _load_weights(w_ptr, k, IS_FP64)
+        p1 = x1_ptr + k * s1k + b * s1b + offs_s[None, :] * s1s
+        p2 = x2_ptr + k * s2k + b * s2b + offs_s[None, :] * s2s
+        pg = g_ptr + (k * B + b) * C * S + offs_s[None, :]
+        q1 = dx1_ptr + k * d1k + b * d1b
+        q2 = dx2_ptr + k * d2k + b * d2b
+        if NORMALIZE:
+            # Pass 1: ||u|| and <grad, u> per position (nothing was saved in forward).
+            sq = tl.zeros([BLOCK_S], dtype=ACC)
+            dot = tl.zeros([BLOCK_S], dtype=ACC)
+            for c0 in range(c_lo, c_hi, BLOCK_C):
+                c = c0 + cs
+                m = (c < c_hi) & mask_s[None, :]
+                a = _upcast(tl.load(p1 + c * s1c, mask=m, other=0.0), IS_FP64)
+                bb = _upcast(tl.load(p2 + c * s2c, mask=m, other=0.0), IS_FP64)
+                g = _upcast(tl.load(pg + c * S, mask=m, other=0.0), IS_FP64)
+                u = _mix(a, bb, w0, w1, w2, w3, w4, w5)
+                sq += tl.sum(u * u, axis=0)
+                dot += tl.sum(g * u, axis=0)
+            nrm = tl.sqrt(sq)
+            inv = 1.0 / tl.maximum(nrm, EPS)
+            # Below eps the denominator is the constant eps: no gradient through the norm.
+            coef = tl.where(nrm > EPS, dot * inv * inv * inv, 0.0)
+
+        acc1 = tl.zeros([BLOCK_S], dtype=ACC)
+        acc2 = tl.zeros([BLOCK_S], dtype=ACC)
+        g0 = tl.zeros([BLOCK_S], dtype=ACC)
+        g1 = tl.zeros([BLOCK_S], dtype=ACC)
+        g2 = tl.zeros([BLOCK_S], dtype=ACC)
+        g3 = tl.zeros([BLOCK_S], dtype=ACC)
+        g4 = tl.zeros([BLOCK_S], dtype=ACC)
+        g5 = tl.zeros([BLOCK_S], dtype=ACC)
         for c0 in range(c_lo, c_hi, BLOCK_C):
-            c = c0 + cs
+            cvec = c0 + tl.arange(0, BLOCK_C)
+            c = cvec[:, None]
             m = (c < c_hi) & mask_s[None, :]
             a = _upcast(tl.load(p1 + c * s1c, mask=m, other=0.0), IS_FP64)
             bb = _upcast(tl.load(p2 + c * s2c, mask=m, other=0.0), IS_FP64)
-            g = _upcast(tl.load(pg + c * S, mask=m, other=0.0), IS_FP64)
-            u = _mix(a, bb, w0, w1, w2, w3, w4, w5)
-            sq += tl.sum(u * u, axis=0)
-            dot += tl.sum(g * u, axis=0)
-        nrm = tl.sqrt(sq)
-        inv = 1.0 / tl.maximum(nrm, EPS)
-        # Below eps the denominator is the constant eps: no gradient through the norm.
-        coef = tl.where(nrm > EPS, dot * inv * inv * inv, 0.0)
+            du = _upcast(tl.load(pg + c * S, mask=m, other=0.0), IS_FP64)
+            mn, mx = _min_max(a, bb)
+            if NORMALIZE:
+                u = _mix(a, bb, w0, w1, w2, w3, w4, w5)
+                du = du * inv[None, :] - u * coef[None, :]
+            # Partial sums for dw: g_i = sum du * op_i.
+            g0 += tl.sum(du * mn, axis=0)
+            g1 += tl.sum(du * mx, axis=0)
+            g2 += tl.sum(du * (a + bb), axis=0)
+            g3 += tl.sum(du * (a * bb), axis=0)
+            g4 += tl.sum(du * a, axis=0)
+            g5 += tl.sum(du * bb, axis=0)
+            # min/max split the gradient at ties exactly like torch.minimum/maximum.
+            eq = a == bb
+            common = tl.where(w2 != 0, w2, 0.0)
+            if NEED1:
+                m1 = tl.where(eq, 0.5, tl.where(a > bb, 0.0, 1.0))
+                M1 = tl.where(eq, 0.5, tl.where(a < bb, 0.0, 1.0))
+                c1 = common + tl.where(w0 != 0, w0 * m1, 0.0) + tl.where(w1 != 0, w1 * M1, 0.0)
+                c1 += tl.where(w3 != 0, w3 * bb, 0.0) + tl.where(w4 != 0, w4, 0.0)
+                d1 = tl.where(m, du * c1, 0.0)
+                if RED1_K:
+                    t1 += d1
+                else:
+                    acc1 = _grad_chunk(d1, q1, cvec, offs_s, m, acc1, RED1_C, RED1_S, ATOMIC1, d1c, d1s, c_hi)
+            if NEED2:
+                m2 = tl.where(eq, 0.5, tl.where(a < bb, 0.0, 1.0))
+                M2 = tl.where(eq, 0.5, tl.where(a > bb, 0.0, 1.0))
+                c2 = common + tl.where(w0 != 0, w0 * m2, 0.0) + tl.where(w1 != 0, w1 * M2, 0.0)
+                c2 += tl.where(w3 != 0, w3 * a, 0.0) + tl.where(w5 != 0, w5, 0.0)
+                d2 = tl.where(m, du * c2, 0.0)
+                if RED2_K:
+                    t2 += d2
+                else:
+                    acc2 = _grad_chunk(d2, q2, cvec, offs_s, m, acc2, RED2_C, RED2_S, ATOMIC2, d2c, d2s, c_hi)
+        if NEED1 and not RED1_K:
+            _flush_grad(q1, acc1, offs_s, mask_s, RED1_C, RED1_S, ATOMIC1, d1s)
+        if NEED2 and not RED2_K:
+            _flush_grad(q2, acc2, offs_s, mask_s, RED2_C, RED2_S, ATOMIC2, d2s)
+        # One row of 6 partial sums per (node, program); summed per node on the host side.
+        pw = dw_ptr + (k * B * n_cprog * n_sblk + prog_in_k) * 6
+        tl.store(pw + 0, tl.sum(g0, axis=0))
+        tl.store(pw + 1, tl.sum(g1, axis=0))
+        tl.store(pw + 2, tl.sum(g2, axis=0))
+        tl.store(pw + 3, tl.sum(g3, axis=0))
+        tl.store(pw + 4, tl.sum(g4, axis=0))
+        tl.store(pw + 5, tl.sum(g5, axis=0))
 
-    acc1 = tl.zeros([BLOCK_S], dtype=ACC)
-    acc2 = tl.zeros([BLOCK_S], dtype=ACC)
-    g0 = tl.zeros([BLOCK_S], dtype=ACC)
-    g1 = tl.zeros([BLOCK_S], dtype=ACC)
-    g2 = tl.zeros([BLOCK_S], dtype=ACC)
-    g3 = tl.zeros([BLOCK_S], dtype=ACC)
-    g4 = tl.zeros([BLOCK_S], dtype=ACC)
-    g5 = tl.zeros([BLOCK_S], dtype=ACC)
-    for c0 in range(c_lo, c_hi, BLOCK_C):
-        cvec = c0 + tl.arange(0, BLOCK_C)
-        c = cvec[:, None]
-        m = (c < c_hi) & mask_s[None, :]
-        a = _upcast(tl.load(p1 + c * s1c, mask=m, other=0.0), IS_FP64)
-        bb = _upcast(tl.load(p2 + c * s2c, mask=m, other=0.0), IS_FP64)
-        du = _upcast(tl.load(pg + c * S, mask=m, other=0.0), IS_FP64)
-        mn, mx = _min_max(a, bb)
-        if NORMALIZE:
-            u = _mix(a, bb, w0, w1, w2, w3, w4, w5)
-            du = du * inv[None, :] - u * coef[None, :]
-        # Partial sums for dw: g_i = sum du * op_i.
-        g0 += tl.sum(du * mn, axis=0)
-        g1 += tl.sum(du * mx, axis=0)
-        g2 += tl.sum(du * (a + bb), axis=0)
-        g3 += tl.sum(du * (a * bb), axis=0)
-        g4 += tl.sum(du * a, axis=0)
-        g5 += tl.sum(du * bb, axis=0)
-        # min/max split the gradient at ties exactly like torch.minimum/maximum.
-        eq = a == bb
-        common = tl.where(w2 != 0, w2, 0.0)
-        if NEED1:
-            m1 = tl.where(eq, 0.5, tl.where(a > bb, 0.0, 1.0))
-            M1 = tl.where(eq, 0.5, tl.where(a < bb, 0.0, 1.0))
-            c1 = common + tl.where(w0 != 0, w0 * m1, 0.0) + tl.where(w1 != 0, w1 * M1, 0.0)
-            c1 += tl.where(w3 != 0, w3 * bb, 0.0) + tl.where(w4 != 0, w4, 0.0)
-            d1 = tl.where(m, du * c1, 0.0)
-            acc1 = _grad_chunk(d1, q1, cvec, offs_s, m, acc1, RED1_C, RED1_S, ATOMIC1, d1c, d1s, c_hi)
-        if NEED2:
-            m2 = tl.where(eq, 0.5, tl.where(a < bb, 0.0, 1.0))
-            M2 = tl.where(eq, 0.5, tl.where(a > bb, 0.0, 1.0))
-            c2 = common + tl.where(w0 != 0, w0 * m2, 0.0) + tl.where(w1 != 0, w1 * M2, 0.0)
-            c2 += tl.where(w3 != 0, w3 * a, 0.0) + tl.where(w5 != 0, w5, 0.0)
-            d2 = tl.where(m, du * c2, 0.0)
-            acc2 = _grad_chunk(d2, q2, cvec, offs_s, m, acc2, RED2_C, RED2_S, ATOMIC2, d2c, d2s, c_hi)
-    if NEED1:
+    # Gradients of node-shared operands, summed over K in registers (K_INNER only:
+    # a single C chunk, so cvec/m below are that chunk's).
+    cvec = c_lo + tl.arange(0, BLOCK_C)
+    m = (cvec[:, None] < c_hi) & mask_s[None, :]
+    if NEED1 and RED1_K:
+        q1 = dx1_ptr + b * d1b
+        acc1 = _grad_chunk(t1, q1, cvec, offs_s, m, tl.zeros([BLOCK_S], dtype=ACC), RED1_C, RED1_S, ATOMIC1,
+                           d1c, d1s, c_hi)
         _flush_grad(q1, acc1, offs_s, mask_s, RED1_C, RED1_S, ATOMIC1, d1s)
-    if NEED2:
+    if NEED2 and RED2_K:
+        q2 = dx2_ptr + b * d2b
+        acc2 = _grad_chunk(t2, q2, cvec, offs_s, m, tl.zeros([BLOCK_S], dtype=ACC), RED2_C, RED2_S, ATOMIC2,
+                           d2c, d2s, c_hi)
         _flush_grad(q2, acc2, offs_s, mask_s, RED2_C, RED2_S, ATOMIC2, d2s)
-    # One row of 6 partial sums per program; summed per node on the host side.
-    pw = dw_ptr + pid * 6
-    tl.store(pw + 0, tl.sum(g0, axis=0))
-    tl.store(pw + 1, tl.sum(g1, axis=0))
-    tl.store(pw + 2, tl.sum(g2, axis=0))
-    tl.store(pw + 3, tl.sum(g3, axis=0))
-    tl.store(pw + 4, tl.sum(g4, axis=0))
-    tl.store(pw + 5, tl.sum(g5, axis=0))

@@ -279,3 +279,27 @@ def test_bad_input(kwargs, exc, match):
 def test_device_mismatch():
     with pytest.raises(ValueError, match="x2"):
         ops.mixed_node(torch.zeros(2, 3), torch.zeros(2, 3, device="meta"), torch.zeros(6))
+
+
+@pytest.mark.skipif(not any(b == "triton" for _, b in PAIRS), reason="no Triton backend here")
+@pytest.mark.parametrize("s1,s2,K", [
+    ((2, 3, 2, 3), (2, 3, 1, 1), None), ((2, 3, 2, 3), (2, 1, 2, 3), None), ((2, 3, 2, 3), (1, 3, 2, 3), None),
+    ((2, 3, 2, 3), (3, 2, 3, 1, 1), 3), ((3, 2, 3, 2, 3), (2, 1, 2, 3), 3), ((2, 3, 2, 3), (1, 1, 1, 1), None)])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_triton_tiny_tiles_exercise_atomics(monkeypatch, s1, s2, K, normalize):
+    """Tiles far smaller than the problem: several C programs and S blocks per row,
+    so every reduction path (in-register, across K, atomics) is taken."""
+    import sys
+
+    impl = sys.modules["fastmod.ops._mixed_node_triton"]
+    monkeypatch.setitem(impl.CONFIG, "fwd_tile", 4)
+    monkeypatch.setitem(impl.CONFIG, "bwd_tile", 4)
+    monkeypatch.setitem(impl.CONFIG, "s_cap", 2)
+    device = "cuda" if HAS_CUDA else "cpu"
+    x1, x2, alpha = _inputs(s1, s2, K, torch.float64, device)
+    g = torch.randn(ops.mixed_node_reference(x1, x2, alpha).shape, dtype=torch.float64, device=device)
+    ref, rg = _run(ops.mixed_node_reference, x1, x2, alpha, g, normalize=normalize)
+    out, og = _run(ops.mixed_node, x1, x2, alpha, g, normalize=normalize, backend="triton")
+    _assert_close(out, ref, torch.float64)
+    for a, b in zip(og, rg):
+        _assert_close(a, b, torch.float64)

@@ -60,21 +60,23 @@ def mixed_node_triton_fwd(x1: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, n
     return out
 
 
-def _grad_layout(x, full, need, n_sblk, n_cprog, acc_dtype):
+def _grad_layout(x, full, need, n_sblk, n_cprog, k_inner, acc_dtype):
     """Where an operand's gradient goes and how it is reduced.
 
-    Returns (buffer, strides, red_c, red_s, atomic).  Dims the operand is
-    broadcast over are reduced; reductions that span several programs use
-    atomics into an fp32/fp64 buffer, the rest are plain stores.
+    Returns (buffer, strides, red_k, red_c, red_s, atomic).  Dims the operand
+    is broadcast over are reduced: over K in registers when one program walks
+    all nodes (k_inner), over C/S inside a program where it spans them, and
+    with atomics into an fp32/fp64 buffer where the sum spans programs.
     """
     if not need:
-        return x.new_empty((1,)), [0, 0, 0, 0], False, False, False
+        return x.new_empty((1,)), [0, 0, 0, 0], False, False, False, False
     bk, bb, bc, bs = (x.shape[d] == 1 and full[d] > 1 for d in range(4))
-    atomic = bk or bb or (bs and n_sblk > 1) or (bc and n_cprog > 1)
+    red_k = bk and k_inner
+    atomic = (bk and not k_inner) or bb or (bs and n_sblk > 1) or (bc and n_cprog > 1)
     buf = torch.zeros(x.shape, dtype=acc_dtype, device=x.device) if atomic else \
         torch.empty(x.shape, dtype=x.dtype, device=x.device)
     strides = [0 if x.shape[d] == 1 else buf.stride(d) for d in range(4)]
-    return buf, strides, bc, bs, atomic
+    return buf, strides, red_k, bc, bs, atomic
 
 
 @triton_op("fastmod::mixed_node_triton_bwd", mutates_args=())
@@ -87,21 +89,24 @@ def mixed_node_triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor
     if grad.numel() == 0:
         return (x1.new_zeros(x1.shape if need_dx1 else (0,)), x2.new_zeros(x2.shape if need_dx2 else (0,)),
                 torch.zeros_like(w))
-    s_reduced = any(x.shape[3] == 1 and S > 1 for x, need in ((x1, need_dx1), (x2, need_dx2)) if need)
+    needed = [x for x, need in ((x1, need_dx1), (x2, need_dx2)) if need]
+    s_reduced = any(x.shape[3] == 1 and S > 1 for x in needed)
+    k_inner = not normalize and K > 1 and any(x.shape[0] == 1 for x in needed)
     block_c, block_s, n_sblk, n_cprog, c_per_prog = _plan(K, B, C, S, normalize, s_reduced, CONFIG["bwd_tile"])
-    n_prog = K * B * n_cprog * n_sblk
-    g1, st1, rc1, rs1, at1 = _grad_layout(x1, full, need_dx1, n_sblk, n_cprog, acc)
-    g2, st2, rc2, rs2, at2 = _grad_layout(x2, full, need_dx2, n_sblk, n_cprog, acc)
-    dw_part = torch.empty((n_prog, 6), dtype=acc, device=x1.device)
-    wrap_triton(mixed_node_bwd_kernel)[(n_prog,)](
-        grad, x1, x2, w, g1, g2, dw_part, B, C, S, n_sblk, n_cprog, c_per_prog,
+    n_per_k = B * n_cprog * n_sblk
+    g1, st1, rk1, rc1, rs1, at1 = _grad_layout(x1, full, need_dx1, n_sblk, n_cprog, k_inner, acc)
+    g2, st2, rk2, rc2, rs2, at2 = _grad_layout(x2, full, need_dx2, n_sblk, n_cprog, k_inner, acc)
+    dw_part = torch.empty((K * n_per_k, 6), dtype=acc, device=x1.device)
+    grid = (n_per_k if k_inner else K * n_per_k,)
+    wrap_triton(mixed_node_bwd_kernel)[grid](
+        grad, x1, x2, w, g1, g2, dw_part, K, B, C, S, n_sblk, n_cprog, c_per_prog,
         *_eff_strides(x1), *_eff_strides(x2), *st1, *st2,
-        NEED1=need_dx1, RED1_C=rc1, RED1_S=rs1, ATOMIC1=at1,
-        NEED2=need_dx2, RED2_C=rc2, RED2_S=rs2, ATOMIC2=at2,
-        NORMALIZE=normalize, IS_FP64=x1.dtype == torch.float64, EPS=NORM_EPS,
+        NEED1=need_dx1, RED1_K=rk1, RED1_C=rc1, RED1_S=rs1, ATOMIC1=at1,
+        NEED2=need_dx2, RED2_K=rk2, RED2_C=rc2, RED2_S=rs2, ATOMIC2=at2,
+        K_INNER=k_inner, NORMALIZE=normalize, IS_FP64=x1.dtype == torch.float64, EPS=NORM_EPS,
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=CONFIG["bwd_warps"],
     )
     dx1 = g1.to(x1.dtype) if need_dx1 else x1.new_empty((0,))
     dx2 = g2.to(x2.dtype) if need_dx2 else x2.new_empty((0,))
-    dw = dw_part.view(K, -1, 6).sum(1).to(w.dtype)
+    dw = dw_part.view(K, n_per_k, 6).sum(1).to(w.dtype)
     return dx1, dx2, dw
