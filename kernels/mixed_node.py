@@ -56,14 +56,16 @@ def _mix(a, b, w0, w1, w2, w3, w4, w5):
 
 
 @triton.jit
-def _row_coords(pid, n_sblk, n_cprog, B, BLOCK_S: tl.constexpr):
-    # 1-D grid (grid dims 1 and 2 are capped at 65535): pid -> (k, b, c-program, s-block).
-    s_blk = pid % n_sblk
-    rest = pid // n_sblk
+def _row_coords(pid, K, n_sblk, n_cprog, BLOCK_S: tl.constexpr):
+    # 1-D grid (grid dims 1 and 2 are capped at 65535): pid -> (k, b, c-program,
+    # s-block), k fastest so the K programs reading a node-shared operand's tile
+    # run together and hit it in L2.
+    k = pid % K
+    rest = pid // K
+    s_blk = rest % n_sblk
+    rest = rest // n_sblk
     c_prog = rest % n_cprog
-    kb = rest // n_cprog
-    k = kb // B
-    b = kb % B
+    b = rest // n_cprog
     offs_s = s_blk * BLOCK_S + tl.arange(0, BLOCK_S)
     return k, b, c_prog, offs_s
 
@@ -71,13 +73,13 @@ def _row_coords(pid, n_sblk, n_cprog, B, BLOCK_S: tl.constexpr):
 @triton.jit
 def mixed_node_fwd_kernel(
     x1_ptr, x2_ptr, w_ptr, out_ptr,
-    B, C, S, n_sblk, n_cprog, c_per_prog,
+    K, B, C, S, n_sblk, n_cprog, c_per_prog,
     s1k, s1b, s1c, s1s, s2k, s2b, s2c, s2s,
     NORMALIZE: tl.constexpr, IS_FP64: tl.constexpr, EPS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    k, b, c_prog, offs_s = _row_coords(pid, n_sblk, n_cprog, B, BLOCK_S)
+    k, b, c_prog, offs_s = _row_coords(pid, K, n_sblk, n_cprog, BLOCK_S)
     mask_s = offs_s < S
     w0, w1, w2, w3, w4, w5 = _load_weights(w_ptr, k, IS_FP64)
     p1 = x1_ptr + k * s1k + b * s1b + offs_s[None, :] * s1s

@@ -52,7 +52,7 @@ def mixed_node_triton_fwd(x1: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, n
     block_c, block_s, n_sblk, n_cprog, c_per_prog = _plan(K, B, C, S, normalize, False, CONFIG["fwd_tile"])
     grid = (K * B * n_cprog * n_sblk,)
     wrap_triton(mixed_node_fwd_kernel)[grid](
-        x1, x2, w, out, B, C, S, n_sblk, n_cprog, c_per_prog,
+        x1, x2, w, out, K, B, C, S, n_sblk, n_cprog, c_per_prog,
         *_eff_strides(x1), *_eff_strides(x2),
         NORMALIZE=normalize, IS_FP64=x1.dtype == torch.float64, EPS=NORM_EPS,
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=CONFIG["fwd_warps"],
