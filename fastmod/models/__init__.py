@@ -1,0 +1,7 @@
+"""Models.  ``fastmod.train.registry`` maps the command-line names
+(``lstm``, ``cnn-lstm``, ...) to builders here.  Every model is called as
+``model(question [B,T], question_len [B], visual [B,C,H,W])`` and returns
+answer logits [B, A] (or ``(logits, aux_loss)``)."""
+from fastmod.models.baselines import CnnLstmModel, LstmEncoder, LstmModel
+
+__all__ = ["LstmModel", "CnnLstmModel", "LstmEncoder"]

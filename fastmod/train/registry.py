@@ -1,0 +1,139 @@
+"""Model registry: command-line name -> ``ModelSpec``.
+
+A spec is everything the training command needs to know about a model:
+
+* ``build(model_cfg, ctx) -> nn.Module``: ``model_cfg`` is the config's ``model``
+  section, ``ctx`` a ``ModelContext`` (vocabulary sizes, one sample's visual shape);
+* ``optimizers(model, optim_cfg) -> OptimScheme`` (default: one Adam);
+* ``defaults``: the paper's configuration, as overrides of ``config.BASE``
+  (it must define every key of the ``model`` section);
+* ``quick``: overrides for the small run used when no dataset is given;
+* ``find_unused_parameters``: passed to DistributedDataParallel (routers that
+  switch branches off leave parameters without gradients).
+
+Adding a model is one ``register(ModelSpec(...))`` call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from fastmod.train.config import UsageError
+from fastmod.train.optim import OptimScheme, adam_scheme
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    num_tokens: int                       # question vocabulary size (index 0 is <NULL>)
+    num_answers: int
+    visual_shape: tuple[int, int, int]    # one sample's image (3,H,W) or features (C,h,w)
+    is_pixels: bool                       # True: raw image, False: precomputed feature maps
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    build: Callable[[dict, ModelContext], nn.Module]
+    defaults: dict
+    quick: dict = field(default_factory=dict)
+    optimizers: Callable[[nn.Module, dict], OptimScheme] = adam_scheme
+    find_unused_parameters: bool = False
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+# Names of both papers' models that later work will register.
+PLANNED: dict[str, str] = {
+    "lnmn": "LNMN (9 modules)",
+    "lnmn-11": "LNMN (11 modules)",
+    "lnmn-14": "LNMN (14 modules)",
+    "stack-nmn": "Stack-NMN (9 modules)",
+    "qgmrn-brn": "QGMRN with branch routing (ResNeXt)",
+    "qgmrn-frn": "QGMRN with filter routing (ResNet)",
+}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    if "model" not in spec.defaults:
+        raise ValueError(f"{spec.name}: defaults must define the 'model' section")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> ModelSpec:
+    """The spec for ``name``; ``UsageError`` (one line) for planned or unknown names."""
+    _load_builtin()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in PLANNED:
+        raise UsageError(f"model {name!r} ({PLANNED[name]}) is not implemented yet; "
+                         f"available now: {', '.join(sorted(_REGISTRY))}")
+    raise UsageError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))} "
+                     f"(planned: {', '.join(PLANNED)})")
+
+
+# ---------------------------------------------------------------- built-in models
+
+_LSTM_PAPER: dict[str, Any] = {  # clevr-iep LstmModel defaults; Adam 5e-4, batch 64, ~100k iterations
+    "wordvec_dim": 300, "rnn_dim": 256, "rnn_num_layers": 2, "rnn_dropout": 0.0,
+    "fc_dims": [1024], "fc_use_batchnorm": False, "fc_dropout": 0.0,
+}
+_LSTM_QUICK = {"wordvec_dim": 64, "rnn_dim": 128, "rnn_num_layers": 1, "fc_dims": [256]}
+_QUICK_TRAIN = {"train": {"epochs": 6, "batch_size": 64, "log_every": 20, "ckpt_every": 200},
+                "optim": {"lr": 1e-3},
+                "data": {"image_size": 64, "num_workers": 0}}
+
+
+def _build_lstm(cfg: dict, ctx: ModelContext) -> nn.Module:
+    from fastmod.models.baselines import LstmModel
+
+    return LstmModel(ctx.num_tokens, ctx.num_answers, **cfg)
+
+
+def _build_cnn_lstm(cfg: dict, ctx: ModelContext) -> nn.Module:
+    from fastmod.models.baselines import CnnLstmModel
+
+    return CnnLstmModel(ctx.num_tokens, ctx.num_answers, ctx.visual_shape, ctx.is_pixels, **cfg)
+
+
+def _with(model: dict, **sections) -> dict:
+    out = {k: dict(v) for k, v in sections.items()}
+    out["model"] = model
+    return out
+
+
+_loaded = False
+
+
+def _load_builtin() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    paper_train = {"train": {"epochs": 10, "batch_size": 64}, "optim": {"lr": 5e-4}}
+    register(ModelSpec(
+        name="lstm",
+        description="blind LSTM baseline (question only), Johnson et al. 2017",
+        build=_build_lstm,
+        defaults=_with(_LSTM_PAPER, **paper_train),
+        quick=_with(_LSTM_QUICK, **_QUICK_TRAIN),
+    ))
+    register(ModelSpec(
+        name="cnn-lstm",
+        description="CNN+LSTM baseline (image + question, concatenated), Johnson et al. 2017",
+        build=_build_cnn_lstm,
+        defaults=_with({**_LSTM_PAPER, "stem_channels": [64, 128, 256, 512], "cnn_proj_dim": 512,
+                        "cnn_pooling": "maxpool2"}, **paper_train),
+        quick=_with({**_LSTM_QUICK, "stem_channels": [32, 64, 64, 64], "cnn_proj_dim": 0,
+                     "cnn_pooling": "none"}, **_QUICK_TRAIN),
+    ))

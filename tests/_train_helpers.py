@@ -1,0 +1,35 @@
+"""Shared tiny configuration for the test_train_* files: a generated dataset of
+12 images (48 questions) at 32 px, cached once per session, and models of a
+few thousand parameters, so a whole training run takes a second or two."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+TINY_MODEL = ["model.wordvec_dim=8", "model.rnn_dim=16", "model.rnn_num_layers=1", "model.fc_dims=[16]"]
+TINY_CNN = ["model.stem_channels=[4,8]", "model.cnn_proj_dim=0", "model.cnn_pooling=none"]
+
+
+def tiny_args(cache_dir, out, model="cnn-lstm", *extra_set, steps=None, epochs=2) -> list[str]:
+    sets = ["data.generated.n_train=12", "data.generated.n_val=4", "data.generated.image_size=32",
+            "data.generated.questions_per_image=4", "data.image_size=32", f"data.cache_dir={cache_dir}",
+            "data.num_workers=0", "train.batch_size=8", "train.eval_batch_size=16", "train.log_every=2",
+            "train.ckpt_every=4", "train.tensorboard=false", *TINY_MODEL]
+    if model == "cnn-lstm":
+        sets += TINY_CNN
+    sets += list(extra_set)
+    args = ["--model", model, "--out", str(out), "--no-progress", "--epochs", str(epochs)]
+    if steps is not None:
+        args += ["--steps", str(steps)]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """A dataset cache directory shared by the session's runs (generated on first use)."""
+    d = tmp_path_factory.mktemp("fastmod-data")
+    os.environ.setdefault("FASTMOD_CACHE", str(d / "cache"))
+    return d
