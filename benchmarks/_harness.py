@@ -35,7 +35,7 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
-def _cuda_graph(step):
+def cuda_graph(step):
     """Capture step() in a CUDA graph (warmed up on a side stream, as capture requires)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -82,7 +82,7 @@ def run(benchmark, step, *, group: str, impl: str, nbytes: int, n_rounds: int, w
         sync()
         benchmark.extra_info["peak_mem_mb"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
         benchmark.extra_info["device_name"] = torch.cuda.get_device_name()
-        graph = _cuda_graph(step)
+        graph = cuda_graph(step)
         timed = graph.replay
 
     def timed_sync():

@@ -1,6 +1,6 @@
 """Time the Triton mixed node under alternative launch parameters (GPU only).
 
-    python scripts/tune_mixed_node.py [--json FILE]
+    python benchmarks/tune_mixed_node.py [--json FILE]
 
 Prints, per LNMN benchmark case, the forward and forward+backward medians of
 each configuration in fastmod.ops._mixed_node_triton.CONFIG's space, and the
@@ -13,6 +13,7 @@ import json
 
 import torch
 
+from _harness import cuda_graph
 from fastmod import ops
 from fastmod.ops import _mixed_node_triton as impl
 
@@ -24,19 +25,6 @@ CASES = {
 }
 FWD = [(1024, 4, 64), (2048, 4, 64), (2048, 4, 128), (4096, 8, 128), (4096, 4, 256), (8192, 8, 256)]
 BWD = [(512, 4), (1024, 4), (2048, 4), (2048, 8), (4096, 8)]
-
-
-def _graphed(step):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 def main():
@@ -65,12 +53,12 @@ def main():
 
         for tile, warps, s_cap in FWD:
             impl.CONFIG.update(default, fwd_tile=tile, fwd_warps=warps, s_cap=s_cap)
-            t = do_bench(_graphed(fwd), warmup=10, rep=50, return_mode="median") / 1e3
+            t = do_bench(cuda_graph(fwd).replay, warmup=10, rep=50, return_mode="median") / 1e3
             rows.append(dict(case=name, pass_="fwd", tile=tile, warps=warps, s_cap=s_cap, ms=round(t * 1e3, 4),
                              gbps=round(fwd_bytes / t / 1e9, 1)))
         for (tile, warps), s_cap in itertools.product(BWD, (64, 128)):
             impl.CONFIG.update(default, bwd_tile=tile, bwd_warps=warps, s_cap=s_cap)
-            t = do_bench(_graphed(both), warmup=10, rep=50, return_mode="median") / 1e3
+            t = do_bench(cuda_graph(both).replay, warmup=10, rep=50, return_mode="median") / 1e3
             rows.append(dict(case=name, pass_="fwd+bwd", tile=tile, warps=warps, s_cap=s_cap, ms=round(t * 1e3, 4),
                              gbps=round(bwd_bytes / t / 1e9, 1)))
         impl.CONFIG.update(default)

@@ -1,0 +1,139 @@
+"""Routed convolution vs the dense vendor conv followed by masking (issue 4).
+
+Shapes: BRN (ResNeXt bottleneck, 224x224 input: stage widths 64/128/256/256 at
+56/28/14/7 pixels, cardinality 8/16/32; the block's out_ch is taken as 2 x width)
+and FRN (ResNet-34 basic block: the filter-gated second 3x3 conv, G = Cout, at
+64/128/256/512 channels).  Gate densities rho in {1.0, 0.57, 0.3, 0.1}: every
+sample switches on round(rho * G) random blocks (at least one).
+
+Each case is run for impl in {"routed" (fastmod kernel backend), "dense" (eager
+routed_conv2d_reference: vendor conv + mask), "compiled" (torch.compile of it)};
+"dense"/"compiled" do not depend on rho and run once per shape (rho=1.0).
+pass_ = "fwd" (inference, no grad) or "train" (fwd+bwd, router_grad="active").
+
+GPU: N=64 and every shape.  CPU: N=8 and a subset (set FASTMOD_BENCH_FULL=1 for
+all shapes, FASTMOD_BENCH_N to change N).
+"""
+import os
+
+import pytest
+import torch
+
+from conftest import DEVICE, sync
+from fastmod.nn import RoutedBottleneck
+from fastmod.ops import routed_conv2d, routed_conv2d_reference
+
+FULL = DEVICE == "cuda" or os.environ.get("FASTMOD_BENCH_FULL") == "1"
+N = int(os.environ.get("FASTMOD_BENCH_N", 64 if DEVICE == "cuda" else 8))
+DENSITIES = (1.0, 0.57, 0.3, 0.1)
+STAGES = ((64, 56), (128, 28), (256, 14), (256, 7))
+
+
+def _cases():
+    """(name, cin, cout, k, groups, gate_on, G, hw)."""
+    cases = []
+    for width, hw in STAGES:
+        for c in (8, 16, 32):
+            cases.append((f"brn3x3-w{width}-c{c}", width, width, 3, c, "group", c, hw))
+            cases.append((f"brn1x1out-w{width}-c{c}", 2 * width, width, 1, 1, "out", c, hw))
+            cases.append((f"brn1x1in-w{width}-c{c}", width, 2 * width, 1, 1, "in", c, hw))
+    for planes, hw in ((64, 56), (128, 28), (256, 14), (512, 7)):
+        cases.append((f"frn3x3-{planes}", planes, planes, 3, 1, "out", planes, hw))
+    if FULL:
+        return cases
+    keep = {"brn3x3-w64-c8", "brn3x3-w128-c16", "brn3x3-w256-c32", "brn1x1out-w128-c16",
+            "brn1x1in-w128-c16", "frn3x3-64", "frn3x3-128", "frn3x3-256", "frn3x3-512"}
+    return [c for c in cases if c[0] in keep]
+
+
+def _gates(n, g, rho, device):
+    k = max(1, round(rho * g))
+    order = torch.rand(n, g, device=device).argsort(dim=1)
+    return (order < k).float()
+
+
+def _runs(impl, rho):
+    return impl == "routed" or rho == 1.0
+
+
+def _time(benchmark, fn, extra):
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    fn()  # warm-up (and compilation)
+    sync()
+
+    def step():
+        fn()
+        sync()
+    benchmark.pedantic(step, rounds=3 if DEVICE == "cpu" else 20, iterations=1, warmup_rounds=1)
+    if DEVICE == "cuda":
+        extra["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    benchmark.extra_info.update(extra)
+
+
+_COMPILED = {}
+
+
+def _reference_fn(impl):
+    if impl == "dense":
+        return routed_conv2d_reference
+    if "ref" not in _COMPILED:
+        _COMPILED["ref"] = torch.compile(routed_conv2d_reference)
+    return _COMPILED["ref"]
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "train"])
+@pytest.mark.parametrize("rho", DENSITIES)
+@pytest.mark.parametrize("impl", ["routed", "dense", "compiled"])
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: c[0])
+def test_routed_conv(benchmark, case, impl, rho, pass_):
+    if not _runs(impl, rho):
+        pytest.skip("dense/compiled do not depend on rho: measured at rho=1.0")
+    name, cin, cout, k, groups, gate_on, G, hw = case
+    dev = DEVICE
+    x = torch.randn(N, cin, hw, hw, device=dev)
+    w = torch.randn(cout, cin // groups, k, k, device=dev) / (cin // groups * k * k) ** 0.5
+    gates = _gates(N, G, rho, dev)
+    kw = dict(padding=k // 2, groups=groups, gate_on=gate_on, router_grad="active")
+    fn = (lambda *a: routed_conv2d(*a, **kw)) if impl == "routed" else \
+        (lambda *a, f=_reference_fn(impl): f(*a, **kw))
+    flops = 2 * N * cout * (cin // groups) * k * k * hw * hw * (1 if impl != "routed" else gates.mean().item())
+    if pass_ == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(x, w, gates)
+    else:
+        xr, wr, gr = (t.clone().requires_grad_(True) for t in (x, w, gates))
+        dy = torch.randn(N, cout, hw, hw, device=dev)
+
+        def run():
+            fn(xr, wr, gr).backward(dy)
+        flops *= 3
+    _time(benchmark, run, {"density": gates.mean().item(), "N": N, "gflop": flops / 1e9})
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "train"])
+@pytest.mark.parametrize("rho", DENSITIES)
+@pytest.mark.parametrize("impl", ["routed", "dense"])
+@pytest.mark.parametrize("stage", STAGES[1:2] if not FULL else STAGES, ids=lambda s: f"w{s[0]}-hw{s[1]}")
+def test_routed_bottleneck(benchmark, stage, impl, rho, pass_):
+    if not _runs(impl, rho):
+        pytest.skip("dense does not depend on rho: measured at rho=1.0")
+    width, hw = stage
+    c = 32
+    block = RoutedBottleneck(2 * width, width, 2 * width, c, router_grad="active").to(DEVICE)
+    block.use_kernels = impl == "routed"
+    x = torch.randn(N, 2 * width, hw, hw, device=DEVICE)
+    gates = _gates(N, c, rho, DEVICE)
+    if pass_ == "fwd":
+        block.eval()
+
+        def run():
+            with torch.no_grad():
+                block(x, gates)
+    else:
+        xr, gr = x.clone().requires_grad_(True), gates.clone().requires_grad_(True)
+
+        def run():
+            block(xr, gr).sum().backward()
+    _time(benchmark, run, {"density": gates.mean().item(), "N": N})
