@@ -86,6 +86,8 @@ class ClevrDataset(torch.utils.data.Dataset):
     def __init__(self, data_dir, split: str, vocab: Vocab, *, image_size: int = 64,
                  max_questions: int | None = None, features_h5=None, image_cache=None,
                  check_images: str = "header", progress: bool = False):
+        if not isinstance(split, str) or not split:
+            raise TypeError(f"split must be a non-empty str such as 'train', got {split!r}")
         if not isinstance(vocab, Vocab):
             raise TypeError(f"vocab must be a fastmod.data.Vocab, got {type(vocab).__name__}")
         if not isinstance(image_size, int) or image_size < 8:
@@ -111,7 +113,8 @@ class ClevrDataset(torch.utils.data.Dataset):
                 if q["image_index"] >= len(scenes):
                     raise DataError(f"{qfile}: question record {i} has image_index {q['image_index']}, "
                                     f"out of range for {sfile} ({len(scenes)} scenes)")
-        self.scenes = scenes
+        self.num_scenes = None if scenes is None else len(scenes)
+        del scenes  # CLEVR's training scenes are large; only their number is needed
 
         filenames = {}
         for q in qs:
