@@ -182,6 +182,19 @@ def _rewrite_questions(root, questions):
     (root / "questions" / "CLEVR_val_questions.json").write_text(json.dumps({"info": INFO, "questions": questions}))
 
 
+def test_bad_arguments(clevr, vocab):
+    with pytest.raises(TypeError, match="split"):
+        data.ClevrDataset(clevr, None, vocab)
+    with pytest.raises(TypeError, match="vocab"):
+        data.ClevrDataset(clevr, "val", {"a": 1})
+    with pytest.raises(ValueError, match="image_size"):
+        data.ClevrDataset(clevr, "val", vocab, image_size=0)
+    with pytest.raises(ValueError, match="max_questions"):
+        data.ClevrDataset(clevr, "val", vocab, max_questions=0)
+    with pytest.raises(ValueError, match="check_images"):
+        data.ClevrDataset(clevr, "val", vocab, check_images="some")
+
+
 def test_missing_folder(tmp_path, vocab):
     with pytest.raises(MissingDataError, match="does not exist") as e:
         data.ClevrDataset(tmp_path / "nope", "val", vocab)

@@ -194,3 +194,28 @@ def test_cli(tmp_path, capsys):
     assert len(qs) == 4 and "wrote" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--out", str(tmp_path / "p"), "--train", "-3"])
+
+
+def test_no_object_is_hidden():
+    """Removing any object from a crowded scene changes at least 80% of the pixels that
+    object covers when drawn alone: depth order never hides one (mostly) behind another."""
+    import random
+
+    import numpy as np
+
+    from fastmod.data.scene import compute_relationships, sample_scene
+
+    def draw(objs):
+        return np.asarray(data.render_scene({"objects": objs}, 64), dtype=np.int16)
+
+    rng = random.Random(0)
+    empty = draw([])
+    for _ in range(6):
+        objs = sample_scene(rng, 64, num_objects=10)["objects"]
+        full = draw(objs)
+        for i in range(len(objs)):
+            alone = (np.abs(draw([objs[i]]) - empty).sum(-1) > 30)
+            without = draw(objs[:i] + objs[i + 1:])
+            visible = (np.abs(full - without).sum(-1) > 30) & alone
+            assert alone.sum() > 10 and visible.sum() >= 0.8 * alone.sum(), (i, objs[i], visible.sum(), alone.sum())
+    assert compute_relationships(objs)  # the sampled scenes are valid scenes
