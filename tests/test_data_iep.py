@@ -11,7 +11,7 @@ from fastmod.data import DataError, MissingDataError
 
 SPECIALS = ["<NULL>", "<START>", "<END>", "<UNK>"]
 # clevr-iep's build_vocab puts the specials first in every vocabulary, answers included
-Q_VOCAB = {t: i for i, t in enumerate(SPECIALS + ["how", "many", "red", "cubes", "are", "there", "is", "a"])}
+Q_VOCAB = {t: i for i, t in enumerate(SPECIALS + ["how", "many", "red", "cubes", "are", "there", "is", "a", "What"])}
 A_VOCAB = {t: i for i, t in enumerate(SPECIALS + ["0", "1", "2", "no", "yes", "red"])}
 P_VOCAB = {t: i for i, t in enumerate(SPECIALS + ["count", "exist", "filter_color[red]", "filter_shape[cube]",
                                                   "scene", "unique", "query_color"])}
@@ -63,6 +63,7 @@ def test_reads_iep_pair(iep):
     assert ds.vocab.num_answers == len(A_VOCAB)
     # the same vocab.json serves to encode new questions
     assert ds.vocab.encode_question("How many red cubes?") == [1, 4, 5, 6, 7, 2]
+    assert ds.vocab.encode_question("What is red?") == [1, 12, 10, 6, 2]  # clevr-iep keeps the case
 
 
 def test_postfix_programs_and_missing_answers(iep, tmp_path):

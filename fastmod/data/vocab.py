@@ -23,12 +23,13 @@ SPECIALS = (NULL, START, END, UNK)
 VOCAB_FILE = "vocab.json"
 
 
-def tokenize(text: str) -> list[str]:
-    """clevr-iep's tokeniser, lower-cased: ``;`` and ``,`` are tokens, ``?`` and ``.`` dropped."""
+def tokenize(text: str, lower: bool = True) -> list[str]:
+    """clevr-iep's tokeniser (``;`` and ``,`` are tokens, ``?`` and ``.`` dropped), lower-cased
+    unless ``lower=False`` (clevr-iep keeps the case)."""
     if not isinstance(text, str):
         raise TypeError(f"question must be a str, got {type(text).__name__}")
-    text = text.lower().replace(";", " ;").replace(",", " ,").replace("?", "").replace(".", "")
-    return text.split()
+    text = text.replace(";", " ;").replace(",", " ,").replace("?", "").replace(".", "")
+    return (text.lower() if lower else text).split()
 
 
 def _index(tokens: Iterable[str], specials=SPECIALS) -> dict[str, int]:
@@ -82,11 +83,13 @@ class Vocab:
 
     # encoding ---------------------------------------------------------------
     def encode_question(self, text: str) -> list[int]:
-        """``<START> tokens <END>``; words not in the vocabulary map to ``<UNK>``."""
+        """``<START> tokens <END>``; words not in the vocabulary map to ``<UNK>``.  A word is
+        looked up as written, then lower-cased (vocabularies built here are lower-case;
+        clevr-iep's keep the case)."""
         q, unk = self.question_token_to_idx, self.question_token_to_idx[UNK]
         ids = [q[START]]
-        for tok in tokenize(text):
-            ids.append(q.get(tok, unk))
+        for tok in tokenize(text, lower=False):
+            ids.append(q.get(tok, q.get(tok.lower(), unk)))
         ids.append(q[END])
         return ids
 
