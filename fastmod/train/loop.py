@@ -129,9 +129,11 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training set ({len(data.train)} questions over {info.world_size} rank(s)) "
                              f"is smaller than one batch (train.batch_size={tc['batch_size']})")
-        # train.steps, when set, replaces train.epochs as the length of the run.
+        # train.steps, when set, replaces train.epochs as the length of the run
+        # (optimiser steps; skipped batches do not count).  Epochs count batches.
+        self.max_steps = tc["steps"]
         self.total_steps = tc["steps"] if tc["steps"] else tc["epochs"] * self.steps_per_epoch
-        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch) if tc["steps"] else tc["epochs"]
         self.metrics = metrics.MetricsLog(self.run_dir, enabled=info.is_main, tensorboard=tc["tensorboard"])
         self._stop_signal = 0
         self._last_eval_step = -1
@@ -164,6 +166,7 @@ class Trainer:
 
     def save(self, best: bool = False) -> Path | None:
         """Write last.pt (and best.pt) on rank 0; every rank must call this (RNG gather)."""
+        self._sync_buffers()
         bad = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # identical weights on every rank, so every rank raises
             raise NonFiniteLoss(f"parameters {bad[:3]} hold NaN/inf at step {self.step}; "
@@ -210,7 +213,17 @@ class Trainer:
         return make_loader(dataset, batch_size, shuffle=False, sampler=sampler, seed=self.cfg["train"]["seed"],
                            num_workers=self.cfg["data"]["num_workers"], drop_last=False)
 
+    def _sync_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm running stats) to every rank, as DDP does at the
+        start of each forward: so validation and the final model agree across ranks."""
+        if self.info.enabled:
+            import torch.distributed as dist
+
+            for b in self.model.buffers():
+                dist.broadcast(b, src=0)
+
     def validate(self) -> dict:
+        self._sync_buffers()
         loader = self._loader(self.data.val, distributed.ShardSampler(len(self.data.val), self.info),
                               self.cfg["train"]["eval_batch_size"])
         # Validation must not move the RNG streams: a run validated at step k and one
@@ -239,7 +252,7 @@ class Trainer:
         if flags[1] > 0 and not self._stop_signal:
             self._stop_signal = signal.SIGTERM  # another rank was signalled
         if flags[0] > 0:
-            where = f"step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})"
+            where = f"step {self.step + 1} (epoch {self.epoch + 1}, batch {self.batch_in_epoch + 1})"
             if self.cfg["train"]["nonfinite"] == "stop":
                 raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at {where}; stopping. The last "
                                     f"checkpoint is intact; set train.nonfinite=skip to skip such batches")
@@ -289,13 +302,18 @@ class Trainer:
                      f"loss {s['loss']:.4f}{' (best)' if improved else ''}")
         return improved
 
+    def _done(self, steps_only: bool = False) -> bool:
+        if self.max_steps:
+            return self.step >= self.max_steps
+        return not steps_only and self.epoch >= self.num_epochs
+
     def fit(self) -> dict:
         tc = self.cfg["train"]
         if self._rng_to_restore is None:
             torch.manual_seed(tc["seed"] + 1000 * self.info.rank)  # dropout streams differ per rank
         last_val = None
         with self._signals():
-            while self.step < self.total_steps:
+            while not self._done():
                 self.sampler.set_epoch(self.epoch)
                 skip = self.batch_in_epoch * tc["batch_size"]
                 loader = self._loader(self.data.train, distributed.SkipSampler(self.sampler, skip),
@@ -315,7 +333,7 @@ class Trainer:
                 window = metrics.TypedAccuracy(self.types, self.subtypes, self.device)
                 t0 = time.perf_counter()
                 try:
-                    while self.batch_in_epoch < self.steps_per_epoch and self.step < self.total_steps:
+                    while self.batch_in_epoch < self.steps_per_epoch and not self._done(steps_only=True):
                         batch = next(batches)
                         stepped = self._train_step(batch, window)
                         self.batch_in_epoch += 1
