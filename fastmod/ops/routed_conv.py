@@ -1,9 +1,203 @@
-"""Block-sparse routed convolution (issue 4). Not implemented yet."""
+"""Block-sparse routed convolution (QGMRN's BRN/FRN): gated-off blocks cost nothing.
+
+``routed_conv2d(x, weight, gates, bias=None, *, stride=1, padding=0, dilation=1,
+groups=1, gate_on="group", router_grad=None, backend=None)``
+
+Shapes: ``x`` [N, Cin, H, W]; ``weight`` [Cout, Cin/groups, kh, kw]; ``gates`` [N, G];
+``bias`` [Cout] or None; output [N, Cout, Ho, Wo] (contiguous NCHW from the kernel
+backends).  ``x``, ``weight`` and ``bias`` share one floating dtype (fp16, bf16, fp32,
+fp64); ``gates`` may be any floating dtype (it is cast to x's dtype to scale blocks).
+
+Gate modes (block g of sample n is skipped entirely when ``gates[n, g] == 0``;
+any other value scales the block):
+
+* ``"group"``: needs ``groups == G``.  Output group g = gates[n, g] * (grouped conv
+  of input group g, bias included), i.e. a ResNeXt branch.
+* ``"out"``: needs ``groups == 1`` and G | Cout.  Output channels split into G
+  contiguous blocks; block g = gates[n, g] * (conv(x[n], W[block g]) + bias[block g]).
+  G = Cout is FRN's filter routing.
+* ``"in"``: needs ``groups == 1`` and G | Cin.  out[n] = sum_g gates[n, g] *
+  conv(x[n, block g], W[:, block g]) + bias; the bias is added once, ungated.
+
+So in "group"/"out" mode the output blocks of off gates are exactly zero.
+
+Gradients (through ``torch.library.register_autograd``): grad_input, grad_weight
+and grad_bias come from the active (n, g) pairs only.  For the gates,
+``router_grad="exact"`` (the default) gives the true gradient
+dL/dgates[n, g] = <dL/dout, ungated output of block g>, which for off blocks costs
+their forward (but no backward through them); ``router_grad="active"`` gives off
+blocks a zero gate gradient and skips them completely (cheaper training step).
+
+Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
+``"reference"`` (dense conv, then masking; defines the semantics), ``"cpu"`` and
+``"cuda"`` (``fastmod._C``).  Both kernel backends share one ATen implementation
+(csrc/routed_conv/routed_conv_aten.cpp) that reads the gates on the host (on CUDA:
+one device-to-host copy per call, i.e. a synchronisation), lists the active pairs and
+runs the vendor convolution (oneDNN on CPU, cuDNN on GPU) on compacted sub-problems
+holding only the active blocks: one grouped convolution with one group per active
+pair for "group", one convolution per sample over the active weight rows ("out") or
+input channels ("in").  When no gate is zero it runs the dense conv.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastmod import _checks, _extension, backends
+
+GATE_MODES = ("group", "out", "in")
+ROUTER_GRADS = (None, "exact", "active")
+_IMPLEMENTED = ("cpu", "cuda")
 
 
-def routed_conv2d(*args, **kwargs):
-    raise NotImplementedError("routed_conv2d: not done yet (issue 4)")
+def _pair(name: str, value, minimum: int) -> tuple[int, int]:
+    if isinstance(value, bool) or not isinstance(value, (int, tuple, list)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {type(value).__name__}")
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
 
 
-def routed_conv2d_reference(*args, **kwargs):
-    raise NotImplementedError("routed_conv2d_reference: not done yet (issue 4)")
+def _check(x, weight, gates, bias, stride, padding, dilation, groups, gate_on, router_grad):
+    """Validate the arguments; return (stride, padding, dilation) as pairs."""
+    _checks.tensor("x", x)
+    _checks.tensor("weight", weight)
+    _checks.tensor("gates", gates)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D [N, Cin, H, W], got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D [Cout, Cin/groups, kh, kw], got shape {tuple(weight.shape)}")
+    tensors = {"x": x, "weight": weight}
+    if bias is not None:
+        _checks.tensor("bias", bias)
+        tensors["bias"] = bias
+    _checks.same_dtype(**tensors)
+    _checks.same_device(**tensors, gates=gates)
+    _checks.choice("gate_on", gate_on, GATE_MODES)
+    _checks.choice("router_grad", router_grad, ROUTER_GRADS)
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"groups must be an int, got {type(groups).__name__}")
+    N, cin, H, W = x.shape
+    cout, cin_g, kh, kw = weight.shape
+    if groups < 1 or cin % groups or cout % groups or cin_g * groups != cin:
+        raise ValueError(f"groups={groups} does not fit x with {cin} channels and weight of shape "
+                         f"{tuple(weight.shape)} (need Cin = weight.shape[1] * groups, groups | Cout)")
+    if bias is not None and tuple(bias.shape) != (cout,):
+        raise ValueError(f"bias must have shape ({cout},), got {tuple(bias.shape)}")
+    if gates.dim() != 2 or gates.shape[0] != N or gates.shape[1] < 1:
+        raise ValueError(f"gates must be [N, G] with N = {N} and G >= 1, got shape {tuple(gates.shape)}")
+    G = gates.shape[1]
+    if gate_on == "group" and G != groups:
+        raise ValueError(f"gate_on='group' needs gates.shape[1] == groups, got G={G}, groups={groups}")
+    if gate_on in ("out", "in") and groups != 1:
+        raise ValueError(f"gate_on={gate_on!r} needs groups=1, got groups={groups}")
+    if gate_on == "out" and cout % G:
+        raise ValueError(f"gates.shape[1]={G} must divide the {cout} output channels (gate_on='out')")
+    if gate_on == "in" and cin % G:
+        raise ValueError(f"gates.shape[1]={G} must divide the {cin} input channels (gate_on='in')")
+    stride = _pair("stride", stride, 1)
+    padding = _pair("padding", padding, 0)
+    dilation = _pair("dilation", dilation, 1)
+    for size, k, s, p, d, axis in ((H, kh, *[t[0] for t in (stride, padding, dilation)], "height"),
+                                    (W, kw, *[t[1] for t in (stride, padding, dilation)], "width")):
+        if size + 2 * p - d * (k - 1) - 1 < 0:
+            raise ValueError(f"x {axis} {size} with padding {p} is smaller than the dilated kernel "
+                             f"({d * (k - 1) + 1}); the output would be empty")
+    return stride, padding, dilation
+
+
+def _block_scale(gates: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """gates [N, G] -> [N, channels, 1, 1], each gate repeated over its block."""
+    return gates.to(dtype).repeat_interleave(channels // gates.shape[1], dim=1)[:, :, None, None]
+
+
+def routed_conv2d_reference(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor,
+                            bias: torch.Tensor | None = None, *, stride=1, padding=0, dilation=1,
+                            groups: int = 1, gate_on: str = "group", router_grad: str | None = None
+                            ) -> torch.Tensor:
+    """Plain PyTorch: the dense convolution, masked.  Same arguments and semantics as
+    :func:`routed_conv2d` (which see); computes every block, including the off ones."""
+    stride, padding, dilation = _check(x, weight, gates, bias, stride, padding, dilation, groups,
+                                       gate_on, router_grad)
+    g = gates
+    if router_grad == "active":  # off blocks get no gate gradient
+        g = torch.where(gates != 0, gates, gates.detach())
+    if gate_on == "in":
+        x = x * _block_scale(g, x.shape[1], x.dtype)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return y * _block_scale(g, y.shape[1], y.dtype)
+
+
+def _out_size(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, gates, bias, stride, padding, dilation, groups, gate_on, exact = inputs
+    need_out = ctx.needs_input_grad[2] and gate_on != "in"
+    ctx.save_for_backward(x, weight, gates, bias, output if need_out else None)
+    ctx.args = (stride, padding, dilation, groups, gate_on, exact)
+
+
+def _backward(ctx, grad):
+    x, weight, gates, bias, out = ctx.saved_tensors
+    stride, padding, dilation, groups, gate_on, exact = ctx.args
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], bias is not None and need[3], need[2]]
+    if not any(mask):
+        return (None,) * 10
+    gx, gw, gb, gg = torch.ops.fastmod.routed_conv2d_backward(
+        grad, x, weight, gates, bias, out, stride, padding, dilation, groups, gate_on, mask, exact)
+    return (gx if mask[0] else None, gw if mask[1] else None, gg if mask[3] else None,
+            gb if mask[2] else None) + (None,) * 6
+
+
+if _extension.has_op("routed_conv2d"):
+
+    @torch.library.register_fake("fastmod::routed_conv2d")
+    def _fwd_fake(x, weight, gates, bias, stride, padding, dilation, groups, gate_on, exact):
+        ho = _out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+        wo = _out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+        return x.new_empty((x.shape[0], weight.shape[0], ho, wo))
+
+    @torch.library.register_fake("fastmod::routed_conv2d_backward")
+    def _bwd_fake(grad_out, x, weight, gates, bias, out, stride, padding, dilation, groups, gate_on,
+                  output_mask, exact):
+        return (x.new_empty(x.shape), weight.new_empty(weight.shape),
+                weight.new_empty((weight.shape[0],)), gates.new_empty(gates.shape))
+
+    torch.library.register_autograd("fastmod::routed_conv2d", _backward, setup_context=_setup_context)
+
+
+@torch._dynamo.assume_constant_result
+def _select(backend: str | None, device_type: str) -> str:
+    # backends.select asks the dispatcher, which dynamo cannot trace; its answer is
+    # fixed for a process, so torch.compile evaluates it once as a constant.
+    return backends.select("routed_conv2d", backend, torch.device(device_type), _IMPLEMENTED,
+                           cpp_op="routed_conv2d")
+
+
+def routed_conv2d(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor,
+                  bias: torch.Tensor | None = None, *, stride=1, padding=0, dilation=1,
+                  groups: int = 1, gate_on: str = "group", router_grad: str | None = None,
+                  backend: str | None = None) -> torch.Tensor:
+    """Convolution whose (sample, block) pairs are switched by ``gates``; see the
+    module docstring for shapes, dtypes, the three ``gate_on`` modes and
+    ``router_grad`` ("exact" default, or "active").
+
+    Raises ValueError/TypeError naming the bad argument.  ``stride``, ``padding``
+    and ``dilation`` are ints or pairs (no string padding).
+    """
+    stride, padding, dilation = _check(x, weight, gates, bias, stride, padding, dilation, groups,
+                                       gate_on, router_grad)
+    chosen = _select(backend, x.device.type)
+    if chosen == "reference":
+        return routed_conv2d_reference(x, weight, gates, bias, stride=stride, padding=padding,
+                                       dilation=dilation, groups=groups, gate_on=gate_on,
+                                       router_grad=router_grad)
+    return torch.ops.fastmod.routed_conv2d(x, weight, gates, bias, list(stride), list(padding),
+                                           list(dilation), groups, gate_on, router_grad != "active")

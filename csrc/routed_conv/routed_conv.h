@@ -1,0 +1,33 @@
+// Block-sparse routed convolution: shared declarations.
+//
+// The implementation (routed_conv_aten.cpp) is written against ATen only, so the
+// CPU (routed_conv_cpu.cpp) and CUDA (routed_conv_cuda.cu) registrations share it:
+// it reads the gates on the host, builds the list of active (sample, block) pairs
+// and runs ATen convolutions (oneDNN / cuDNN) on compacted sub-problems that contain
+// the active blocks only.  Semantics: see fastmod/ops/routed_conv.py.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace fastmod {
+namespace routed_conv {
+
+at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& gates,
+                   const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                   c10::string_view gate_on, bool exact);
+
+// output_mask = (grad_x, grad_weight, grad_bias, grad_gates).  `out` is the forward
+// output (needed for grad_gates in the "group"/"out" modes).  exact=false gives the
+// gates of skipped blocks a zero gradient and never touches those blocks.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& gates, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& out, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, c10::string_view gate_on,
+    std::array<bool, 4> output_mask, bool exact);
+
+}  // namespace routed_conv
+}  // namespace fastmod

@@ -1,0 +1,114 @@
+"""RoutedConv2d / RoutedBottleneck / RoutedBasicBlock: kernel path == reference path."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fastmod import _extension
+from fastmod.nn import RoutedBasicBlock, RoutedBottleneck, RoutedConv2d
+
+needs_ext = pytest.mark.skipif(not _extension.has_op("routed_conv2d"), reason="fastmod._C not built")
+
+
+def gates_for(n, g, kind="random"):
+    if kind == "nonbinary":
+        return torch.rand(n, g) * (torch.rand(n, g) < 0.6)
+    gates = (torch.rand(n, g) < 0.5).float()
+    gates[0] = 1.0
+    gates[-1, : g // 2] = 0.0
+    return gates
+
+
+def compare(fast, x, gates, train):
+    ref = copy.deepcopy(fast)
+    ref.use_kernels = False
+    assert fast.state_dict().keys() == ref.state_dict().keys()
+    fast.train(train), ref.train(train)
+    outs = []
+    for m in (fast, ref):
+        xx, gg = x.clone().requires_grad_(True), gates.clone().requires_grad_(True)
+        y = m(xx, gg)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+        outs.append((y.detach(), xx.grad, gg.grad, {k: p.grad for k, p in m.named_parameters()}))
+    (y, gx, gg, gp), (yr, gxr, ggr, gpr) = outs
+    tol = dict(atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(y, yr, **tol)
+    torch.testing.assert_close(gx, gxr, **tol)
+    torch.testing.assert_close(gg, ggr, **tol)
+    for k in gpr:
+        torch.testing.assert_close(gp[k], gpr[k], **tol, msg=lambda m: f"{k}: {m}")
+    # running statistics were updated the same way
+    for (k, b), br in zip(fast.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, br, **tol, msg=lambda m: f"{k}: {m}")
+
+
+@needs_ext
+@pytest.mark.parametrize("gate_on,groups,blocks", [("group", 4, 4), ("out", 1, 8), ("in", 1, 2)])
+def test_routed_conv2d_module(gate_on, groups, blocks):
+    m = RoutedConv2d(8, 8, 3, stride=2, padding=1, groups=groups, gate_on=gate_on, num_blocks=blocks)
+    plain = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=groups)
+    assert m.state_dict().keys() == plain.state_dict().keys()
+    m.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 8, 9, 9)
+    compare(m, x, gates_for(3, blocks, "nonbinary"), train=True)
+    # all gates on with value 1: exactly the plain conv
+    torch.testing.assert_close(m(x, torch.ones(3, blocks)), plain(x), atol=1e-5, rtol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("norm3,stride,in_ch", [("gn", 1, 32), ("bn", 2, 16)])
+def test_bottleneck(train, norm3, stride, in_ch):
+    torch.manual_seed(0)
+    block = RoutedBottleneck(in_ch, 16, 32, cardinality=4, stride=stride, norm3=norm3)
+    for p in block.parameters():  # non-trivial affine norms
+        if p.dim() == 1:
+            nn.init.uniform_(p, 0.5, 1.5)
+    if not train:  # non-trivial running statistics
+        block.train()
+        with torch.no_grad():
+            block(torch.randn(4, in_ch, 8, 8), torch.ones(4, 4))
+    compare(block, torch.randn(4, in_ch, 8, 8), gates_for(4, 4), train)
+
+
+@needs_ext
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("stride,in_ch", [(1, 8), (2, 4)])
+def test_basic_block(train, stride, in_ch):
+    block = RoutedBasicBlock(in_ch, 8, stride=stride)
+    compare(block, torch.randn(3, in_ch, 8, 8), gates_for(3, 8), train)
+
+
+def test_use_kernels_propagates_and_state_dict():
+    block = RoutedBottleneck(16, 16, 16, cardinality=4)
+    sd = {k: v.clone() for k, v in block.state_dict().items()}
+    block.use_kernels = False
+    assert all(not c.use_kernels for c in (block.conv1, block.conv2, block.conv3))
+    assert block.backend == "reference" and block.conv2.backend == "reference"
+    assert sd.keys() == block.state_dict().keys()
+
+
+def test_off_branch_contributes_nothing():
+    torch.manual_seed(0)
+    block = RoutedBottleneck(16, 16, 16, cardinality=4, use_kernels=False).eval()
+    x = torch.randn(2, 16, 6, 6)
+    g = torch.tensor([[1.0, 0, 1, 0], [1.0, 0, 1, 0]])
+    y1 = block(x, g)
+    with torch.no_grad():  # scrambling an off branch's weights changes nothing
+        block.conv2.weight[4:8].normal_()
+        block.conv3.weight[:, 4:8].normal_()
+    torch.testing.assert_close(block(x, g), y1)
+
+
+@pytest.mark.parametrize("kwargs,exc,word", [
+    (dict(gate_on="group", groups=2, num_blocks=4), ValueError, "num_blocks"),
+    (dict(gate_on="out", groups=2), ValueError, "groups=1"),
+    (dict(gate_on="out", num_blocks=3), ValueError, "num_blocks"),
+    (dict(gate_on="sideways"), ValueError, "gate_on"),
+    (dict(padding_mode="reflect"), ValueError, "padding_mode"),
+    (dict(padding="same"), TypeError, "padding"),
+])
+def test_bad_module_args(kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        RoutedConv2d(8, 8, 3, **kwargs)
