@@ -43,7 +43,7 @@ def mixed_node_weights(alpha: torch.Tensor, mode: str = "soft", op_mask=None) ->
     if alpha.dim() not in (1, 2) or alpha.shape[-1] != len(OP_NAMES):
         raise ValueError(f"alpha must have shape [6] or [K, 6], got {tuple(alpha.shape)}")
     acc = torch.float64 if alpha.dtype == torch.float64 else torch.float32
-    a = alpha.to(acc)
+    a = alpha if alpha.dtype == acc else alpha.to(acc)
     if mode == "soft":
         w = torch.softmax(a, dim=-1)
     else:
@@ -119,10 +119,10 @@ def _canonical(x: torch.Tensor, node_shape) -> torch.Tensor:
 
     Spatial dims are flattened into S; an operand broadcast over only some
     spatial dims cannot be expressed with one stride and is materialised.
+    One reshape: this runs on every call, where each op costs microseconds.
     """
     n = len(node_shape)
     shape = (1,) * (n + 1 - x.dim()) + tuple(x.shape)
-    x = x.reshape(shape)
     k, node = shape[0], shape[1:]
     if n == 0:
         return x.reshape(k, 1, 1, 1)
@@ -130,7 +130,7 @@ def _canonical(x: torch.Tensor, node_shape) -> torch.Tensor:
         return x.reshape(k, 1, 1, node[0])
     sp, full_sp = node[2:], tuple(node_shape[2:])
     if sp != full_sp and any(d != 1 for d in sp):
-        x = x.expand(k, node[0], node[1], *full_sp)
+        x = x.reshape(shape).expand(k, node[0], node[1], *full_sp)
         sp = full_sp
     return x.reshape(k, node[0], node[1], math.prod(sp))
 
@@ -224,7 +224,9 @@ def mixed_node(x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor, *, mode:
     chosen = backends.select("mixed_node", backend, x1.device, _IMPLEMENTED, cpp_op="mixed_node_fwd")
     if chosen == "reference":
         return mixed_node_reference(x1, x2, alpha, mode=mode, op_mask=op_mask, normalize=normalize)
-    w = mixed_node_weights(alpha, mode, op_mask).to(_acc_dtype(x1.dtype)).reshape(-1, len(OP_NAMES))
+    w = mixed_node_weights(alpha, mode, op_mask)
+    acc = _acc_dtype(x1.dtype)
+    w = (w if w.dtype == acc else w.to(acc)).reshape(-1, len(OP_NAMES)).contiguous()
     a, b = _canonical(x1, node_shape), _canonical(x2, node_shape)
-    out = _kernel_forward(chosen)(a, b, w.contiguous(), normalize)
+    out = _kernel_forward(chosen)(a, b, w, normalize)
     return out.reshape(full)
