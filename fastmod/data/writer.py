@@ -101,14 +101,21 @@ def _chunk(job):
         render_scene(scene, image_size).save(img_dir / scene["image_filename"], compress_level=1)
         questions += _ask(rng, scene, qpi, counts, with_answers=(split != "test"))
         scenes.append(scene)
-    return scenes, questions
+    # JSON text travels back to the parent far cheaper than nested dicts (pickling)
+    return [_json(x) for x in scenes], [_json(q) for q in questions]
 
 
-def _dump(obj, path: Path):
+def _json(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _write(path: Path, info: dict, key: str, items: list[str]) -> None:
+    """``{"info": info, key: [items]}`` from items already JSON-encoded; atomically."""
     tmp = path.with_suffix(".json.tmp")
-    text = json.dumps(obj, separators=(",", ":"))  # dumps runs in C; dump(f) is 4x slower
     with open(tmp, "w") as f:
-        f.write(text)
+        f.write(f'{{"info":{_json(info)},"{key}":[')
+        f.write(",".join(items))
+        f.write("]}")
     os.replace(tmp, path)
 
 
@@ -165,12 +172,12 @@ def generate_dataset(out_dir, n_train: int = 10000, n_val: int = 1000, *, n_test
 
     for s, _ in splits:
         scenes, questions = results[s]
-        for qi, q in enumerate(questions):
-            q["question_index"] = qi
+        # question_index is global to the split: prepend it to each encoded record
+        questions = [f'{{"question_index":{qi},{q[1:]}' for qi, q in enumerate(questions)]
         info = {"split": s, "license": LICENSE, "version": "1.0",
                 "generator": f"fastmod.data.generate v{GENERATOR_VERSION}", "seed": seed,
                 "image_size": image_size}
-        _dump({"info": info, "questions": questions}, out / "questions" / f"CLEVR_{s}_questions.json")
+        _write(out / "questions" / f"CLEVR_{s}_questions.json", info, "questions", questions)
         if s != "test":
-            _dump({"info": info, "scenes": scenes}, out / "scenes" / f"CLEVR_{s}_scenes.json")
+            _write(out / "scenes" / f"CLEVR_{s}_scenes.json", info, "scenes", scenes)
     return out
