@@ -43,6 +43,7 @@ def triton_installed() -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result  # asks the dispatcher, which dynamo cannot trace
 def available(backend: str, device: torch.device, op: str | None = None) -> bool:
     """Whether ``backend`` can run on ``device`` (and, if given, has op ``op``)."""
     if backend == "reference":
