@@ -92,6 +92,11 @@ def test_iep_bad_inputs(iep):
     with pytest.raises(DataError, match=r"few\.h5.*image index 1 is out of range"):
         data.IepDataset(root / "val_questions.h5", root / "few.h5", root / "vocab.json")
     with h5py.File(root / "val_questions.h5", "a") as f:
+        f["questions"][2, 3] = 500
+    with pytest.raises(DataError, match=r"val_questions\.h5: question record 2 has a token id outside"):
+        data.IepDataset(root / "val_questions.h5", root / "val_features.h5", root / "vocab.json")
+    with h5py.File(root / "val_questions.h5", "a") as f:
+        f["questions"][2, 3] = 4
         f["answers"][1] = 99
     with pytest.raises(DataError, match=r"val_questions\.h5: record 1 has answer index 99"):
         data.IepDataset(root / "val_questions.h5", root / "val_features.h5", root / "vocab.json")
