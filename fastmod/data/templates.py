@@ -120,12 +120,11 @@ def _ending(c: Ctx, p: Program, kind: str, src: int, pool, tail: str):
         attr = c.query_attr(desc)
         if attr is None:
             return None
-        obj = p.unique(src, desc)
-        p.add(f"query_{attr}", [obj])
-        text = f"What {attr} is the {phrase(desc, c.rng)} {tail}?"
+        p.add(f"query_{attr}", [p.unique(src, desc)])
+        what = phrase(desc, c.rng)
         if c.rng.random() < 0.5:
-            text = f"What is the {attr} of the {phrase(desc, c.rng)} that is {tail}?"
-        return text, p.nodes
+            return f"What {attr} is the {what} {tail}?", p.nodes
+        return f"What is the {attr} of the {what} that is {tail}?", p.nodes
     desc = c.random_desc(pool, p_obj=0.8 if kind == "count" else 0.55)
     out = p.filters(src, desc)
     if kind == "count":
@@ -158,9 +157,10 @@ def _zero_query(c: Ctx):
     if not attr:
         return None
     p.add(f"query_{attr}", [p.scene_object(desc)])
+    what = phrase(desc, c.rng)
     if c.rng.random() < 0.5:
-        return f"What {attr} is the {phrase(desc, c.rng)}?", p.nodes
-    return f"What is the {attr} of the {phrase(desc, c.rng)}?", p.nodes
+        return f"What {attr} is the {what}?", p.nodes
+    return f"What is the {attr} of the {what}?", p.nodes
 
 
 def hops(n_hops: int):

@@ -25,7 +25,7 @@ from fastmod.data.render import render_scene
 from fastmod.data.scene import sample_scene
 from fastmod.data.templates import TEMPLATES, Ctx
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # bump when the output for a given seed changes (names default_dataset folders)
 CHUNK = 50            # images per work unit
 ATTEMPTS = 12         # samples tried per template per question
 LICENSE = "Creative Commons Attribution (CC BY 4.0)"
