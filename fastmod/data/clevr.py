@@ -12,6 +12,8 @@ the record.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 from pathlib import Path
 
@@ -39,11 +41,24 @@ def check_dir(path: Path, what: str) -> None:
                                "questions/, images/<split>/, optional scenes/)")
 
 
+@contextlib.contextmanager
+def no_gc():
+    """Pause the cyclic garbage collector: parsing CLEVR's JSON creates millions of
+    objects and triggers it over and over (6x slower on 100k questions)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _load_json(path: Path, top_key: str) -> list:
     if not path.is_file():
         raise MissingDataError(f"{path} does not exist")
     try:
-        with open(path) as f:
+        with open(path) as f, no_gc():
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is not valid JSON: {e}") from None

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from fastmod.data.cache import H5Features, PngImages, default_cache_path, open_image_cache
-from fastmod.data.clevr import check_dir, check_image_file, images_dir, questions_file, read_questions, read_scenes
+from fastmod.data.clevr import (check_dir, check_image_file, images_dir, no_gc, questions_file, read_questions,
+                                read_scenes)
 from fastmod.data.errors import DataError
 from fastmod.data.qtypes import QUESTION_SUBTYPES, QUESTION_TYPES, question_type, question_type_from_text
 from fastmod.data.transforms import normalize
@@ -103,7 +104,8 @@ class ClevrDataset(torch.utils.data.Dataset):
             qs = qs[:max_questions]
         if not qs:
             raise DataError(f"{qfile} holds no questions")
-        self.q = encode_records(qs, vocab, qfile)
+        with no_gc():
+            self.q = encode_records(qs, vocab, qfile)
         self.has_answers = bool((self.q.answers >= 0).any())
 
         scenes = read_scenes(self.data_dir, split)
