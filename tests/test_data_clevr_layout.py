@@ -293,7 +293,8 @@ def test_scene_missing_keys(clevr, vocab):
     scenes = json.loads(json.dumps(SCENES))
     del scenes[1]["objects"][0]["material"]
     (clevr / "scenes" / "CLEVR_val_scenes.json").write_text(json.dumps({"info": INFO, "scenes": scenes}))
-    with pytest.raises(DataError, match=r"CLEVR_val_scenes\.json: scene record 1, object 0 lacks key\(s\) \['material'\]"):
+    with pytest.raises(DataError,
+                       match=r"CLEVR_val_scenes\.json: scene record 1, object 0 lacks key\(s\) \['material'\]"):
         data.ClevrDataset(clevr, "val", vocab)
 
 

@@ -97,7 +97,8 @@ def _the(color, shape, start):
     ("color", ("blue", "sphere"), ("red", "cylinder"), "no"), ("color", ("red", "cube"), ("red", "cylinder"), "yes"),
     ("shape", ("red", "cube"), ("gray", "cube"), "yes"), ("shape", ("blue", "sphere"), ("red", "cylinder"), "no"),
     ("size", ("blue", "sphere"), ("gray", "cube"), "yes"), ("size", ("blue", "sphere"), ("red", "cylinder"), "no"),
-    ("material", ("blue", "sphere"), ("red", "cylinder"), "yes"), ("material", ("red", "cube"), ("red", "cylinder"), "no"),
+    ("material", ("blue", "sphere"), ("red", "cylinder"), "yes"),
+    ("material", ("red", "cube"), ("red", "cylinder"), "no"),
 ])
 def test_equal_attribute(attr, first, second, expected):
     prog = _the(*first, 0) + [n(f"query_{attr}", [3])] + _the(*second, 5) + [n(f"query_{attr}", [8])]

@@ -123,7 +123,8 @@ def test_make_loader_is_reproducible():
     assert plain[0] == [0, 1, 2, 3, 4, 5] and len(plain) == 4
     assert len(list(make_loader(_Toy(), 6, shuffle=False, drop_last=True))) == 3
     sampler = torch.utils.data.SubsetRandomSampler([1, 3], generator=torch.Generator().manual_seed(0))
-    assert sorted(torch.cat([b["index"] for b in make_loader(_Toy(), 6, shuffle=False, sampler=sampler)]).tolist()) == [1, 3]
+    picked = torch.cat([b["index"] for b in make_loader(_Toy(), 6, shuffle=False, sampler=sampler)])
+    assert sorted(picked.tolist()) == [1, 3]
     with pytest.raises(ValueError, match="batch_size"):
         make_loader(_Toy(), 0, shuffle=True)
     with pytest.raises(ValueError, match="sampler"):
