@@ -146,6 +146,8 @@ def generate_dataset(out_dir, n_train: int = 10000, n_val: int = 1000, *, n_test
     jobs = [(str(out), s, a, min(a + CHUNK, n), seed, image_size, questions_per_image)
             for s, n in splits for a in range(0, n, CHUNK)]
     workers = min(workers or min(2, os.cpu_count() or 1), max(1, len(jobs)))
+    if mp.current_process().daemon:  # e.g. inside a DataLoader worker: daemons cannot have children
+        workers = 1
     bar = None
     if progress:
         from tqdm.auto import tqdm
