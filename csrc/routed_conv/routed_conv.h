@@ -7,8 +7,11 @@
 // the active blocks only.  Semantics: see fastmod/ops/routed_conv.py.
 #pragma once
 
-#include <ATen/ATen.h>
+// Only ATen's core Tensor header: this file is also compiled by nvcc (routed_conv_cuda.cu),
+// and <ATen/ATen.h> insists on C++20, which setup.py does not pass to nvcc.
+#include <ATen/core/Tensor.h>
 
+#include <array>
 #include <tuple>
 
 namespace fastmod {

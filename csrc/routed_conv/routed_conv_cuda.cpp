@@ -1,4 +1,4 @@
-// CUDA registration of the routed convolution.
+// CUDA registration of the routed convolution (compiled only in CUDA builds).
 //
 // First version: the CUDA path is the shared ATen implementation
 // (routed_conv_aten.cpp) on CUDA tensors, i.e. cuDNN convolutions on compacted
@@ -6,6 +6,10 @@
 // fp16/bf16, TF32 as the torch.backends flags allow).  It reads the gates on the
 // host once per call (one device-to-host copy = one synchronisation) to size those
 // sub-problems; a device-built work list with custom kernels is future work.
+//
+// There is no device code here, so this is a .cpp, not a .cu: setup.py passes
+// -std=c++17 to nvcc, and torch >= 2.12's headers do not compile under C++17.
+#ifdef FASTMOD_WITH_CUDA
 #include <torch/library.h>
 
 #include "routed_conv/routed_conv.h"
@@ -14,3 +18,4 @@ TORCH_LIBRARY_IMPL(fastmod, CUDA, m) {
   m.impl("routed_conv2d", &fastmod::routed_conv::forward);
   m.impl("routed_conv2d_backward", &fastmod::routed_conv::backward);
 }
+#endif  // FASTMOD_WITH_CUDA
