@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -30,8 +29,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[1],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Accuracy of a trained checkpoint: overall, the five question types of both\n"
+                            "papers' Table 1 and the 13 subtypes, printed as tables and written as JSON\n"
+                            "(default: eval_<split>.json beside the checkpoint).  Accuracies in the JSON\n"
+                            "are fractions in [0, 1], null for a type without questions.",
+                epilog="exit status: 0 done, 2 bad arguments (missing checkpoint or data).")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a checkpoint file, or a run directory (its best.pt, else last.pt)")
     p.add_argument("--split", default="val", help="dataset split to evaluate (default val)")
@@ -96,14 +99,6 @@ def evaluate_checkpoint(args) -> dict:
             "data_dir": str(data.data_dir), **summary}
 
 
-def _json_safe(x):
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    return x
-
-
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -122,7 +117,7 @@ def main(argv=None) -> int:
 
     out = Path(args.out) if args.out else Path(result["checkpoint"]).parent / f"eval_{args.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_json_safe(result), indent=2))
+    out.write_text(json.dumps(metrics.json_safe(result), indent=2))
     print(f"{result['model']} at step {result['step']} on {args.split} ({result['num_questions']} questions), "
           f"accuracy %:")
     print(metrics.format_table([(result["model"], result)], tuple(result["types"])))

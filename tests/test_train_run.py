@@ -46,7 +46,7 @@ def test_evaluate_output(data_cache, tmp_path, capsys):
     assert evaluate_cli.main(["--checkpoint", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "Overall" in printed and "query_color" in printed and "equal_shape" in printed
-    res = json.loads((out / "eval_val.json").read_text())
+    res = json.loads((out / "eval_val.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert res["split"] == "val" and res["model"] == "cnn-lstm" and res["checkpoint"].endswith("best.pt")
     assert set(res["types"]) == {"count", "exist", "compare_number", "query_attribute", "compare_attribute"}
     assert len(res["subtypes"]) == 13
@@ -149,3 +149,55 @@ def test_mixed_precision_runs(amp, data_cache, tmp_path):
     ck = _weights(out)
     assert (ck["scaler"] is not None) == (amp == "fp16")
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_precomputed_features(data_cache, tmp_path):
+    """--features-h5 with a {split} template: the CNN sees feature maps, not pixels."""
+    import h5py
+    import numpy as np
+
+    for split, n in (("train", 12), ("val", 4)):
+        with h5py.File(tmp_path / f"{split}_features.h5", "w") as f:
+            f["features"] = np.random.default_rng(0).standard_normal((n, 6, 4, 4)).astype(np.float32)
+    out = tmp_path / "run"
+    args = tiny_args(data_cache, out, "cnn-lstm", steps=2) + [
+        "--features-h5", str(tmp_path / "{split}_features.h5")]
+    assert cli.main(args) == 0
+    ck = _weights(out)
+    assert ck["visual_key"] == "features" and ck["visual_shape"] == [6, 4, 4]
+    assert not any(k.startswith("cnn.0.0.") for k in ck["model"])  # no pixel stem
+    assert evaluate_cli.main(["--checkpoint", str(out / "last.pt"), "--no-progress",
+                              "--features-h5", str(tmp_path / "{split}_features.h5")]) == 0
+
+
+def test_registering_a_two_optimiser_model(data_cache, tmp_path):
+    """What a later model (e.g. LNMN) does: a spec with its own optimiser scheme
+    and config keys; the command trains it, alternating the two optimisers."""
+    from fastmod.models.baselines import LstmModel
+    from fastmod.train.optim import OptimScheme
+
+    def build(cfg, ctx):
+        return LstmModel(ctx.num_tokens, ctx.num_answers, wordvec_dim=cfg["dim"], rnn_dim=cfg["dim"],
+                         rnn_num_layers=1, fc_dims=[cfg["dim"]])
+
+    def scheme(model, optim_cfg):
+        head = list(model.classifier.parameters())
+        rest = list(model.rnn.parameters())
+        return OptimScheme({"weights": torch.optim.Adam(rest, lr=optim_cfg["lr"]),
+                            "head": torch.optim.SGD(head, lr=optim_cfg["head"]["lr"])},
+                           active=lambda step: ("weights",) if step % 2 == 0 else ("head",))
+
+    spec = registry.ModelSpec(name="toy-2opt", description="test", build=build, optimizers=scheme,
+                              defaults={"model": {"dim": 8}, "optim": {"head": {"lr": 0.05}}})
+    registry.register(spec)
+    try:
+        out = tmp_path / "run"
+        args = tiny_args(data_cache, out, "toy-2opt", steps=4, tiny_model=False)
+        assert cli.main(args + ["--set", "optim.head.lr=0.1"]) == 0
+        ck = _weights(out)
+        assert set(ck["optim"]["optimizers"]) == {"weights", "head"}
+        assert ck["config"]["optim"]["head"]["lr"] == 0.1
+        head_state = ck["optim"]["optimizers"]["weights"]["state"]
+        assert all(int(s["step"]) == 2 for s in head_state.values())  # stepped on steps 0 and 2 only
+    finally:
+        registry._REGISTRY.pop("toy-2opt")

@@ -40,7 +40,14 @@ class LstmEncoder(nn.Module):
         self.out_dim = rnn_dim
 
     def forward(self, question: torch.Tensor, question_len: torch.Tensor) -> torch.Tensor:
-        hs, _ = self.rnn(self.embed(question))                      # B x T x H
+        emb = self.embed(question)
+        if emb.device.type == "cpu" and torch.is_autocast_enabled("cpu") \
+                and torch.get_autocast_dtype("cpu") == torch.float16:
+            # oneDNN has no fp16 LSTM on CPU: run it in fp32 there.
+            with torch.autocast("cpu", enabled=False):
+                hs, _ = self.rnn(emb.float())
+        else:
+            hs, _ = self.rnn(emb)                                   # B x T x H
         last = (question_len.to(hs.device).long() - 1).clamp(min=0)
         idx = last.view(-1, 1, 1).expand(-1, 1, hs.size(2))
         return hs.gather(1, idx).squeeze(1)

@@ -149,7 +149,7 @@ def resolve_config(args) -> tuple[dict, object]:
         spec = registry.get(name)
     else:
         spec = registry.get(args.model or DEFAULT_MODEL)
-        cfg = cfgmod.merge(cfgmod.BASE, spec.defaults, f"{spec.name} defaults")
+        cfg = cfgmod.merge(cfgmod.BASE, spec.defaults, f"{spec.name} defaults", strict=False)
         preset = args.preset
         if preset is None:
             given = _peek([layer for _, layer in user_layers], "data", "data_dir")
@@ -210,9 +210,13 @@ def run(args) -> int:
             resume_state = ckpt_io.load(last, map_location="cpu")
         else:
             run_dir = Path(args.out) if args.out else _default_run_dir(spec.name)
+            problem = None
             if info.is_main and run_dir.exists() and any(run_dir.iterdir()):
-                raise UsageError(f"--out {str(run_dir)!r} is not empty (use --resume to continue a run)")
-            run_dir = Path(distributed.broadcast_object(str(run_dir), info))
+                problem = f"--out {str(run_dir)!r} is not empty (use --resume to continue a run)"
+            where, problem = distributed.broadcast_object((str(run_dir), problem), info)  # rank 0 decides
+            if problem:
+                raise UsageError(problem)
+            run_dir = Path(where)
 
         data = inputs.build(model_cfg, info, splits=("train", model_cfg["data"]["val_split"]),
                             progress=model_cfg["train"]["progress"])
@@ -248,7 +252,7 @@ def run(args) -> int:
             report = final_report(spec.name, trainer, final, data)
             print(report["text"], flush=True)
             ckpt_io.atomic_write_bytes(run_dir / "results.json",
-                                       json.dumps(report["json"], indent=2).encode())
+                                       json.dumps(metrics.json_safe(report["json"]), indent=2).encode())
         return 0
     finally:
         distributed.cleanup()

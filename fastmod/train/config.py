@@ -106,19 +106,23 @@ def _coerce(path: str, default, value):
                      f"got {value!r}")
 
 
-def merge(base: dict, override: Mapping, where: str, _prefix: str = "") -> dict:
+def merge(base: dict, override: Mapping, where: str, _prefix: str = "", *, strict: bool = True) -> dict:
     """A copy of ``base`` with ``override`` merged in; unknown keys and wrong types
-    raise ``UsageError`` mentioning ``where`` the override came from."""
+    raise ``UsageError`` mentioning ``where`` the override came from.  ``strict=False``
+    (a model's own defaults) may add keys, e.g. a second optimiser's section."""
     out = copy.deepcopy(base)
     if not isinstance(override, Mapping):
         raise UsageError(f"{where}: expected a mapping at '{_prefix or '<top>'}', got {override!r}")
     for key, value in override.items():
         path = f"{_prefix}{key}"
         if key not in out:
+            if not strict:
+                out[key] = copy.deepcopy(value)
+                continue
             known = ", ".join(sorted(out)) or "none"
             raise UsageError(f"{where}: unknown config key '{path}' (known keys here: {known})")
         if isinstance(out[key], dict) and out[key] and isinstance(value, Mapping):
-            out[key] = merge(out[key], value, where, path + ".")
+            out[key] = merge(out[key], value, where, path + ".", strict=strict)
         else:
             out[key] = _coerce(path, out[key], value)
     return out

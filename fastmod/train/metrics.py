@@ -158,7 +158,7 @@ class MetricsLog:
         if not self.enabled:
             return
         rec = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
-        self._f.write(json.dumps(rec, default=float) + "\n")
+        self._f.write(json.dumps(json_safe(rec), default=float) + "\n")
         if self._tb is not None:
             for k, v in _flatten(values).items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch":
@@ -171,6 +171,17 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def json_safe(x):
+    """NaN/inf -> None, recursively: strict JSON has no NaN (a type without questions)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -6,7 +6,8 @@ A spec is everything the training command needs to know about a model:
   section, ``ctx`` a ``ModelContext`` (vocabulary sizes, one sample's visual shape);
 * ``optimizers(model, optim_cfg) -> OptimScheme`` (default: one Adam);
 * ``defaults``: the paper's configuration, as overrides of ``config.BASE``
-  (it must define every key of the ``model`` section);
+  (it must define every key of the ``model`` section, and may add keys, e.g.
+  ``optim.arch`` for a second optimiser);
 * ``quick``: overrides for the small run used when no dataset is given;
 * ``find_unused_parameters``: passed to DistributedDataParallel (routers that
   switch branches off leave parameters without gradients).
