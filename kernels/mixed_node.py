@@ -56,6 +56,24 @@ def _mix(a, b, w0, w1, w2, w3, w4, w5):
 
 
 @triton.jit
+def _input_coef(a, b, eq, w0, w1, w2, w3, w_choose):
+    # d(node)/d(a) for the operand a (the other being b): min and max split the
+    # gradient at ties exactly like torch.minimum/maximum's derivatives.
+    m = tl.where(eq, 0.5, tl.where(a > b, 0.0, 1.0))
+    M = tl.where(eq, 0.5, tl.where(a < b, 0.0, 1.0))
+    c = tl.where(w0 != 0, w0 * m, 0.0) + tl.where(w1 != 0, w1 * M, 0.0) + tl.where(w2 != 0, w2, 0.0)
+    return c + tl.where(w3 != 0, w3 * b, 0.0) + tl.where(w_choose != 0, w_choose, 0.0)
+
+
+@triton.jit
+def _finish_k_reduced(t, q, cvec, offs_s, m, mask_s, RED_C: tl.constexpr, RED_S: tl.constexpr,
+                      ATOMIC: tl.constexpr, C_STRIDE, S_STRIDE, C_HI):
+    acc = _grad_chunk(t, q, cvec, offs_s, m, tl.zeros_like(mask_s.to(t.dtype)), RED_C, RED_S, ATOMIC,
+                      C_STRIDE, S_STRIDE, C_HI)
+    _flush_grad(q, acc, offs_s, mask_s, RED_C, RED_S, ATOMIC, S_STRIDE)
+
+
+@triton.jit
 def _row_coords(pid, K, n_sblk, n_cprog, BLOCK_S: tl.constexpr):
     # 1-D grid (grid dims 1 and 2 are capped at 65535): pid -> (k, b, c-program,
     # s-block), k fastest so the K programs reading a node-shared operand's tile
@@ -241,25 +259,15 @@ def mixed_node_bwd_kernel(
             g3 += tl.sum(du * (a * bb), axis=0)
             g4 += tl.sum(du * a, axis=0)
             g5 += tl.sum(du * bb, axis=0)
-            # min/max split the gradient at ties exactly like torch.minimum/maximum.
             eq = a == bb
-            common = tl.where(w2 != 0, w2, 0.0)
             if NEED1:
-                m1 = tl.where(eq, 0.5, tl.where(a > bb, 0.0, 1.0))
-                M1 = tl.where(eq, 0.5, tl.where(a < bb, 0.0, 1.0))
-                c1 = common + tl.where(w0 != 0, w0 * m1, 0.0) + tl.where(w1 != 0, w1 * M1, 0.0)
-                c1 += tl.where(w3 != 0, w3 * bb, 0.0) + tl.where(w4 != 0, w4, 0.0)
-                d1 = tl.where(m, du * c1, 0.0)
+                d1 = tl.where(m, du * _input_coef(a, bb, eq, w0, w1, w2, w3, w4), 0.0)
                 if RED1_K:
                     t1 += d1
                 else:
                     acc1 = _grad_chunk(d1, q1, cvec, offs_s, m, acc1, RED1_C, RED1_S, ATOMIC1, d1c, d1s, c_hi)
             if NEED2:
-                m2 = tl.where(eq, 0.5, tl.where(a < bb, 0.0, 1.0))
-                M2 = tl.where(eq, 0.5, tl.where(a > bb, 0.0, 1.0))
-                c2 = common + tl.where(w0 != 0, w0 * m2, 0.0) + tl.where(w1 != 0, w1 * M2, 0.0)
-                c2 += tl.where(w3 != 0, w3 * a, 0.0) + tl.where(w5 != 0, w5, 0.0)
-                d2 = tl.where(m, du * c2, 0.0)
+                d2 = tl.where(m, du * _input_coef(bb, a, eq, w0, w1, w2, w3, w5), 0.0)
                 if RED2_K:
                     t2 += d2
                 else:
@@ -282,12 +290,6 @@ def mixed_node_bwd_kernel(
     cvec = c_lo + tl.arange(0, BLOCK_C)
     m = (cvec[:, None] < c_hi) & mask_s[None, :]
     if NEED1 and RED1_K:
-        q1 = dx1_ptr + b * d1b
-        acc1 = _grad_chunk(t1, q1, cvec, offs_s, m, tl.zeros([BLOCK_S], dtype=ACC), RED1_C, RED1_S, ATOMIC1,
-                           d1c, d1s, c_hi)
-        _flush_grad(q1, acc1, offs_s, mask_s, RED1_C, RED1_S, ATOMIC1, d1s)
+        _finish_k_reduced(t1, dx1_ptr + b * d1b, cvec, offs_s, m, mask_s, RED1_C, RED1_S, ATOMIC1, d1c, d1s, c_hi)
     if NEED2 and RED2_K:
-        q2 = dx2_ptr + b * d2b
-        acc2 = _grad_chunk(t2, q2, cvec, offs_s, m, tl.zeros([BLOCK_S], dtype=ACC), RED2_C, RED2_S, ATOMIC2,
-                           d2c, d2s, c_hi)
-        _flush_grad(q2, acc2, offs_s, mask_s, RED2_C, RED2_S, ATOMIC2, d2s)
+        _finish_k_reduced(t2, dx2_ptr + b * d2b, cvec, offs_s, m, mask_s, RED2_C, RED2_S, ATOMIC2, d2c, d2s, c_hi)
