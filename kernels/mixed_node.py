@@ -33,6 +33,14 @@ def _load_weights(w_ptr, k, IS_FP64: tl.constexpr):
 
 
 @triton.jit
+def _load_pair(p1, p2, c, s1c, s2c, m, IS_FP64: tl.constexpr):
+    # One [BLOCK_C, BLOCK_S] tile of each operand, upcast for arithmetic.
+    a = _upcast(tl.load(p1 + c * s1c, mask=m, other=0.0), IS_FP64)
+    b = _upcast(tl.load(p2 + c * s2c, mask=m, other=0.0), IS_FP64)
+    return a, b
+
+
+@triton.jit
 def _min_max(a, b):
     # NaN propagates like torch.minimum / torch.maximum.
     a_nan = a != a
@@ -113,16 +121,14 @@ def mixed_node_fwd_kernel(
         for c0 in range(c_lo, c_hi, BLOCK_C):
             c = c0 + cs
             m = (c < c_hi) & mask_s[None, :]
-            a = _upcast(tl.load(p1 + c * s1c, mask=m, other=0.0), IS_FP64)
-            bb = _upcast(tl.load(p2 + c * s2c, mask=m, other=0.0), IS_FP64)
+            a, bb = _load_pair(p1, p2, c, s1c, s2c, m, IS_FP64)
             u = _mix(a, bb, w0, w1, w2, w3, w4, w5)
             sq += tl.sum(u * u, axis=0)
         inv = 1.0 / tl.maximum(tl.sqrt(sq), EPS)
     for c0 in range(c_lo, c_hi, BLOCK_C):
         c = c0 + cs
         m = (c < c_hi) & mask_s[None, :]
-        a = _upcast(tl.load(p1 + c * s1c, mask=m, other=0.0), IS_FP64)
-        bb = _upcast(tl.load(p2 + c * s2c, mask=m, other=0.0), IS_FP64)
+        a, bb = _load_pair(p1, p2, c, s1c, s2c, m, IS_FP64)
         u = _mix(a, bb, w0, w1, w2, w3, w4, w5)
         if NORMALIZE:
             u = u * inv[None, :]
@@ -222,8 +228,7 @@ def mixed_node_bwd_kernel(
             for c0 in range(c_lo, c_hi, BLOCK_C):
                 c = c0 + cs
                 m = (c < c_hi) & mask_s[None, :]
-                a = _upcast(tl.load(p1 + c * s1c, mask=m, other=0.0), IS_FP64)
-                bb = _upcast(tl.load(p2 + c * s2c, mask=m, other=0.0), IS_FP64)
+                a, bb = _load_pair(p1, p2, c, s1c, s2c, m, IS_FP64)
                 g = _upcast(tl.load(pg + c * S, mask=m, other=0.0), IS_FP64)
                 u = _mix(a, bb, w0, w1, w2, w3, w4, w5)
                 sq += tl.sum(u * u, axis=0)
@@ -245,8 +250,7 @@ def mixed_node_bwd_kernel(
             cvec = c0 + tl.arange(0, BLOCK_C)
             c = cvec[:, None]
             m = (c < c_hi) & mask_s[None, :]
-            a = _upcast(tl.load(p1 + c * s1c, mask=m, other=0.0), IS_FP64)
-            bb = _upcast(tl.load(p2 + c * s2c, mask=m, other=0.0), IS_FP64)
+            a, bb = _load_pair(p1, p2, c, s1c, s2c, m, IS_FP64)
             du = _upcast(tl.load(pg + c * S, mask=m, other=0.0), IS_FP64)
             mn, mx = _min_max(a, bb)
             if NORMALIZE:
