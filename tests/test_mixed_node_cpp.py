@@ -254,3 +254,30 @@ def test_single_thread_matches():
 def test_bad_input_raises(call):
     with pytest.raises(RuntimeError):
         call()
+
+
+def test_baseline_isa_kernels_match(tmp_path):
+    # The kernels are also built for the baseline ISA (picked on CPUs without
+    # AVX2, or with FASTMOD_CPU_BASELINE=1): run them in a subprocess.
+    import os
+    import subprocess
+    import sys
+
+    x1, x2 = rand((K, B, C, S), torch.float32), rand((1, B, C, 1), torch.float32)
+    w, grad = weights(K, torch.float32), rand((K, B, C, S), torch.float32)
+    torch.save((x1, x2, w, grad), tmp_path / "inputs.pt")
+    script = (
+        "import sys, torch, fastmod\n"
+        "assert fastmod._extension.has_op('mixed_node_fwd')\n"
+        "x1, x2, w, grad = torch.load(sys.argv[1])\n"
+        "out = [torch.ops.fastmod.mixed_node_fwd(x1, x2, w, n) for n in (False, True)]\n"
+        "out += [t for n in (False, True) for t in torch.ops.fastmod.mixed_node_bwd(grad, x1, x2, w, n, True, True)]\n"
+        "torch.save(out, sys.argv[2])\n")
+    env = dict(os.environ, FASTMOD_CPU_BASELINE="1")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+                   env=env, check=True, timeout=120)
+    baseline = torch.load(tmp_path / "out.pt")
+    here = [fwd(x1, x2, w, n) for n in (False, True)]
+    here += [t for n in (False, True) for t in bwd(grad, x1, x2, w, n)]
+    for a, b in zip(here, baseline):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
