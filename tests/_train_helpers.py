@@ -15,7 +15,7 @@ def tiny_args(cache_dir, out, model="cnn-lstm", *extra_set, steps=None, epochs=2
     sets = ["data.generated.n_train=12", "data.generated.n_val=4", "data.generated.image_size=32",
             "data.generated.questions_per_image=4", "data.image_size=32", f"data.cache_dir={cache_dir}",
             "data.num_workers=0", "train.batch_size=8", "train.eval_batch_size=16", "train.log_every=2",
-            "train.ckpt_every=4", "train.tensorboard=false", *(TINY_MODEL if tiny_model else [])]
+            "train.ckpt_every=4", "train.tensorboard=false", "train.threads=1", *(TINY_MODEL if tiny_model else [])]
     if model == "cnn-lstm":
         sets += TINY_CNN
     sets += list(extra_set)

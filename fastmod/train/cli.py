@@ -167,9 +167,14 @@ def _default_run_dir(model: str) -> Path:
     return Path("runs") / f"{model}-{stamp}"
 
 
-def _setup_torch(tc: dict) -> None:
+def _setup_torch(tc: dict):
+    """Apply train.threads / train.deterministic; returns a function undoing it
+    (``main`` may be called in-process, e.g. by tests)."""
     import torch
 
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic)
     if tc["threads"]:
         torch.set_num_threads(tc["threads"])
     if tc["deterministic"]:
@@ -178,6 +183,13 @@ def _setup_torch(tc: dict) -> None:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
 
+    def restore():
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[3], saved[4]
+
+    return restore
+
 
 def run(args) -> int:
     cfg, spec = resolve_config(args)
@@ -185,9 +197,14 @@ def run(args) -> int:
         sys.stdout.write(cfgmod.dump_yaml(cfg))
         return 0
     model_cfg = {k: v for k, v in cfg.items() if k != "model_name"}
-    _setup_torch(model_cfg["train"])
+    restore = _setup_torch(model_cfg["train"])
+    try:
+        return _run(args, cfg, spec, model_cfg)
+    finally:
+        restore()
 
-    import torch
+
+def _run(args, cfg: dict, spec, model_cfg: dict) -> int:
 
     from fastmod.train import checkpoint as ckpt_io
     from fastmod.train import distributed, inputs, loop, metrics
@@ -262,6 +279,9 @@ def final_report(name: str, trainer, final: dict, data) -> dict:
     from fastmod.train import metrics
 
     rows = [(f"{name} (step {trainer.step})", final)]
+    best = trainer.best_summary
+    if best is not None and trainer.best["step"] != trainer.step:
+        rows.append((f"{name} best (step {trainer.best['step']})", best))
     baselines = None
     try:
         baselines = metrics.dataset_baselines(data)

@@ -35,7 +35,7 @@ BASE: dict[str, Any] = {
         "num_workers": 2,
         "image_cache": False,      # true: HDF5 cache of decoded images beside the data; or a path
         "cache_dir": None,         # where the generated dataset is cached (default: fastmod.data's)
-        "generated": {"n_train": 2000, "n_val": 300, "image_size": 64, "seed": 0,  # images
+        "generated": {"n_train": 2000, "n_val": 300, "image_size": 64, "seed": 0,  # images (quick: 4000)
                       "questions_per_image": 10},
     },
     "train": {

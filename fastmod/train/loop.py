@@ -107,6 +107,7 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0   # batches of self.epoch already consumed
         self.best = {"acc": -1.0, "step": -1}
+        self.best_summary = None  # per-type accuracy of best.pt (this session's evaluations)
         self.skipped = 0
         self._rng_to_restore = None
         if resume is not None:
@@ -295,6 +296,7 @@ class Trainer:
         improved = s["overall"] > self.best["acc"]
         if improved:
             self.best = {"acc": s["overall"], "step": self.step}
+            self.best_summary = s
         if self.info.is_main:
             self.metrics.log("val", self.step, epoch=self.epoch, loss=s["loss"], acc=s["overall"],
                              types=s["types"], subtypes=s["subtypes"], best=improved)
