@@ -26,6 +26,7 @@ logits are usually alive anyway (the router keeps them for inspection).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -119,11 +120,20 @@ def gumbel_sigmoid_gate(logits: torch.Tensor, tau: float = 1.0, *, hard: bool = 
     return torch.ops.fastmod.gumbel_sigmoid_gate_triton(x, seed, tau, hard)
 
 
+@functools.lru_cache(maxsize=None)
+def _select_cached(backend: str | None, device_type: str, kernels_on: bool) -> str:
+    # backends.select queries the dispatcher (several microseconds): at the small
+    # shapes this op is used at, that is a sizeable part of a call, so it is cached.
+    return backends.select(OP, backend, torch.device(device_type), implemented=_IMPLEMENTED, cpp_op=OP)
+
+
 @torch._dynamo.assume_constant_result
 def _select(backend: str | None, device_type: str) -> str:
-    # backends.select asks the dispatcher, which dynamo cannot trace; its answer is
-    # fixed for a process, so torch.compile evaluates it once as a constant.
-    return backends.select(OP, backend, torch.device(device_type), implemented=_IMPLEMENTED, cpp_op=OP)
+    # dynamo cannot trace the dispatcher query; its answer is fixed for a process,
+    # so torch.compile evaluates it once as a constant.
+    if backend is not None and not isinstance(backend, str):
+        raise ValueError(f"backend must be None or one of {('auto',) + backends.BACKENDS}, got {backend!r}")
+    return _select_cached(backend, device_type, backends.kernels_enabled())
 
 
 def _draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -133,7 +143,7 @@ def _draw_seed(device: torch.device, generator: torch.Generator | None = None) -
 
 def _noise(logits: torch.Tensor, seed: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """The float32 uniforms u a fast-path gate call on ``logits`` with ``seed`` uses."""
-    which = backends.select(OP, backend, logits.device, implemented=_IMPLEMENTED, cpp_op=OP)
+    which = _select(backend, logits.device.type)
     logits = logits.detach()  # only its shape and device matter
     if which == "cpu":
         return torch.ops.fastmod.gumbel_sigmoid_noise(logits, seed)
