@@ -68,7 +68,7 @@ def _extensions():
     if with_cuda:
         sources += cuda_sources
         define_macros.append(("FASTMOD_WITH_CUDA", None))
-        extra["nvcc"] = opt + ["--use_fast_math", "-std=c++17"]
+        extra["nvcc"] = opt + ["--use_fast_math"]  # the C++ standard comes from torch (C++20 for 2.14)
         include_dirs += _cuda_include_dirs(torch)
         ext_cls = cpp_extension.CUDAExtension
     else:
