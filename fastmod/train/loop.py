@@ -128,7 +128,9 @@ class Trainer:
                                           shuffle=True, seed=tc["seed"], drop_last=True)
         self.steps_per_epoch = len(self.sampler) // tc["batch_size"]
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the training set ({len(data.train)} questions over {info.world_size} rank(s)) "
+            from fastmod.train.config import UsageError
+
+            raise UsageError(f"the training set ({len(data.train)} questions over {info.world_size} rank(s)) "
                              f"is smaller than one batch (train.batch_size={tc['batch_size']})")
         # train.steps, when set, replaces train.epochs as the length of the run
         # (optimiser steps; skipped batches do not count).  Epochs count batches.

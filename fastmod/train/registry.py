@@ -90,11 +90,13 @@ _LSTM_PAPER: dict[str, Any] = {  # clevr-iep LstmModel defaults; Adam 5e-4, batc
     "fc_dims": [1024], "fc_use_batchnorm": False, "fc_dropout": 0.0,
 }
 # The quick preset (no dataset given): 4000 generated 64-px images x 10 questions,
-# 3 epochs of batch 64 (1875 steps): a few minutes on 2 CPU cores.
+# 3 epochs of batch 64 (1875 steps): a few minutes on 2 CPU cores.  One compute
+# thread plus one loader process: two OpenMP threads slow down many times over
+# when anything else runs on a 2-core machine.
 _LSTM_QUICK = {"wordvec_dim": 64, "rnn_dim": 128, "rnn_num_layers": 1, "fc_dims": [512]}
-_QUICK_TRAIN = {"train": {"epochs": 3, "batch_size": 64, "log_every": 25, "ckpt_every": 250},
+_QUICK_TRAIN = {"train": {"epochs": 3, "batch_size": 64, "log_every": 25, "ckpt_every": 250, "threads": 1},
                 "optim": {"lr": 2e-3},
-                "data": {"image_size": 64, "num_workers": 0, "generated": {"n_train": 4000}}}
+                "data": {"image_size": 64, "num_workers": 1, "generated": {"n_train": 4000}}}
 
 
 def _build_lstm(cfg: dict, ctx: ModelContext) -> nn.Module:
