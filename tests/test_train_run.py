@@ -201,3 +201,15 @@ def test_registering_a_two_optimiser_model(data_cache, tmp_path):
         assert all(int(s["step"]) == 2 for s in head_state.values())  # stepped on steps 0 and 2 only
     finally:
         registry._REGISTRY.pop("toy-2opt")
+
+
+def test_deterministic_runs_repeat_and_settings_restored(data_cache, tmp_path):
+    """Same seed, same weights; --deterministic is undone when an in-process run returns."""
+    for name in ("a", "b"):
+        assert cli.main(tiny_args(data_cache, tmp_path / name, "cnn-lstm", steps=3) + ["--deterministic"]) == 0
+    assert not torch.are_deterministic_algorithms_enabled()
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert cli.main(tiny_args(data_cache, tmp_path / "c", "cnn-lstm", steps=3) + ["--seed", "1"]) == 0
+    c = _weights(tmp_path / "c")
+    assert not all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])

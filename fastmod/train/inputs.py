@@ -130,6 +130,10 @@ def build(cfg: dict, info: distributed.DistInfo, *, vocab=None, splits=("train",
                 data_dir, split, vocab, image_size=dcfg["image_size"],
                 max_questions=limits.get(split, dcfg["max_val_questions"]),
                 features_h5=fh5, image_cache=dcfg["image_cache"], progress=info.is_main and progress)
+    for split, ds in sets.items():
+        if not getattr(ds, "has_answers", True):
+            raise UsageError(f"split {split!r} of {str(data_dir)!r} has no answers (like CLEVR's test split); "
+                             "train and evaluate on splits with answers")
     first = sets[splits[0]][0]
     visual_key = "features" if "features" in first else "image"
     return DataBundle(
