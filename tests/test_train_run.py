@@ -213,3 +213,13 @@ def test_deterministic_runs_repeat_and_settings_restored(data_cache, tmp_path):
     assert cli.main(tiny_args(data_cache, tmp_path / "c", "cnn-lstm", steps=3) + ["--seed", "1"]) == 0
     c = _weights(tmp_path / "c")
     assert not all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
+def test_cuda_run_and_evaluate(amp, data_cache, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(tiny_args(data_cache, out, "cnn-lstm", steps=4) + ["--device", "cuda", "--amp", amp]) == 0
+    ck = _weights(out)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert evaluate_cli.main(["--checkpoint", str(out), "--device", "cuda", "--no-progress"]) == 0
