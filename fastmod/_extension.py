@@ -7,6 +7,7 @@ original import error so the user can see what went wrong.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
 
@@ -39,6 +40,7 @@ def error() -> BaseException | None:
     return _error
 
 
+@functools.lru_cache(maxsize=None)  # the answer is fixed per process; ops ask on every call
 def has_op(name: str, dispatch_key: str | None = None) -> bool:
     """Whether ``torch.ops.fastmod.<name>`` was registered by the extension
     (and, given ``dispatch_key`` such as "CPU" or "CUDA", has a kernel for it)."""

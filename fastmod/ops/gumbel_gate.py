@@ -26,7 +26,6 @@ logits are usually alive anyway (the router keeps them for inspection).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -107,7 +106,7 @@ def gumbel_sigmoid_gate(logits: torch.Tensor, tau: float = 1.0, *, hard: bool = 
         if generator.device.type != logits.device.type:
             raise ValueError(f"generator is on {generator.device} but logits are on {logits.device}; "
                              "pass a generator of the logits' device")
-    which = _select(backend, logits.device.type)
+    which = _select(backend, logits.device)
     if which == "reference":
         noise = None
         if stochastic:
@@ -120,20 +119,8 @@ def gumbel_sigmoid_gate(logits: torch.Tensor, tau: float = 1.0, *, hard: bool = 
     return torch.ops.fastmod.gumbel_sigmoid_gate_triton(x, seed, tau, hard)
 
 
-@functools.lru_cache(maxsize=None)
-def _select_cached(backend: str | None, device_type: str, kernels_on: bool) -> str:
-    # backends.select queries the dispatcher (several microseconds): at the small
-    # shapes this op is used at, that is a sizeable part of a call, so it is cached.
-    return backends.select(OP, backend, torch.device(device_type), implemented=_IMPLEMENTED, cpp_op=OP)
-
-
-@torch._dynamo.assume_constant_result
-def _select(backend: str | None, device_type: str) -> str:
-    # dynamo cannot trace the dispatcher query; its answer is fixed for a process,
-    # so torch.compile evaluates it once as a constant.
-    if backend is not None and not isinstance(backend, str):
-        raise ValueError(f"backend must be None or one of {('auto',) + backends.BACKENDS}, got {backend!r}")
-    return _select_cached(backend, device_type, backends.kernels_enabled())
+def _select(backend: str | None, device: torch.device) -> str:
+    return backends.select(OP, backend, device, _IMPLEMENTED, cpp_op=OP)
 
 
 def _draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -143,7 +130,7 @@ def _draw_seed(device: torch.device, generator: torch.Generator | None = None) -
 
 def _noise(logits: torch.Tensor, seed: torch.Tensor, backend: str | None = None) -> torch.Tensor:
     """The float32 uniforms u a fast-path gate call on ``logits`` with ``seed`` uses."""
-    which = _select(backend, logits.device.type)
+    which = _select(backend, logits.device)
     logits = logits.detach()  # only its shape and device matter
     if which == "cpu":
         return torch.ops.fastmod.gumbel_sigmoid_noise(logits, seed)
