@@ -244,7 +244,8 @@ def test_bad_inputs(override, exc, word):
 @pytest.mark.parametrize("mode,k,stride,dtype", list(itertools.product(
     ["group", "out", "in"], [1, 3], [1, 2], [torch.float32, torch.float16, torch.bfloat16])))
 @pytest.mark.parametrize("kind", ["random", "on", "off", "nonbinary"])
-def test_cuda_matches_reference(mode, k, stride, dtype, kind):
+def test_cuda_matches_reference(mode, k, stride, dtype, kind, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 means fp32 here
     x, w, b, kw = problem(mode, k, stride, dtype=dtype, device="cuda", n=5, cin=16, cout=16, hw=9)
     gates = make_gates(kind, 5, 4, device="cuda")
     for rg in ("exact", "active"):
@@ -256,3 +257,28 @@ def test_cuda_matches_reference(mode, k, stride, dtype, kind):
     if mode != "in":
         y = routed_conv2d(x, w, gates, b, backend="cuda", **kw)
         assert (y.view(5, 4, -1)[gates == 0] == 0).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["group", "out", "in"])
+def test_partial_requires_grad(mode):
+    x, w, b, kw = problem(mode, 3, 1)
+    gates = make_gates("nonbinary", x.shape[0], 4)
+    for which in range(3):  # only x, only weight, only gates need a gradient
+        ins = [t.clone() for t in (x, w, gates)]
+        ins[which].requires_grad_(True)
+        y = routed_conv2d(*ins, b, backend="cpu", **kw)
+        (g,) = torch.autograd.grad(y.square().sum(), ins[which])
+        ref = [t.clone() for t in (x, w, gates)]
+        ref[which].requires_grad_(True)
+        (gr,) = torch.autograd.grad(routed_conv2d_reference(*ref, b, **kw).square().sum(), ref[which])
+        assert_close(g, gr, torch.float32)
+
+
+@needs_ext
+def test_inference_mode():
+    x, w, b, kw = problem("out", 3, 1, n=4)
+    gates = make_gates("random", 4, 4)
+    with torch.inference_mode():
+        y = routed_conv2d(x, w, gates, b, backend="cpu", **kw)
+    assert_close(y, routed_conv2d_reference(x, w, gates, b, **kw), torch.float32)

@@ -13,7 +13,10 @@
 #include "routed_conv/routed_conv.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
+#include <mutex>
 #include <vector>
 
 namespace fastmod {
@@ -126,6 +129,23 @@ at::Tensor scale_rows(const at::Tensor& t, const at::Tensor& g) {
   return (t.reshape({k, -1}) * g.unsqueeze(1)).view(t.sizes());
 }
 
+// Runs f(n0, n1) over the samples: split across the intra-op threads on CPU (each
+// sub-problem then runs single-threaded, which suits these small batch-1 convs),
+// one sequential call on CUDA.  The caller's thread-local state (grad/inference
+// mode, dispatch keys) is carried into the worker threads.
+template <typename F>
+void for_samples(const at::Tensor& x, int64_t N, const F& f) {
+  if (!x.is_cpu() || N <= 1) {
+    f(0, N);
+    return;
+  }
+  at::ThreadLocalState tls;
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    at::ThreadLocalStateGuard guard(tls);
+    f(n0, n1);
+  });
+}
+
 at::ScalarType acc_type(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
@@ -147,7 +167,7 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ga
 }
 
 c10::optional<at::Tensor> contiguous_bias(const c10::optional<at::Tensor>& bias) {
-  if (bias.has_value() && bias->defined()) return bias->contiguous();
+  if (bias.has_value() && bias->defined()) return bias->detach().contiguous();
   return c10::nullopt;
 }
 
@@ -159,8 +179,8 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& weight, const at::Ten
                    c10::string_view gate_on, bool /*exact: used by the backward only*/) {
   const Mode mode = parse_mode(gate_on);
   check_inputs(x_, weight, gates, bias_, groups, mode);
-  const at::Tensor x = x_.contiguous();
-  const at::Tensor w = weight.contiguous();
+  const at::Tensor x = x_.detach().contiguous();  // no autograd below this op
+  const at::Tensor w = weight.detach().contiguous();
   const auto bias = contiguous_bias(bias_);
   const Geo geo = geometry(x, w, stride, padding, dilation);
   const int64_t N = geo.N, G = gates.size(1), Cin = geo.Cin, Cout = geo.Cout;
@@ -204,7 +224,8 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& weight, const at::Ten
     at::Tensor out = at::zeros({N, Cout, Ho, Wo}, x.options());
     const int64_t Cb = Cout / G;
     at::Tensor wv = w.view({G, -1});
-    for (int64_t n = 0; n < N; ++n) {
+    for_samples(x, N, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
       const int64_t k = p.n_act(n);
       if (k == 0) continue;
       at::Tensor A = p.act(n);
@@ -220,6 +241,7 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& weight, const at::Ten
       at::Tensor y = conv(x.narrow(0, n, 1), ws.view({k * Cb, geo.Cin, kh, kw}), bs, geo, 1);
       out[n].view({G, Cb * Ho * Wo}).index_copy_(0, A, y.reshape({k, Cb * Ho * Wo}));
     }
+    });
     return out;
   }
 
@@ -228,7 +250,8 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& weight, const at::Ten
   const int64_t Cbi = Cin / G;
   at::Tensor xv = x.view({N, G, Cbi * H * W});
   at::Tensor wv = w.view({Cout, G, Cbi * kh * kw});
-  for (int64_t n = 0; n < N; ++n) {
+  for_samples(x, N, [&](int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
     const int64_t k = p.n_act(n);
     if (k == 0) {
       if (bias) out[n].copy_(bias->view({Cout, 1, 1}).expand({Cout, Ho, Wo}));
@@ -242,6 +265,7 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& weight, const at::Ten
     at::Tensor y = conv(xs, ws.reshape({Cout, k * Cbi, kh, kw}), bias, geo, 1);
     out[n].copy_(y[0]);
   }
+  });
   return out;
 }
 
@@ -253,9 +277,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     std::array<bool, 4> output_mask, bool exact) {
   const Mode mode = parse_mode(gate_on);
   check_inputs(x_, weight, gates, bias_, groups, mode);
-  const at::Tensor x = x_.contiguous();
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor dout = grad_out.contiguous();
+  const at::Tensor x = x_.detach().contiguous();
+  const at::Tensor w = weight.detach().contiguous();
+  const at::Tensor dout = grad_out.detach().contiguous();
   const auto bias = contiguous_bias(bias_);
   const Geo geo = geometry(x, w, stride, padding, dilation);
   const int64_t N = geo.N, G = gates.size(1), Cin = geo.Cin, Cout = geo.Cout;
@@ -279,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   if (need_g && mode != Mode::In)
     TORCH_CHECK(out_.has_value() && out_->defined(),
                 "routed_conv2d_backward: grad_gates needs the forward output");
-  const at::Tensor out = (need_g && mode != Mode::In) ? out_->contiguous() : at::Tensor();
+  const at::Tensor out = (need_g && mode != Mode::In) ? out_->detach().contiguous() : at::Tensor();
 
   const Plan p = make_plan(gates, x.device());
   const at::Tensor gd = gates.detach().to(x.scalar_type()).contiguous();
@@ -352,7 +376,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   if (mode == Mode::Out) {
     const int64_t Cb = Cout / G;
     at::Tensor wv = w.view({G, -1});
-    for (int64_t n = 0; n < N; ++n) {
+    std::mutex mu;
+    for_samples(x, N, [&](int64_t n0, int64_t n1) {
+    at::Tensor lgw = at::zeros_like(gw), lgb = at::zeros_like(gb);  // per-thread sums
+    for (int64_t n = n0; n < n1; ++n) {
       const int64_t k = p.n_act(n), ko = p.n_off(n);
       at::Tensor dyn = dout[n].view({G, Cb * Ho * Wo});
       at::Tensor xn = x.narrow(0, n, 1);
@@ -365,8 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
           at::Tensor ws = wv.index_select(0, A).view({k * Cb, Cin, kh, kw});
           auto r = conv_backward(dz, xn, ws, geo, 1, need_x, need_w, need_b);
           if (need_x) gx[n].copy_(std::get<0>(r)[0]);
-          if (need_w) gw.view({G, -1}).index_add_(0, A, std::get<1>(r).reshape({k, -1}).to(acc));
-          if (need_b) gb.view({G, Cb}).index_add_(0, A, std::get<2>(r).reshape({k, Cb}).to(acc));
+          if (need_w) lgw.view({G, -1}).index_add_(0, A, std::get<1>(r).reshape({k, -1}).to(acc));
+          if (need_b) lgb.view({G, Cb}).index_add_(0, A, std::get<2>(r).reshape({k, Cb}).to(acc));
         }
         if (need_g) {
           at::Tensor ys = out[n].view({G, -1}).index_select(0, A);
@@ -385,6 +412,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
         gg[n].index_copy_(0, O, v);
       }
     }
+    std::lock_guard<std::mutex> lock(mu);
+    if (need_w) gw.add_(lgw);
+    if (need_b) gb.add_(lgb);
+    });
     return finish();
   }
 
@@ -393,8 +424,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   if (need_b) gb = dout.sum({0, 2, 3}, false, acc);
   at::Tensor xv = x.view({N, G, Cbi * H * W});
   at::Tensor wv = w.view({Cout, G, Cbi * kh * kw});
-  at::Tensor gwv = gw.view({Cout, G, Cbi * kh * kw});
-  for (int64_t n = 0; n < N; ++n) {
+  std::mutex mu;
+  for_samples(x, N, [&](int64_t n0, int64_t n1) {
+  at::Tensor lgw = at::zeros_like(gw);  // per-thread sum
+  at::Tensor gwv = lgw.view({Cout, G, Cbi * kh * kw});
+  for (int64_t n = n0; n < n1; ++n) {
     const int64_t k = p.n_act(n), ko = p.n_off(n);
     at::Tensor dyn = dout.narrow(0, n, 1);
     if (k > 0 && (need_x || need_w || need_g)) {
@@ -425,6 +459,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       gg[n].index_copy_(0, O, (std::get<0>(r).reshape({ko, -1}).to(acc) * xo.to(acc)).sum(1));
     }
   }
+  std::lock_guard<std::mutex> lock(mu);
+  if (need_w) gw.add_(lgw);
+  });
   return finish();
 }
 
