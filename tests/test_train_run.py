@@ -93,24 +93,30 @@ def test_resume_after_interrupt_is_exact(data_cache, tmp_path, monkeypatch, caps
     assert steps == sorted(set(steps))
 
 
-def test_sigterm_saves_and_exits_cleanly(data_cache, tmp_path):
+@pytest.mark.parametrize("sig, workers", [(signal.SIGTERM, 0), (signal.SIGINT, 1)])
+def test_signal_saves_and_exits_cleanly(sig, workers, data_cache, tmp_path):
+    """SIGTERM to the main process, or SIGINT to the whole process group (Ctrl-C,
+    DataLoader worker included): a checkpoint, a clean exit, status 128 + signal."""
     out = tmp_path / "run"
-    args = tiny_args(data_cache, out, "lstm", "train.log_every=1", epochs=100000)
+    args = tiny_args(data_cache, out, "lstm", "train.log_every=1", f"data.num_workers={workers}", epochs=100000)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.Popen([sys.executable, "-m", "fastmod.train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         deadline = time.time() + 120
         log = out / "metrics.jsonl"
         while time.time() < deadline and not (log.exists() and '"train"' in log.read_text()):
             time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGTERM)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert proc.returncode == 128 + sig, stderr
     assert "Traceback" not in stderr and "checkpoint saved" in stdout
     ck = _weights(out)
     assert ck["step"] >= 1

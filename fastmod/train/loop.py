@@ -87,6 +87,12 @@ def evaluate(model, loader, visual_key: str, device: torch.device, amp: str, inf
     return acc.reduce(info).summary()
 
 
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT: Ctrl-C reaches the whole process group, and
+    the main process, not a dying worker, decides how to stop (checkpoint first)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Trainer:
     def __init__(self, cfg: dict, spec: ModelSpec, data, run_dir: Path, device: torch.device,
                  info: distributed.DistInfo, resume: dict | None = None, log=print):
@@ -213,8 +219,10 @@ class Trainer:
     def _loader(self, dataset, sampler, batch_size):
         from fastmod.data import make_loader
 
-        return make_loader(dataset, batch_size, shuffle=False, sampler=sampler, seed=self.cfg["train"]["seed"],
-                           num_workers=self.cfg["data"]["num_workers"], drop_last=False)
+        loader = make_loader(dataset, batch_size, shuffle=False, sampler=sampler, seed=self.cfg["train"]["seed"],
+                             num_workers=self.cfg["data"]["num_workers"], drop_last=False)
+        loader.worker_init_fn = ignore_interrupts
+        return loader
 
     def _sync_buffers(self) -> None:
         """Rank 0's buffers (BatchNorm running stats) to every rank, as DDP does at the
