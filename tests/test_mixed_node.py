@@ -172,6 +172,13 @@ def test_empty_and_noncontiguous(device, backend):
     assert out.shape == (0, 3, 4, 4)
     out.sum().backward()
     assert e1.grad.shape == e1.shape and e2.grad.shape == e2.shape
+    # A size-1 dim broadcast against a size-0 dim gives 0 (not max(1, 0)).
+    z1 = torch.randn(3, 0, 4, 5, device=device, requires_grad=True)
+    z2 = torch.randn(1, 1, 4, 1, device=device, requires_grad=True)
+    out = ops.mixed_node(z1, z2, torch.zeros(3, 6, device=device), backend=backend)
+    assert out.shape == (3, 0, 4, 5)
+    out.sum().backward()
+    assert torch.count_nonzero(z2.grad) == 0
     base = torch.randn(4, 5, 6, 3, device=device)
     x1 = base.permute(0, 3, 1, 2)                      # [4, 3, 5, 6], channels-last strides
     x2 = torch.randn(4, 6, 5, 3, device=device).transpose(1, 3)[:, :, ::1, :]  # odd strides

@@ -7,6 +7,7 @@ import torch
 from torch.library import triton_op, wrap_triton
 
 from fastmod.kernels.mixed_node import mixed_node_bwd_kernel, mixed_node_fwd_kernel
+from fastmod.ops._mixed_node_canonical import full4
 
 NORM_EPS = 1e-12
 # Launch parameters (elements per tile, warps, S-block cap); scripts/tune_mixed_node.py
@@ -44,8 +45,7 @@ def _plan(K, B, C, S, normalize, s_reduced, tile):
 
 @triton_op("fastmod::mixed_node_triton_fwd", mutates_args=())
 def mixed_node_triton_fwd(x1: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
-    K = w.shape[0]
-    B, C, S = (max(x1.shape[d], x2.shape[d]) for d in (1, 2, 3))
+    K, B, C, S = full4(x1, x2, w)
     out = torch.empty((K, B, C, S), dtype=x1.dtype, device=x1.device)
     if out.numel() == 0:
         return out
@@ -82,9 +82,7 @@ def _grad_layout(x, full, need, n_sblk, n_cprog, k_inner, acc_dtype):
 @triton_op("fastmod::mixed_node_triton_bwd", mutates_args=())
 def mixed_node_triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, normalize: bool,
                           need_dx1: bool, need_dx2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    K = w.shape[0]
-    B, C, S = (max(x1.shape[d], x2.shape[d]) for d in (1, 2, 3))
-    full = (K, B, C, S)
+    full = K, B, C, S = full4(x1, x2, w)
     acc = torch.float64 if x1.dtype == torch.float64 else torch.float32
     if grad.numel() == 0:
         return (x1.new_zeros(x1.shape if need_dx1 else (0,)), x2.new_zeros(x2.shape if need_dx2 else (0,)),

@@ -3,7 +3,7 @@
 The public op is :func:`mixed_node`; :func:`mixed_node_reference` is the plain
 PyTorch definition it must match.  The kernel backends ("triton" for CUDA,
 "cpu" for the C++ kernels in ``csrc/mixed_node``) share one contract, the
-canonical 4-D form built by :func:`_canonical`:
+canonical 4-D form built by ``fastmod.ops._mixed_node_canonical``:
 
 * x1, x2: ``[K|1, B|1, C|1, S|1]`` views of the inputs (node, batch, channel,
   flattened spatial; size 1 on broadcast dims), any strides;
@@ -15,12 +15,11 @@ Only x1, x2 and w are saved for backward; everything else is recomputed.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from fastmod import _checks, _extension, backends
+from fastmod.ops._mixed_node_canonical import canonical, full4
 
 OP_NAMES = ("min", "max", "sum", "product", "choose1", "choose2")
 MODES = ("soft", "hard")
@@ -113,37 +112,6 @@ def mixed_node_reference(x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor
     return out
 
 
-# --------------------------------------------------------------------------- canonical form
-def _canonical(x: torch.Tensor, node_shape) -> torch.Tensor:
-    """View operand x as [K|1, B|1, C|1, S|1] (see module docstring).
-
-    Spatial dims are flattened into S; an operand broadcast over only some
-    spatial dims cannot be expressed with one stride and is materialised.
-    One reshape: this runs on every call, where each op costs microseconds.
-    """
-    n = len(node_shape)
-    shape = (1,) * (n + 1 - x.dim()) + tuple(x.shape)
-    k, node = shape[0], shape[1:]
-    if n == 0:
-        return x.reshape(k, 1, 1, 1)
-    if n == 1:  # a vector per node: let the long dim be the contiguous S
-        return x.reshape(k, 1, 1, node[0])
-    sp, full_sp = node[2:], tuple(node_shape[2:])
-    if sp != full_sp and any(d != 1 for d in sp):
-        x = x.reshape(shape).expand(k, node[0], node[1], *full_sp)
-        sp = full_sp
-    return x.reshape(k, node[0], node[1], math.prod(sp))
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _full4(x1: torch.Tensor, x2: torch.Tensor, w: torch.Tensor):
-    K = w.shape[0]
-    return (K, max(x1.shape[1], x2.shape[1]), max(x1.shape[2], x2.shape[2]), max(x1.shape[3], x2.shape[3]))
-
-
 # --------------------------------------------------------------------------- autograd (shared)
 def _setup_context(ctx, inputs, output):
     x1, x2, w, normalize = inputs
@@ -168,7 +136,7 @@ if _extension.has_op("mixed_node_fwd"):
 
     @torch.library.register_fake("fastmod::mixed_node_fwd")
     def _cpp_fwd_fake(x1, x2, w, normalize):
-        return x1.new_empty(_full4(x1, x2, w))
+        return x1.new_empty(full4(x1, x2, w))
 
     @torch.library.register_fake("fastmod::mixed_node_bwd")
     def _cpp_bwd_fake(grad, x1, x2, w, normalize, need_dx1, need_dx2):
@@ -227,6 +195,10 @@ def mixed_node(x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor, *, mode:
     w = mixed_node_weights(alpha, mode, op_mask)
     acc = _acc_dtype(x1.dtype)
     w = (w if w.dtype == acc else w.to(acc)).reshape(-1, len(OP_NAMES)).contiguous()
-    a, b = _canonical(x1, node_shape), _canonical(x2, node_shape)
+    a, b = canonical(x1, node_shape), canonical(x2, node_shape)
     out = _kernel_forward(chosen)(a, b, w, normalize)
     return out.reshape(full)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
