@@ -58,8 +58,6 @@ def _vocab_from_state(state: dict | None):
 
 
 def evaluate_checkpoint(args) -> dict:
-    import torch
-
     from fastmod.train import checkpoint as ckpt_io
     from fastmod.train import distributed, inputs, loop, registry
     from fastmod.train.registry import ModelContext

@@ -205,7 +205,6 @@ def run(args) -> int:
 
 
 def _run(args, cfg: dict, spec, model_cfg: dict) -> int:
-
     from fastmod.train import checkpoint as ckpt_io
     from fastmod.train import distributed, inputs, loop, metrics
 

@@ -14,6 +14,7 @@ the uninterrupted run bit for bit on the same hardware and config.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import sys
@@ -400,10 +401,4 @@ def trim_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = [r for r in metrics.read_log(path) if r.get("step", 0) <= step and r.get("kind") != "end"]
-    import json
-
     ckpt_io.atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
-
-
-def finite(x) -> bool:
-    return isinstance(x, float) and math.isfinite(x)
