@@ -34,15 +34,15 @@ def _cases():
     cases = []
     for width, hw in STAGES:
         for c in (8, 16, 32):
-            cases.append((f"brn3x3-w{width}-c{c}", width, width, 3, c, "group", c, hw))
-            cases.append((f"brn1x1out-w{width}-c{c}", 2 * width, width, 1, 1, "out", c, hw))
-            cases.append((f"brn1x1in-w{width}-c{c}", width, 2 * width, 1, 1, "in", c, hw))
+            cases.append((f"brn3x3-w{width}-hw{hw}-c{c}", width, width, 3, c, "group", c, hw))
+            cases.append((f"brn1x1out-w{width}-hw{hw}-c{c}", 2 * width, width, 1, 1, "out", c, hw))
+            cases.append((f"brn1x1in-w{width}-hw{hw}-c{c}", width, 2 * width, 1, 1, "in", c, hw))
     for planes, hw in ((64, 56), (128, 28), (256, 14), (512, 7)):
         cases.append((f"frn3x3-{planes}", planes, planes, 3, 1, "out", planes, hw))
     if FULL:
         return cases
-    keep = {"brn3x3-w64-c8", "brn3x3-w128-c16", "brn3x3-w256-c32", "brn1x1out-w128-c16",
-            "brn1x1in-w128-c16", "frn3x3-64", "frn3x3-128", "frn3x3-256", "frn3x3-512"}
+    keep = {"brn3x3-w64-hw56-c8", "brn3x3-w128-hw28-c16", "brn3x3-w256-hw14-c32", "brn1x1out-w128-hw28-c16",
+            "brn1x1in-w128-hw28-c16", "frn3x3-64", "frn3x3-128", "frn3x3-256", "frn3x3-512"}
     return [c for c in cases if c[0] in keep]
 
 

@@ -282,3 +282,15 @@ def test_inference_mode():
     with torch.inference_mode():
         y = routed_conv2d(x, w, gates, b, backend="cpu", **kw)
     assert_close(y, routed_conv2d_reference(x, w, gates, b, **kw), torch.float32)
+
+
+@needs_ext
+@pytest.mark.parametrize("mode", ["group", "out", "in"])
+def test_larger_shapes(mode):
+    """Shapes where oneDNN picks its blocked algorithms (a threading bug hid here)."""
+    x, w, b, kw = problem(mode, 3, 1, n=4, cin=64, cout=64, hw=28, blocks=16)
+    gates = make_gates("random", 4, 16)
+    (y, grads), (yr, gr) = run_both(x, w, gates, b, kw, "cpu", router_grad="active")
+    assert_close(y, yr, torch.float32)
+    for a, r in zip(grads, gr):
+        assert_close(a, r, torch.float32)

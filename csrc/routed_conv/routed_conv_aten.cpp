@@ -133,9 +133,11 @@ at::Tensor scale_rows(const at::Tensor& t, const at::Tensor& g) {
 // sub-problem then runs single-threaded, which suits these small batch-1 convs),
 // one sequential call on CUDA.  The caller's thread-local state (grad/inference
 // mode, dispatch keys) is carried into the worker threads.
+// The backward runs sequentially (parallel=false): oneDNN's conv backward inside
+// at::parallel_for workers hung on 2 threads (seen with 64 channels at 56x56).
 template <typename F>
-void for_samples(const at::Tensor& x, int64_t N, const F& f) {
-  if (!x.is_cpu() || N <= 1) {
+void for_samples(const at::Tensor& x, int64_t N, const F& f, bool parallel = true) {
+  if (!parallel || !x.is_cpu() || N <= 1) {
     f(0, N);
     return;
   }
@@ -144,6 +146,19 @@ void for_samples(const at::Tensor& x, int64_t N, const F& f) {
     at::ThreadLocalStateGuard guard(tls);
     f(n0, n1);
   });
+}
+
+// dst.index_add_(dim, idx, src) for indices that are unique: ATen's CPU index_add_
+// goes through a slow scatter_add_, a gather + add + index_copy_ does not.
+void add_unique_rows(at::Tensor& dst, int64_t dim, const at::Tensor& idx, const at::Tensor& src) {
+  dst.index_copy_(dim, idx, dst.index_select(dim, idx) + src);
+}
+
+// dst [R, K] += onehot(idx)[R, P] @ src [P, K]: row sums with repeated indices as one GEMM.
+void add_rows_repeated(at::Tensor& dst, const at::Tensor& idx, const at::Tensor& src) {
+  at::Tensor onehot = at::zeros({dst.size(0), idx.size(0)}, src.options());
+  onehot.scatter_(0, idx.unsqueeze(0), 1.0);
+  dst.addmm_(onehot, src);
 }
 
 at::ScalarType acc_type(at::ScalarType t) {
@@ -351,8 +366,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
         at::Tensor ws = wflat.index_select(0, p.d_act_g).view({P * Cgo, Cgi, kh, kw});
         auto r = conv_backward(dz, xs, ws, geo, P, need_x, need_w, need_b);
         if (need_x) gx.view({N * G, -1}).index_copy_(0, p.d_act_flat, std::get<0>(r).reshape({P, -1}));
-        if (need_w) gw.view({G, -1}).index_add_(0, p.d_act_g, std::get<1>(r).reshape({P, -1}).to(acc));
-        if (need_b) gb.view({G, Cgo}).index_add_(0, p.d_act_g, std::get<2>(r).reshape({P, Cgo}).to(acc));
+        if (need_w) {
+          at::Tensor gwv = gw.view({G, -1});
+          add_rows_repeated(gwv, p.d_act_g, std::get<1>(r).reshape({P, -1}).to(acc));
+        }
+        if (need_b) {
+          at::Tensor gbv = gb.view({G, Cgo});
+          add_rows_repeated(gbv, p.d_act_g, std::get<2>(r).reshape({P, Cgo}).to(acc));
+        }
       }
       if (need_g) {
         at::Tensor ys = out.view({N * G, -1}).index_select(0, p.d_act_flat);
@@ -392,8 +413,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
           at::Tensor ws = wv.index_select(0, A).view({k * Cb, Cin, kh, kw});
           auto r = conv_backward(dz, xn, ws, geo, 1, need_x, need_w, need_b);
           if (need_x) gx[n].copy_(std::get<0>(r)[0]);
-          if (need_w) lgw.view({G, -1}).index_add_(0, A, std::get<1>(r).reshape({k, -1}).to(acc));
-          if (need_b) lgb.view({G, Cb}).index_add_(0, A, std::get<2>(r).reshape({k, Cb}).to(acc));
+          if (need_w) {
+            at::Tensor v = lgw.view({G, -1});
+            add_unique_rows(v, 0, A, std::get<1>(r).reshape({k, -1}).to(acc));
+          }
+          if (need_b) {
+            at::Tensor v = lgb.view({G, Cb});
+            add_unique_rows(v, 0, A, std::get<2>(r).reshape({k, Cb}).to(acc));
+          }
         }
         if (need_g) {
           at::Tensor ys = out[n].view({G, -1}).index_select(0, A);
@@ -415,7 +442,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     std::lock_guard<std::mutex> lock(mu);
     if (need_w) gw.add_(lgw);
     if (need_b) gb.add_(lgb);
-    });
+    }, /*parallel=*/false);
     return finish();
   }
 
@@ -448,7 +475,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       if (need_w) {
         at::Tensor dw = std::get<1>(r).reshape({Cout, k, -1}).to(acc);
         if (!p.binary) dw = dw * gA.to(acc).view({1, k, 1});
-        gwv.index_add_(1, A, dw);
+        add_unique_rows(gwv, 1, A, dw);
       }
     }
     if (need_g && exact && ko > 0) {  // d(input) of the skipped blocks only
@@ -461,7 +488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   }
   std::lock_guard<std::mutex> lock(mu);
   if (need_w) gw.add_(lgw);
-  });
+  }, /*parallel=*/false);
   return finish();
 }
 
