@@ -65,7 +65,7 @@ def _time(benchmark, fn, extra):
     def step():
         fn()
         sync()
-    benchmark.pedantic(step, rounds=3 if DEVICE == "cpu" else 20, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=10 if DEVICE == "cpu" else 20, iterations=1, warmup_rounds=1)
     if DEVICE == "cuda":
         extra["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     benchmark.extra_info.update(extra)
