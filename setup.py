@@ -40,7 +40,16 @@ def _cuda_include_dirs(torch):
     return [d for d in glob.glob(os.path.join(site, "nvidia", "cu*", "include")) if os.path.isdir(d)]
 
 
+def _default_cuda_home():
+    # torch looks for nvcc on PATH first; a stray /usr/local/bin/nvcc then makes
+    # CUDA_HOME=/usr/local, which has no libcudart to link.  Prefer the toolkit.
+    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        if os.path.exists("/usr/local/cuda/bin/nvcc"):
+            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
 def _extensions():
+    _default_cuda_home()  # before cpp_extension computes its CUDA_HOME at import
     import torch
     from torch.utils import cpp_extension
 
