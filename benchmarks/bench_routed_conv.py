@@ -11,8 +11,9 @@ routed_conv2d_reference: vendor conv + mask), "compiled" (torch.compile of it)};
 "dense"/"compiled" do not depend on rho and run once per shape (rho=1.0).
 pass_ = "fwd" (inference, no grad) or "train" (fwd+bwd, router_grad="active").
 
-GPU: N=64 and every shape.  CPU: N=8 and a subset (set FASTMOD_BENCH_FULL=1 for
-all shapes, FASTMOD_BENCH_N to change N).
+FASTMOD_BENCH_IMPLS (default routed,dense,compiled) picks the implementations.
+GPU: N=64 and every shape.  CPU: N=8 and a subset (FASTMOD_BENCH_FULL=1/0 selects
+all shapes / the subset on either device, FASTMOD_BENCH_N changes N).
 """
 import os
 
@@ -23,9 +24,11 @@ from conftest import DEVICE, sync
 from fastmod.nn import RoutedBottleneck
 from fastmod.ops import routed_conv2d, routed_conv2d_reference
 
-FULL = DEVICE == "cuda" or os.environ.get("FASTMOD_BENCH_FULL") == "1"
+FULL = os.environ.get("FASTMOD_BENCH_FULL", "1" if DEVICE == "cuda" else "0") == "1"
 N = int(os.environ.get("FASTMOD_BENCH_N", 64 if DEVICE == "cuda" else 8))
 DENSITIES = (1.0, 0.57, 0.3, 0.1)
+# FASTMOD_BENCH_IMPLS=routed,dense skips the torch.compile baseline (slow to compile per shape).
+IMPLS = tuple(os.environ.get("FASTMOD_BENCH_IMPLS", "routed,dense,compiled").split(","))
 STAGES = ((64, 56), (128, 28), (256, 14), (256, 7))
 
 
@@ -57,6 +60,12 @@ def _runs(impl, rho):
 
 
 def _time(benchmark, fn, extra):
+    # One group per shape and pass; impl labels carry the density so
+    # benchmarks/summarize.py can put routed@rho beside dense.
+    rho = extra.pop("rho")
+    benchmark.group = extra.pop("group")
+    extra["impl"] = "dense" if extra["impl"] == "dense" else \
+        ("compiled" if extra["impl"] == "compiled" else f"routed@{rho}")
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     fn()  # warm-up (and compilation)
@@ -84,7 +93,7 @@ def _reference_fn(impl):
 
 @pytest.mark.parametrize("pass_", ["fwd", "train"])
 @pytest.mark.parametrize("rho", DENSITIES)
-@pytest.mark.parametrize("impl", ["routed", "dense", "compiled"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: c[0])
 def test_routed_conv(benchmark, case, impl, rho, pass_):
     if not _runs(impl, rho):
@@ -109,12 +118,13 @@ def test_routed_conv(benchmark, case, impl, rho, pass_):
         def run():
             fn(xr, wr, gr).backward(dy)
         flops *= 3
-    _time(benchmark, run, {"density": gates.mean().item(), "N": N, "gflop": flops / 1e9})
+    _time(benchmark, run, {"density": gates.mean().item(), "N": N, "gflop": flops / 1e9, "rho": rho,
+                           "impl": impl, "group": f"routed_conv {name} hw{hw} {pass_}"})
 
 
 @pytest.mark.parametrize("pass_", ["fwd", "train"])
 @pytest.mark.parametrize("rho", DENSITIES)
-@pytest.mark.parametrize("impl", ["routed", "dense"])
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i != "compiled"])
 @pytest.mark.parametrize("stage", STAGES[1:2] if not FULL else STAGES, ids=lambda s: f"w{s[0]}-hw{s[1]}")
 def test_routed_bottleneck(benchmark, stage, impl, rho, pass_):
     if not _runs(impl, rho):
@@ -136,4 +146,5 @@ def test_routed_bottleneck(benchmark, stage, impl, rho, pass_):
 
         def run():
             block(xr, gr).sum().backward()
-    _time(benchmark, run, {"density": gates.mean().item(), "N": N})
+    _time(benchmark, run, {"density": gates.mean().item(), "N": N, "rho": rho, "impl": impl,
+                           "group": f"RoutedBottleneck w{width} hw{hw} {pass_}"})

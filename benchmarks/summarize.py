@@ -21,14 +21,15 @@ def main(argv=None):
         impl = b["extra_info"].get("impl", b["param"])
         groups[b["group"]][impl] = b
     impls = sorted({i for g in groups.values() for i in g}, key=lambda i: (i != "fastmod", i))
-    head = ["case"] + [f"{i} ms" for i in impls] + [f"{i}/fastmod" for i in impls if i != "fastmod"] + ["fastmod info"]
+    # Ratios are taken against fastmod where a group has it, else against "dense".
+    base = "fastmod" if "fastmod" in impls else "dense"
+    head = ["case"] + [f"{i} ms" for i in impls] + [f"{i}/{base}" for i in impls if i != base] + [f"{base} info"]
     rows = []
     for name, g in groups.items():
         med = {i: g[i]["stats"]["median"] for i in g}
         row = [name] + [f"{med[i] * 1e3:.3f}" if i in med else "-" for i in impls]
-        row += [f"{med[i] / med['fastmod']:.2f}x" if i in med and "fastmod" in med else "-"
-                for i in impls if i != "fastmod"]
-        info = g.get("fastmod", {}).get("extra_info", {})
+        row += [f"{med[i] / med[base]:.2f}x" if i in med and base in med else "-" for i in impls if i != base]
+        info = g.get(base, {}).get("extra_info", {})
         row.append(", ".join(f"{k}={v}" for k, v in info.items() if k not in ("impl", "bytes")))
         rows.append(row)
     if args.markdown:

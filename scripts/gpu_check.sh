@@ -15,6 +15,7 @@ shift || true
 TESTS=$(ls $TESTS 2>/dev/null | tr "\n" " ")
 BENCH=${*:-$(ls benchmarks/bench_*.py)}
 BUILD_LIMIT=${BUILD_LIMIT:-240} TEST_LIMIT=${TEST_LIMIT:-150} BENCH_LIMIT=${BENCH_LIMIT:-240}
+# Per-file limits: LIMIT_bench_mixed_node=90 etc. override BENCH_LIMIT.
 
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv;
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
@@ -46,9 +47,16 @@ echo "== benchmarks"
 # shellcheck disable=SC2086
 for f in $BENCH; do
   name=$(basename "$f" .py)
-  timeout "$BENCH_LIMIT" python3 -m pytest "$f" --benchmark-only -q -p no:cacheprovider \
+  limit_var="LIMIT_${name}"
+  timeout "${!limit_var:-$BENCH_LIMIT}" python3 -m pytest "$f" --benchmark-only -q -p no:cacheprovider \
       --benchmark-json="$OUT/$name.json" >> "$OUT/bench.log" 2>&1
   echo "$name rc=$?" | tee -a "$OUT/env.txt"
   { echo "### $name"; python3 benchmarks/summarize.py "$OUT/$name.json" --markdown; } >> "$OUT/summary.md" 2>&1
 done
 cat "$OUT/summary.md"
+
+if [ "${TUNE_LIMIT:-0}" -gt 0 ]; then
+  echo "== mixed_node launch-parameter sweep" | tee -a "$OUT/summary.md"
+  (cd benchmarks && timeout "$TUNE_LIMIT" python3 tune_mixed_node.py) >> "$OUT/summary.md" 2>&1
+  grep best "$OUT/summary.md"
+fi
