@@ -82,8 +82,13 @@ def run(benchmark, step, *, group: str, impl: str, nbytes: int, n_rounds: int, w
         sync()
         benchmark.extra_info["peak_mem_mb"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
         benchmark.extra_info["device_name"] = torch.cuda.get_device_name()
-        graph = cuda_graph(step)
-        timed = graph.replay
+        try:
+            graph = cuda_graph(step)
+            timed = graph.replay
+            benchmark.extra_info["timing"] = "cuda-graph"
+        except RuntimeError as exc:  # autograd's backward cannot always be captured
+            torch.cuda.synchronize()
+            benchmark.extra_info["timing"] = f"wall ({type(exc).__name__} in capture)"
 
     def timed_sync():
         timed()
