@@ -61,14 +61,17 @@ def _median_wall(step, n):
     return sorted(times)[n // 2]
 
 
-def run(benchmark, step, *, group: str, impl: str, nbytes: int, n_rounds: int, warmup: int = 2, **info):
+def run(benchmark, step, *, group: str, impl: str, nbytes: int, n_rounds: int, warmup: int = 2,
+        graph: bool = True, **info):
     """Time step() side by side with the other implementations of its group.
 
-    CPU: wall-clock time of step().  GPU: the benchmark's timing is the replay
+    CPU: wall-clock time of step().  GPU, graph=True: the benchmark's timing is the replay
     of step() captured in a CUDA graph, i.e. the GPU execution time with
     Python and launch overhead removed (the same treatment for fastmod, eager
     and torch.compile); the wall-clock time of an ordinary eager call is
-    recorded as extra_info["wall_ms"].  GB/s is bytes that must move / time.
+    recorded as extra_info["wall_ms"].  graph=False (steps with autograd's
+    backward, which does not capture reliably): wall-clock time, synchronised.
+    GB/s is bytes that must move / time.
     """
     for _ in range(warmup):
         step()
@@ -82,13 +85,9 @@ def run(benchmark, step, *, group: str, impl: str, nbytes: int, n_rounds: int, w
         sync()
         benchmark.extra_info["peak_mem_mb"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
         benchmark.extra_info["device_name"] = torch.cuda.get_device_name()
-        try:
-            graph = cuda_graph(step)
-            timed = graph.replay
-            benchmark.extra_info["timing"] = "cuda-graph"
-        except RuntimeError as exc:  # autograd's backward cannot always be captured
-            torch.cuda.synchronize()
-            benchmark.extra_info["timing"] = f"wall ({type(exc).__name__} in capture)"
+        if graph:
+            timed = cuda_graph(step).replay
+        benchmark.extra_info["timing"] = "cuda-graph" if graph else "wall"
 
     def timed_sync():
         timed()
