@@ -104,7 +104,9 @@ def test_routed_conv(benchmark, case, impl, rho, pass_):
     w = torch.randn(cout, cin // groups, k, k, device=dev) / (cin // groups * k * k) ** 0.5
     gates = _gates(N, G, rho, dev)
     kw = dict(padding=k // 2, groups=groups, gate_on=gate_on, router_grad="active")
-    fn = (lambda *a: routed_conv2d(*a, **kw)) if impl == "routed" else \
+    # The kernel backend explicitly: "auto" keeps the dense path on GPUs (see routed_conv._select).
+    kernel = "cuda" if DEVICE == "cuda" else None
+    fn = (lambda *a: routed_conv2d(*a, backend=kernel, **kw)) if impl == "routed" else \
         (lambda *a, f=_reference_fn(impl): f(*a, **kw))
     flops = 2 * N * cout * (cin // groups) * k * k * hw * hw * (1 if impl != "routed" else gates.mean().item())
     if pass_ == "fwd":
