@@ -15,24 +15,22 @@ def tensor(name: str, value, *, floating: bool = True) -> torch.Tensor:
     return value
 
 
-def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
+def _same(attr: str, exc: type, hint: str, tensors: dict):
     names = list(tensors)
-    first = tensors[names[0]]
+    first = getattr(tensors[names[0]], attr)
     for n in names[1:]:
-        if tensors[n].dtype != first.dtype:
-            raise TypeError(f"{n} has dtype {tensors[n].dtype} but {names[0]} has {first.dtype}; "
-                            "pass tensors of one dtype")
-    return first.dtype
+        value = getattr(tensors[n], attr)
+        if value != first:
+            raise exc(f"{n} has {attr} {value} but {names[0]} has {first}; {hint}")
+    return first
+
+
+def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
+    return _same("dtype", TypeError, "pass tensors of one dtype", tensors)
 
 
 def same_device(**tensors: torch.Tensor) -> torch.device:
-    names = list(tensors)
-    first = tensors[names[0]]
-    for n in names[1:]:
-        if tensors[n].device != first.device:
-            raise ValueError(f"{n} is on {tensors[n].device} but {names[0]} is on {first.device}; "
-                             "move them to one device")
-    return first.device
+    return _same("device", ValueError, "move them to one device", tensors)
 
 
 def broadcast_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> torch.Size:
