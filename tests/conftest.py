@@ -27,12 +27,16 @@ def kernel_devices_and_backends(op, cpp_op, implemented):
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_full_fp32(monkeypatch):
+def _seed_and_full_fp32():
     torch.manual_seed(0)
     # fp32 means fp32 in comparisons against references: TF32 convolutions and
     # matmuls (on by default for cuDNN) differ from each other by ~1e-3.
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    cudnn_tf32, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    torch.set_float32_matmul_precision(matmul)
 
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
