@@ -111,6 +111,9 @@ def test_round_trip_through_readers(gen):
     assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
     assert vocab.decode_answer(int(item["answer"])) == train[5]["answer"]
     assert (item["qtype"], item["qsubtype"]) == data.question_type(train[5]["program"])
+    answers, types, subtypes = ds.labels()  # the same labels, without reading images
+    assert len(answers) == len(ds)
+    assert (answers[5], types[5], subtypes[5]) == (int(item["answer"]), item["qtype"], item["qsubtype"])
     val = data.ClevrDataset(gen, "val", vocab, image_size=32)
     assert len(val) == N_VAL * QPI
     test = data.ClevrDataset(gen, "test", vocab, image_size=32)

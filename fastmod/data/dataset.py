@@ -41,6 +41,10 @@ class EncodedQuestions:
     def __len__(self):
         return len(self.answers)
 
+    def labels(self) -> tuple[list[int], list[str], list[str]]:
+        """(answers, question types, subtypes) of every question, without reading images."""
+        return (self.answers.tolist(), [_TYPES[t] for t in self.qtype], [_SUBTYPES[s] for s in self.qsubtype])
+
     def item(self, i: int) -> dict:
         return {"question": torch.from_numpy(self.tokens[self.offsets[i]:self.offsets[i + 1]].copy()),
                 "answer": torch.tensor(int(self.answers[i]), dtype=torch.long),
@@ -156,6 +160,10 @@ class ClevrDataset(torch.utils.data.Dataset):
     @property
     def qtypes(self) -> list[str]:
         return [_TYPES[t] for t in self.q.qtype]
+
+    def labels(self) -> tuple[list[int], list[str], list[str]]:
+        """(answers, question types, subtypes) of every question, without reading images."""
+        return self.q.labels()
 
     def __repr__(self):
         return f"ClevrDataset({str(self.data_dir)!r}, split={self.split!r}, {len(self)} questions)"

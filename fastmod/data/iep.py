@@ -67,6 +67,10 @@ class IepDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.q)
 
+    def labels(self) -> tuple[list[int], list[str], list[str]]:
+        """(answers, question types, subtypes) of every question, without reading features."""
+        return self.q.labels()
+
     def __getitem__(self, i: int) -> dict:
         item = self.q.item(i)
         item["features"] = torch.from_numpy(np.asarray(self.features.get(int(self.q.image_idx[i])),

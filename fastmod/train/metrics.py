@@ -199,14 +199,10 @@ def read_log(path: Path) -> list[dict]:
 
 
 def dataset_labels(dataset) -> tuple[list[int], list[str], list[str]]:
-    """(answers, types, subtypes) of every question, from the dataset's label
-    arrays when it has them, else by reading its items."""
-    q = getattr(dataset, "q", None)  # fastmod.data's EncodedQuestions: label arrays, no image reads
-    if q is not None and all(hasattr(q, a) for a in ("answers", "qtype", "qsubtype")):
-        from fastmod.data import dataset as ds_mod
-
-        types, subtypes = ds_mod._TYPES, ds_mod._SUBTYPES
-        return (q.answers.tolist(), [types[int(t)] for t in q.qtype], [subtypes[int(s)] for s in q.qsubtype])
+    """(answers, types, subtypes) of every question, from the dataset's
+    ``labels()`` when it has one, else by reading its items."""
+    if hasattr(dataset, "labels"):  # fastmod.data datasets: label arrays, no image reads
+        return dataset.labels()
     answers, types, subtypes = [], [], []
     for i in range(len(dataset)):
         item = dataset[i]
