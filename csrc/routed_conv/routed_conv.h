@@ -1,14 +1,13 @@
 // Block-sparse routed convolution: shared declarations.
 //
 // The implementation (routed_conv_aten.cpp) is written against ATen only, so the
-// CPU (routed_conv_cpu.cpp) and CUDA (routed_conv_cuda.cu) registrations share it:
+// CPU (routed_conv_cpu.cpp) and CUDA (routed_conv_cuda.cpp) registrations share it:
 // it reads the gates on the host, builds the list of active (sample, block) pairs
 // and runs ATen convolutions (oneDNN / cuDNN) on compacted sub-problems that contain
 // the active blocks only.  Semantics: see fastmod/ops/routed_conv.py.
 #pragma once
 
-// Only ATen's core Tensor header: this file is also compiled by nvcc (routed_conv_cuda.cu),
-// and <ATen/ATen.h> insists on C++20, which setup.py does not pass to nvcc.
+// Only ATen's core Tensor header: declarations need nothing more.
 #include <ATen/core/Tensor.h>
 
 #include <array>

@@ -7,8 +7,7 @@
 // host once per call (one device-to-host copy = one synchronisation) to size those
 // sub-problems; a device-built work list with custom kernels is future work.
 //
-// There is no device code here, so this is a .cpp, not a .cu: setup.py passes
-// -std=c++17 to nvcc, and torch >= 2.12's headers do not compile under C++17.
+// There is no device code here, so this is a .cpp compiled by the host compiler.
 #ifdef FASTMOD_WITH_CUDA
 #include <torch/library.h>
 
