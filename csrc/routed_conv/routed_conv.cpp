@@ -1,5 +1,5 @@
 // Schemas of the routed convolution ops (implementations: routed_conv_cpu.cpp,
-// routed_conv_cuda.cpp).  Python: fastmod/ops/routed_conv.py.
+// routed_conv_cuda.cu).  Python: fastmod/ops/routed_conv.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fastmod, m) {

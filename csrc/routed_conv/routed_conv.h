@@ -1,10 +1,11 @@
 // Block-sparse routed convolution: shared declarations.
 //
-// The implementation (routed_conv_aten.cpp) is written against ATen only, so the
-// CPU (routed_conv_cpu.cpp) and CUDA (routed_conv_cuda.cpp) registrations share it:
-// it reads the gates on the host, builds the list of active (sample, block) pairs
-// and runs ATen convolutions (oneDNN / cuDNN) on compacted sub-problems that contain
-// the active blocks only.  Semantics: see fastmod/ops/routed_conv.py.
+// The ATen implementation (routed_conv_aten.cpp, registered for CPU in
+// routed_conv_cpu.cpp) reads the gates on the host, builds the list of active
+// (sample, block) pairs and runs oneDNN convolutions on compacted sub-problems that
+// contain the active blocks only.  The CUDA registration (routed_conv_cuda.cu) has
+// its own kernels over a device-built work list and shares only the argument checks
+// below.  Semantics: see fastmod/ops/routed_conv.py.
 #pragma once
 
 // Only ATen's core Tensor header: declarations need nothing more.
@@ -15,6 +16,15 @@
 
 namespace fastmod {
 namespace routed_conv {
+
+enum class Mode { Group, Out, In };
+
+// gate_on string -> Mode; raises on anything else.
+Mode parse_mode(c10::string_view s);
+
+// Shapes, dtypes and the gate_on/groups/G constraints (TORCH_CHECK).
+void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gates,
+                  const c10::optional<at::Tensor>& bias, int64_t groups, Mode mode);
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& gates,
                    const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,

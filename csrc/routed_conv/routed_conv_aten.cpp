@@ -21,16 +21,32 @@
 
 namespace fastmod {
 namespace routed_conv {
-namespace {
 
-enum class Mode { Group, Out, In };
-
+// Shared with the CUDA registration (declared in routed_conv.h).
 Mode parse_mode(c10::string_view s) {
   if (s == "group") return Mode::Group;
   if (s == "out") return Mode::Out;
   if (s == "in") return Mode::In;
   TORCH_CHECK(false, "routed_conv2d: gate_on must be 'group', 'out' or 'in', got '", std::string(s), "'");
 }
+
+void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gates,
+                  const c10::optional<at::Tensor>& bias, int64_t groups, Mode mode) {
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "routed_conv2d: weight and x dtypes differ");
+  TORCH_CHECK(gates.dim() == 2 && gates.size(0) == x.size(0), "routed_conv2d: gates must be [N, G]");
+  TORCH_CHECK(groups >= 1 && x.size(1) == w.size(1) * groups && w.size(0) % groups == 0,
+              "routed_conv2d: channels do not match groups");
+  int64_t G = gates.size(1);
+  TORCH_CHECK(G >= 1, "routed_conv2d: gates needs at least one block");
+  if (mode == Mode::Group) TORCH_CHECK(G == groups, "routed_conv2d: gate_on='group' needs G == groups");
+  if (mode == Mode::Out) TORCH_CHECK(groups == 1 && w.size(0) % G == 0, "routed_conv2d: gate_on='out' needs groups == 1, G | Cout");
+  if (mode == Mode::In) TORCH_CHECK(groups == 1 && x.size(1) % G == 0, "routed_conv2d: gate_on='in' needs groups == 1, G | Cin");
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0) && bias->scalar_type() == x.scalar_type(),
+                "routed_conv2d: bias must be [Cout] with x's dtype");
+}
+
+namespace {
 
 // Which (n, g) pairs are active, read once on the host (on CUDA this copy is the
 // one host synchronisation of the call).
@@ -163,22 +179,6 @@ void add_rows_repeated(at::Tensor& dst, const at::Tensor& idx, const at::Tensor&
 
 at::ScalarType acc_type(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
-}
-
-void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gates,
-                  const c10::optional<at::Tensor>& bias, int64_t groups, Mode mode) {
-  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "routed_conv2d: weight and x dtypes differ");
-  TORCH_CHECK(gates.dim() == 2 && gates.size(0) == x.size(0), "routed_conv2d: gates must be [N, G]");
-  TORCH_CHECK(groups >= 1 && x.size(1) == w.size(1) * groups && w.size(0) % groups == 0,
-              "routed_conv2d: channels do not match groups");
-  int64_t G = gates.size(1);
-  TORCH_CHECK(G >= 1, "routed_conv2d: gates needs at least one block");
-  if (mode == Mode::Group) TORCH_CHECK(G == groups, "routed_conv2d: gate_on='group' needs G == groups");
-  if (mode == Mode::Out) TORCH_CHECK(groups == 1 && w.size(0) % G == 0, "routed_conv2d: gate_on='out' needs groups == 1, G | Cout");
-  if (mode == Mode::In) TORCH_CHECK(groups == 1 && x.size(1) % G == 0, "routed_conv2d: gate_on='in' needs groups == 1, G | Cin");
-  if (bias.has_value() && bias->defined())
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0) && bias->scalar_type() == x.scalar_type(),
-                "routed_conv2d: bias must be [Cout] with x's dtype");
 }
 
 c10::optional<at::Tensor> contiguous_bias(const c10::optional<at::Tensor>& bias) {

@@ -1,0 +1,450 @@
+// Device code of the CUDA routed convolution (host side: routed_conv_cuda.cu).
+//
+// Every kernel reads a per-sample work list built on the device by
+// worklist_kernel: list[n, :cnt[n]] holds the active blocks g of sample n
+// (gates[n, g] != 0) in increasing order, list[n, cnt[n]:] the off ones.  Grids are
+// sized for the upper bound (every block on); a CTA whose slot lies past the
+// sample's count returns at once, so no host ever needs to read cnt.
+//
+// Compute: SIMT implicit GEMM.  A CTA owns a BM x BN output tile and walks the
+// reduction in chunks of BK, staging both operands in shared memory (converted to
+// the accumulation type); each thread keeps a TM x TN register tile.  The thread
+// layout (tm x tn threads, BM = tm*TM, BN = tn*TN) is picked per launch on the host
+// so that narrow column sets (one small group, few channels) do not leave most
+// threads idle.
+#pragma once
+
+#include <cstdint>
+
+namespace fastmod {
+namespace routed_conv {
+namespace kern {
+
+constexpr int TM = 4, TN = 4, BK = 8;
+constexpr int MAX_TM_THREADS = 64, MAX_TN_THREADS = 16, MAX_THREADS = 256;
+constexpr int MAX_BM = MAX_TM_THREADS * TM;  // 256
+constexpr int MAX_BN = MAX_TN_THREADS * TN;  // 64
+
+// How a conv tile finds its result channels ("columns") and reduction channels.
+//   kGrouped:   one (n, g) pair per tile; columns g*col_per + [0, col_per),
+//               reduction channels g*k_per + [0, k_per).
+//   kColListed: columns are the channels of the listed blocks (col_per each),
+//               reduction over every channel of src.
+//   kKListed:   every column; reduction over the channels of the active blocks
+//               (k_per each), the source scaled by the block's gate on load.
+enum Kind : int { kGrouped = 0, kColListed = 1, kKListed = 2 };
+
+template <typename acc_t>
+__global__ void worklist_kernel(const acc_t* __restrict__ gates, int N, int G,
+                                int* __restrict__ list, int* __restrict__ cnt) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  const acc_t* gn = gates + (int64_t)n * G;
+  int* ln = list + (int64_t)n * G;
+  int c = 0;
+  for (int g = 0; g < G; ++g)
+    if (gn[g] != acc_t(0)) ln[c++] = g;  // NaN counts as on, like the CPU path
+  cnt[n] = c;
+  for (int g = 0; g < G; ++g)
+    if (!(gn[g] != acc_t(0))) ln[c++] = g;
+}
+
+// acc += As[kk] (x) Bs[kk] over one staged chunk; thread (ty, tx) owns rows
+// ty + i*tm and columns tx + j*tn (strided, so neighbouring threads read
+// neighbouring shared-memory words).
+template <typename acc_t>
+__device__ __forceinline__ void chunk_mma(acc_t (*As)[MAX_BM], acc_t (*Bs)[MAX_BN],
+                                          acc_t (&acc)[TM][TN], int ty, int tx, int tm, int tn) {
+#pragma unroll
+  for (int kk = 0; kk < BK; ++kk) {
+    acc_t av[TM], bv[TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) av[i] = As[kk][ty + i * tm];
+#pragma unroll
+    for (int j = 0; j < TN; ++j) bv[j] = Bs[kk][tx + j * tn];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc[i][j] += av[i] * bv[j];
+  }
+}
+
+// Reduction channel kc of a conv tile -> channel of src (and its block, for the gate).
+template <int KIND>
+__device__ __forceinline__ int k_channel(int kc, int g, int k_per, const int* list_n, int& blk) {
+  if (KIND == kGrouped) {
+    blk = g;
+    return g * k_per + kc;
+  } else if (KIND == kColListed) {
+    blk = 0;
+    return kc;
+  } else {
+    blk = list_n[kc / k_per];
+    return blk * k_per + kc % k_per;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct ConvArgs {
+  const scalar_t* src;     // A operand: x (forward) or grad_out (grad_x), [N, Csrc, Hs, Ws]
+  const scalar_t* weight;  // [Cout, cin_g, kh, kw]
+  const scalar_t* bias;    // added before the gate; forward only, else nullptr
+  scalar_t* dst;           // result [N, Cdst, Hd, Wd]; written when `write`
+  const scalar_t* other;   // shaped like dst: dot partner when `dot`
+  acc_t* dot_ws;           // [N, G]: dot_ws[n, block] += sum(result * other), when `dot`
+  const acc_t* gates;      // [N, G]
+  const int* list;         // [N, G] (see the top of this file)
+  const int* cnt;          // [N]
+  int G, Csrc, Hs, Ws, Cdst, Hd, Wd;
+  int kh, kw, sh, sw, ph, pw, dh, dw, cin_g;
+  int col_per, k_per;      // channels per block on the column / reduction side
+  int tm, tn, tiles_p, tiles_c, slots;
+  bool off;       // kGrouped/kColListed: run the off blocks (list[n, cnt[n]:]) instead
+  bool write;     // store the result (times the column's gate when gate_epi)
+  bool dot;       // accumulate the ungated result . other per block into dot_ws
+  bool gate_epi;  // scale stored columns by their block's gate
+};
+
+// DX = false: forward conv, result rows are output pixels (Hd x Wd = Ho x Wo) of
+// sample n, src = x.  DX = true: transposed conv (grad_x), rows are input pixels,
+// src = grad_out; reduction index k = (channel, r, s) of the weight in both.
+template <typename scalar_t, typename acc_t, int KIND, bool DX>
+__global__ void __launch_bounds__(MAX_THREADS) conv_kernel(const ConvArgs<scalar_t, acc_t> a) {
+  __shared__ acc_t As[BK][MAX_BM];
+  __shared__ acc_t Bs[BK][MAX_BN];
+  __shared__ int col_ch[MAX_BN];
+  __shared__ int col_blk[MAX_BN];
+
+  const int tm = a.tm, tn = a.tn, BM = tm * TM, BN = tn * TN;
+  const int nthr = tm * tn, tid = threadIdx.x;
+  const int ty = tid / tn, tx = tid % tn;
+  int t = blockIdx.x;
+  const int pt = t % a.tiles_p;
+  t /= a.tiles_p;
+  const int ct = t % a.tiles_c;
+  t /= a.tiles_c;
+  const int slot = t % a.slots;
+  const int n = t / a.slots;
+  const int G = a.G;
+  const int active = a.cnt[n];
+  const int* list_n = a.list + (int64_t)n * G;
+  const acc_t* gate_n = a.gates + (int64_t)n * G;
+  const int khkw = a.kh * a.kw;
+
+  // This tile's column set and reduction length; tiles past the work return here
+  // (the whole CTA, before any barrier).
+  int g = 0, K = 0, lo = 0, hi = 0;
+  if (KIND == kGrouped) {
+    const int s = (a.off ? active : 0) + slot;
+    if (s >= (a.off ? G : active)) return;
+    g = list_n[s];
+    K = a.k_per * khkw;
+  } else if (KIND == kColListed) {
+    lo = (a.off ? active : 0) * a.col_per;
+    hi = (a.off ? G : active) * a.col_per;
+    if (lo + ct * BN >= hi) return;
+    K = a.Csrc * khkw;
+  } else {
+    K = active * a.k_per * khkw;
+  }
+  for (int c = tid; c < BN; c += nthr) {
+    int ch = -1, blk = 0;
+    if (KIND == kGrouped) {
+      const int l = ct * BN + c;
+      if (l < a.col_per) {
+        ch = g * a.col_per + l;
+        blk = g;
+      }
+    } else if (KIND == kColListed) {
+      const int v = lo + ct * BN + c;
+      if (v < hi) {
+        blk = list_n[v / a.col_per];
+        ch = blk * a.col_per + v % a.col_per;
+      }
+    } else {
+      const int l = ct * BN + c;
+      if (l < a.Cdst) ch = l;
+    }
+    col_ch[c] = ch;
+    col_blk[c] = blk;
+  }
+  __syncthreads();
+
+  const int Prows = a.Hd * a.Wd;
+  const int p0 = pt * BM;
+  const int64_t src_plane = (int64_t)a.Hs * a.Ws;
+  const scalar_t* src_n = a.src + (int64_t)n * a.Csrc * src_plane;
+
+  acc_t acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = acc_t(0);
+
+  for (int k0 = 0; k0 < K; k0 += BK) {
+    // A: consecutive threads take consecutive pixels (coalesced reads of src).
+    for (int e = tid; e < BK * BM; e += nthr) {
+      const int m = e % BM, kk = e / BM, k = k0 + kk, p = p0 + m;
+      acc_t v = acc_t(0);
+      if (k < K && p < Prows) {
+        const int kc = k / khkw, rs = k - kc * khkw, r = rs / a.kw, s = rs - r * a.kw;
+        int blk;
+        const int ch = k_channel<KIND>(kc, g, a.k_per, list_n, blk);
+        const int y = p / a.Wd, xw = p - y * a.Wd;
+        int iy, ix;
+        bool ok;
+        if (!DX) {
+          iy = y * a.sh - a.ph + r * a.dh;
+          ix = xw * a.sw - a.pw + s * a.dw;
+          ok = iy >= 0 && iy < a.Hs && ix >= 0 && ix < a.Ws;
+        } else {  // input pixel (y, xw) receives output pixel (ty_, tx_) / stride
+          const int ty_ = y + a.ph - r * a.dh, tx_ = xw + a.pw - s * a.dw;
+          ok = ty_ >= 0 && tx_ >= 0 && ty_ % a.sh == 0 && tx_ % a.sw == 0;
+          iy = ty_ / a.sh;
+          ix = tx_ / a.sw;
+          ok = ok && iy < a.Hs && ix < a.Ws;
+        }
+        if (ok) {
+          v = static_cast<acc_t>(src_n[ch * src_plane + (int64_t)iy * a.Ws + ix]);
+          if (KIND == kKListed) v *= gate_n[blk];
+        }
+      }
+      As[kk][m] = v;
+    }
+    // B: the weight element linking reduction index k and column c.
+    for (int e = tid; e < BK * BN; e += nthr) {
+      const int c = e % BN, kk = e / BN, k = k0 + kk;
+      const int cch = col_ch[c];
+      acc_t v = acc_t(0);
+      if (k < K && cch >= 0) {
+        const int kc = k / khkw, rs = k - kc * khkw;
+        int blk;
+        const int kch = k_channel<KIND>(kc, g, a.k_per, list_n, blk);
+        const int wo = DX ? kch : cch;               // weight's output channel
+        const int wi = (DX ? cch : kch) % a.cin_g;   // weight's input channel (within group)
+        v = static_cast<acc_t>(a.weight[((int64_t)wo * a.cin_g + wi) * khkw + rs]);
+      }
+      Bs[kk][c] = v;
+    }
+    __syncthreads();
+    chunk_mma<acc_t>(As, Bs, acc, ty, tx, tm, tn);
+    __syncthreads();
+  }
+
+  acc_t dsum[TN];
+#pragma unroll
+  for (int j = 0; j < TN; ++j) dsum[j] = acc_t(0);
+  const int64_t dst_n = (int64_t)n * a.Cdst;
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int p = p0 + ty + i * tm;
+    if (p >= Prows) continue;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int c = tx + j * tn;
+      const int ch = col_ch[c];
+      if (ch < 0) continue;
+      acc_t v = acc[i][j];
+      if (a.bias != nullptr) v += static_cast<acc_t>(a.bias[ch]);
+      const int64_t off = (dst_n + ch) * Prows + p;
+      if (a.dot) dsum[j] += v * static_cast<acc_t>(a.other[off]);
+      if (a.write) a.dst[off] = static_cast<scalar_t>(a.gate_epi ? v * gate_n[col_blk[c]] : v);
+    }
+  }
+  if (a.dot) {
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int c = tx + j * tn;
+      if (col_ch[c] >= 0) atomicAdd(&a.dot_ws[(int64_t)n * G + col_blk[c]], dsum[j]);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct WgradArgs {
+  const scalar_t* dout;  // [N, Cout, Ho, Wo]
+  const scalar_t* x;     // [N, Cin, H, W]
+  acc_t* gw;             // [Cout, cin_g, kh, kw] workspace, += sum over samples
+  const acc_t* gates;
+  const int* list;
+  const int* cnt;
+  int G, Cout, Ho, Wo, Cin, H, W;
+  int kh, kw, sh, sw, ph, pw, dh, dw, cin_g;
+  int row_per;  // group: Cout/G; out: Cout/G (listed rows); in: unused
+  int q_per;    // group: Cin/G; in: Cin/G (listed columns); out: unused
+  int tm, tn, tiles_r, tiles_c, slots;
+};
+
+// grad_weight of one sample's active blocks: rows = output channels, columns =
+// q = (input channel, r, s), reduction over the sample's output pixels; the tile is
+// then atomically added to the workspace.  MODE: 0 group (one (n, g) pair per tile,
+// dz = dout * gate), 1 out (listed output channels, dz = dout * gate), 2 in (all
+// output channels, listed input channels scaled by their gate).
+template <typename scalar_t, typename acc_t, int MODE>
+__global__ void __launch_bounds__(MAX_THREADS) wgrad_kernel(const WgradArgs<scalar_t, acc_t> a) {
+  __shared__ acc_t As[BK][MAX_BM];
+  __shared__ acc_t Bs[BK][MAX_BN];
+  __shared__ int row_co[MAX_BM];
+  __shared__ acc_t row_scale[MAX_BM];
+  __shared__ int col_ci[MAX_BN];
+  __shared__ int col_rs[MAX_BN];
+  __shared__ acc_t col_scale[MAX_BN];
+
+  const int tm = a.tm, tn = a.tn, BM = tm * TM, BN = tn * TN;
+  const int nthr = tm * tn, tid = threadIdx.x;
+  const int ty = tid / tn, tx = tid % tn;
+  int t = blockIdx.x;
+  const int ct = t % a.tiles_c;
+  t /= a.tiles_c;
+  const int rt = t % a.tiles_r;
+  t /= a.tiles_r;
+  const int slot = t % a.slots;
+  const int n = t / a.slots;
+  const int G = a.G;
+  const int active = a.cnt[n];
+  const int* list_n = a.list + (int64_t)n * G;
+  const acc_t* gate_n = a.gates + (int64_t)n * G;
+  const int khkw = a.kh * a.kw;
+
+  int g = 0;
+  if (MODE == 0) {
+    if (slot >= active) return;
+    g = list_n[slot];
+  } else if (MODE == 1) {
+    if (rt * BM >= active * a.row_per) return;
+  } else {
+    if (ct * BN >= active * a.q_per * khkw) return;
+  }
+  for (int m = tid; m < BM; m += nthr) {
+    int co = -1;
+    acc_t sc = acc_t(1);
+    const int l = rt * BM + m;
+    if (MODE == 0) {
+      if (l < a.row_per) {
+        co = g * a.row_per + l;
+        sc = gate_n[g];
+      }
+    } else if (MODE == 1) {
+      if (l < active * a.row_per) {
+        const int blk = list_n[l / a.row_per];
+        co = blk * a.row_per + l % a.row_per;
+        sc = gate_n[blk];
+      }
+    } else {
+      if (l < a.Cout) co = l;
+    }
+    row_co[m] = co;
+    row_scale[m] = sc;
+  }
+  for (int c = tid; c < BN; c += nthr) {
+    int ci = -1, rs = 0;
+    acc_t sc = acc_t(1);
+    const int q = ct * BN + c;
+    if (MODE == 0) {
+      if (q < a.q_per * khkw) {
+        ci = g * a.q_per + q / khkw;
+        rs = q % khkw;
+      }
+    } else if (MODE == 1) {
+      if (q < a.Cin * khkw) {
+        ci = q / khkw;
+        rs = q % khkw;
+      }
+    } else {
+      if (q < active * a.q_per * khkw) {
+        const int vc = q / khkw;
+        const int blk = list_n[vc / a.q_per];
+        ci = blk * a.q_per + vc % a.q_per;
+        rs = q % khkw;
+        sc = gate_n[blk];
+      }
+    }
+    col_ci[c] = ci;
+    col_rs[c] = rs;
+    col_scale[c] = sc;
+  }
+  __syncthreads();
+
+  const int K = a.Ho * a.Wo;
+  const scalar_t* dout_n = a.dout + (int64_t)n * a.Cout * K;
+  const int64_t x_plane = (int64_t)a.H * a.W;
+  const scalar_t* x_n = a.x + (int64_t)n * a.Cin * x_plane;
+
+  acc_t acc[TM][TN];
+#pragma unroll
+  for (int i = 0; i < TM; ++i)
+#pragma unroll
+    for (int j = 0; j < TN; ++j) acc[i][j] = acc_t(0);
+
+  for (int k0 = 0; k0 < K; k0 += BK) {
+    // The reduction runs over pixels: kk fastest, so neighbouring threads read
+    // neighbouring pixels of one channel.
+    for (int e = tid; e < BK * BM; e += nthr) {
+      const int kk = e % BK, m = e / BK, p = k0 + kk;
+      const int co = row_co[m];
+      acc_t v = acc_t(0);
+      if (p < K && co >= 0) v = static_cast<acc_t>(dout_n[(int64_t)co * K + p]) * row_scale[m];
+      As[kk][m] = v;
+    }
+    for (int e = tid; e < BK * BN; e += nthr) {
+      const int kk = e % BK, c = e / BK, p = k0 + kk;
+      const int ci = col_ci[c];
+      acc_t v = acc_t(0);
+      if (p < K && ci >= 0) {
+        const int oh = p / a.Wo, ow = p - oh * a.Wo;
+        const int r = col_rs[c] / a.kw, s = col_rs[c] % a.kw;
+        const int ih = oh * a.sh - a.ph + r * a.dh, iw = ow * a.sw - a.pw + s * a.dw;
+        if (ih >= 0 && ih < a.H && iw >= 0 && iw < a.W)
+          v = static_cast<acc_t>(x_n[ci * x_plane + (int64_t)ih * a.W + iw]) * col_scale[c];
+      }
+      Bs[kk][c] = v;
+    }
+    __syncthreads();
+    chunk_mma<acc_t>(As, Bs, acc, ty, tx, tm, tn);
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < TM; ++i) {
+    const int co = row_co[ty + i * tm];
+    if (co < 0) continue;
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+      const int c = tx + j * tn;
+      const int ci = col_ci[c];
+      if (ci < 0) continue;
+      atomicAdd(&a.gw[((int64_t)co * a.cin_g + ci % a.cin_g) * khkw + col_rs[c]], acc[i][j]);
+    }
+  }
+}
+
+// grad_gates of the active blocks in the "group"/"out" modes from the saved
+// output: <dout, out> over the block / gate (out = gate * ungated block).  One CTA
+// of DOT_THREADS per (n, slot); the block [Cb, Ho, Wo] is contiguous in both.
+constexpr int DOT_THREADS = 256;
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(DOT_THREADS) active_gate_grad_kernel(
+    const scalar_t* __restrict__ dout, const scalar_t* __restrict__ out,
+    const acc_t* __restrict__ gates, const int* __restrict__ list, const int* __restrict__ cnt,
+    acc_t* __restrict__ gg, int G, int64_t block_len) {
+  __shared__ acc_t red[DOT_THREADS];
+  const int slot = blockIdx.x % G, n = blockIdx.x / G;
+  if (slot >= cnt[n]) return;
+  const int g = list[(int64_t)n * G + slot];
+  const int64_t base = ((int64_t)n * G + g) * block_len;
+  acc_t s = acc_t(0);
+  for (int64_t i = threadIdx.x; i < block_len; i += DOT_THREADS)
+    s += static_cast<acc_t>(dout[base + i]) * static_cast<acc_t>(out[base + i]);
+  red[threadIdx.x] = s;
+  __syncthreads();
+  for (int w = DOT_THREADS / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) gg[(int64_t)n * G + g] = red[0] / gates[(int64_t)n * G + g];
+}
+
+}  // namespace kern
+}  // namespace routed_conv
+}  // namespace fastmod
