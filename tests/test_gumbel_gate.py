@@ -289,7 +289,38 @@ def _opcheck_cases(backend):
     cases.append((bwd, (torch.randn(3, 40, device=dev), torch.randn(3, 40, device=dev), seed, 0.5)))
     cases.append((bwd, (torch.randn(3, 40, device=dev), torch.randn(3, 40, device=dev), None, 0.5)))
     cases.append((noise, (torch.randn(3, 40, device=dev), seed)))
+    if backend == "cpu":  # the CPU training-step pair behind the C++ autograd kernel
+        for dtype, soft_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                  (torch.float64, torch.float64)):
+            xs = torch.randn(3, 40, dtype=dtype)
+            cases.append((torch.ops.fastmod.gumbel_sigmoid_gate_hard_train, (xs, seed, 0.5)))
+            cases.append((torch.ops.fastmod.gumbel_sigmoid_gate_backward_soft,
+                          (torch.randn(3, 40, dtype=dtype), torch.rand(3, 40, dtype=soft_dtype), 0.5)))
     return cases
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ CPU op")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_cpu_training_step_saves_only_the_soft_gate(dtype):
+    """The C++ autograd kernel keeps B~ (float32, float64 for float64) for the hard gate when
+    a gradient is needed, and nothing is written besides the gate when none is."""
+    x = torch.randn(4, 50, dtype=dtype, requires_grad=True)
+    seed = torch.tensor([11], dtype=torch.int64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = torch.ops.fastmod.gumbel_sigmoid_gate(x, seed, 0.5, True)
+    assert len(saved) == 1 and saved[0].shape == x.shape
+    assert saved[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    gate, soft = torch.ops.fastmod.gumbel_sigmoid_gate_hard_train(x.detach(), seed, 0.5)
+    assert torch.equal(out, gate) and torch.equal(saved[0], soft)
+    u = torch.ops.fastmod.gumbel_sigmoid_noise(x.detach(), seed).double()
+    expect = torch.sigmoid((x.detach().double() + torch.log(u / (1 - u))) / 0.5)
+    torch.testing.assert_close(soft.double(), expect, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            torch.ops.fastmod.gumbel_sigmoid_gate(x, seed, 0.5, True)
+        assert saved == []
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

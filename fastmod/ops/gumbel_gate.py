@@ -19,10 +19,16 @@ u = (r >> 9)·2⁻²³ + 2⁻²⁴ ∈ [2⁻²⁴, 1 − 2⁻²⁴]: the CPU (C+
 draw the same u for the same seed.  ``_noise(logits, seed)`` regenerates it, so
 tests can hand it to ``gumbel_sigmoid_gate_reference(..., noise=u)``.
 
-Saved for backward: the logits and the one-element seed tensor, not B̃.  The
-backward kernel regenerates t from the seed (Philox is cheap and counter-based),
-so the forward writes nothing but its output and keeps no extra activation; the
-logits are usually alive anyway (the router keeps them for inspection).
+Saved for backward.  C++ CPU op, hard gate, gradient needed: B̃ in float32
+(float64 for float64 logits), written by the forward kernel; the backward is then
+one multiply, where regenerating the noise and the log/exp was half the cost of a
+training step at the router's shapes.  The autograd node is C++
+(csrc/gumbel_gate/gumbel_gate_autograd.cpp), because a Python wrapper cost as much
+per call as the kernels there.  Under ``no_grad`` (or for logits without
+``requires_grad``) nothing but the gate is written.  Soft gate on the CPU, and
+every Triton call: the logits and the one-element seed tensor; the backward kernel
+regenerates t from the seed (Philox is cheap and counter-based on a GPU, where the
+extra B̃ write would cost bandwidth), so the forward writes only its output.
 """
 from __future__ import annotations
 
@@ -166,14 +172,28 @@ if _extension.has_op(OP):
     def _(grad, logits, seed, tau):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("fastmod::gumbel_sigmoid_gate_hard_train")
+    def _(logits, seed, tau):
+        soft_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        return (torch.empty_like(logits, memory_format=torch.contiguous_format),
+                torch.empty(logits.shape, dtype=soft_dtype, device=logits.device))
+
+    @torch.library.register_fake("fastmod::gumbel_sigmoid_gate_backward_soft")
+    def _(grad, soft, tau):
+        return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("fastmod::gumbel_sigmoid_noise")
     def _(logits, seed):
         return torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
 
-    torch.library.register_autograd(
-        "fastmod::gumbel_sigmoid_gate",
-        _make_backward(lambda *a: torch.ops.fastmod.gumbel_sigmoid_gate_backward(*a)),
-        setup_context=_setup_context)
+    # The C++ op's autograd is a C++ kernel (csrc/gumbel_gate/gumbel_gate_autograd.cpp):
+    # a Python wrapper cost as much per call as the kernels at the router's shapes.
+    # An extension built without it gets the same formula from Python.
+    if not _extension.has_op(OP, "Autograd"):
+        torch.library.register_autograd(
+            "fastmod::gumbel_sigmoid_gate",
+            _make_backward(lambda *a: torch.ops.fastmod.gumbel_sigmoid_gate_backward(*a)),
+            setup_context=_setup_context)
 
 
 if backends.triton_installed():

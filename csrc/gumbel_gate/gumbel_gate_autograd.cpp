@@ -1,0 +1,100 @@
+// Autograd kernel of fastmod::gumbel_sigmoid_gate, in C++.
+//
+// Why C++: at the router's shapes ([64, 8, 32] = 16K elements) both CPU kernels
+// take a few tens of microseconds, and a Python autograd wrapper
+// (torch.library.register_autograd) cost about as much again per call.  Here the
+// graph node is a C++ torch::autograd::Function: forward and backward go straight
+// to the dispatcher.  torch.compile traces through it like any C++ autograd kernel.
+//
+// Saved for backward: for the hard gate, B~ = sigmoid((logits + t) / tau) in float32
+// (float64 for float64 logits), written by the forward kernel only when a
+// gradient will be needed; the backward is then one multiply, instead of
+// regenerating the Philox noise and the log/exp (which was half the step's cost).
+// For the soft gate: the logits and the one-element seed (the backward kernel
+// regenerates the noise).  The backward itself is not differentiable.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_gate(const at::Tensor& logits, const c10::optional<at::Tensor>& seed, double tau, bool hard) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmod::gumbel_sigmoid_gate", "")
+                       .typed<at::Tensor(const at::Tensor&, const c10::optional<at::Tensor>&, double, bool)>();
+  return op.call(logits, seed, tau, hard);
+}
+
+at::Tensor call_backward(const at::Tensor& grad, const at::Tensor& logits, const c10::optional<at::Tensor>& seed,
+                         double tau) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastmod::gumbel_sigmoid_gate_backward", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, double)>();
+  return op.call(grad, logits, seed, tau);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_hard_train(const at::Tensor& logits, const c10::optional<at::Tensor>& seed,
+                                                   double tau) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastmod::gumbel_sigmoid_gate_hard_train", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const c10::optional<at::Tensor>&, double)>();
+  return op.call(logits, seed, tau);
+}
+
+at::Tensor call_backward_soft(const at::Tensor& grad, const at::Tensor& soft, double tau) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmod::gumbel_sigmoid_gate_backward_soft", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
+  return op.call(grad, soft, tau);
+}
+
+class GumbelSigmoidGate : public torch::autograd::Function<GumbelSigmoidGate> {
+ public:
+  // needs_grad is decided by the caller: inside forward, grad mode is off.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const c10::optional<at::Tensor>& seed,
+                            double tau, bool hard, bool needs_grad) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->saved_data["tau"] = tau;
+    ctx->saved_data["from_soft"] = hard && needs_grad;
+    if (hard && needs_grad) {
+      auto [out, soft] = call_hard_train(logits, seed, tau);
+      ctx->save_for_backward({soft});
+      return out;
+    }
+    // An undefined tensor stands for "no seed" (deterministic gate).
+    ctx->save_for_backward({logits, seed.has_value() ? *seed : at::Tensor()});
+    return call_gate(logits, seed, tau, hard);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const double tau = ctx->saved_data["tau"].toDouble();
+    at::Tensor grad_logits;
+    if (ctx->saved_data["from_soft"].toBool()) {
+      grad_logits = call_backward_soft(grads[0], saved[0], tau);
+    } else {
+      const c10::optional<at::Tensor> seed =
+          saved[1].defined() ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
+      grad_logits = call_backward(grads[0], saved[0], seed, tau);
+    }
+    return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor gate_autograd(const at::Tensor& logits, const c10::optional<at::Tensor>& seed, double tau, bool hard) {
+  const bool needs_grad = at::GradMode::is_enabled() && logits.requires_grad();
+  return GumbelSigmoidGate::apply(logits, seed, tau, hard, needs_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmod, Autograd, m) {
+  m.impl("gumbel_sigmoid_gate", &gate_autograd);
+}
