@@ -83,6 +83,28 @@ def test_shapes_dtypes(mode, over, dtype):
     check(x, w, gates, b, kw, dtype)
 
 
+# fp16/bf16 forward and grad_x passes use tensor cores (WMMA) when a tile's column
+# set has >= 32 channels; FASTMOD_ROUTED_CONV_TC=0 forces the SIMT kernels.
+TC_SHAPES = [
+    ("group", dict(cin=64, cout=96, blocks=2, hw=(9, 11))),   # 48 out / 32 in channels per group
+    ("out", dict(cin=40, cout=96, blocks=8, hw=(9, 9))),      # 96 listed out / 40 grad_x columns
+    ("out", dict(cin=33, cout=70, blocks=70, hw=(13, 7), stride=2)),
+    ("in", dict(cin=48, cout=40, blocks=6, hw=(10, 10), stride=2)),
+    ("in", dict(cin=64, cout=65, blocks=64, hw=(9, 8), k=1, bias=False)),
+]
+
+
+@pytest.mark.parametrize("mode,over", TC_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tc", ["1", "0"])
+@pytest.mark.parametrize("kind", ["random", "nonbinary", "on"])
+def test_tensor_core_path(mode, over, dtype, tc, kind, monkeypatch):
+    monkeypatch.setenv("FASTMOD_ROUTED_CONV_TC", tc)
+    x, w, b, kw = make(mode, dtype=dtype, **over)
+    gates = make_gates(kind, x.shape[0], over["blocks"], dtype=dtype, device="cuda")
+    check(x, w, gates, b, kw, dtype)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_gates_in_another_dtype(mode):
     x, w, b, kw = make(mode, dtype=torch.float32)

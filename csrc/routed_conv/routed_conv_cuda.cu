@@ -16,8 +16,11 @@
 //             dots the ungated result with dout; in: the grad_x pass's epilogue dots
 //             the ungated transposed conv with x (active blocks, and the off ones
 //             when exact).
-// Precision: fp16/bf16/fp32 accumulate in fp32, float64 in double.  SIMT only: no
-// tensor cores and no TF32 yet.
+// Precision: fp16/bf16/fp32 accumulate in fp32, float64 in double.  The forward and
+// grad_x passes of fp16/bf16 run on tensor cores (WMMA, routed_conv_cuda_tc.cuh) on
+// sm_80+ when a tile's column set has >= 32 channels; everything else is SIMT (fp32
+// stays plain fp32: no TF32).  FASTMOD_ROUTED_CONV_TC=0 in the environment forces
+// the SIMT path (read on every call; for tests and bisecting).
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -27,10 +30,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
+#include <type_traits>
 
 #include "routed_conv/routed_conv.h"
 #include "routed_conv/routed_conv_cuda_kernels.cuh"
+#include "routed_conv/routed_conv_cuda_tc.cuh"
 
 namespace fastmod {
 namespace routed_conv {
@@ -130,11 +136,49 @@ int checked_grid(int64_t grid) {
   return (int)grid;
 }
 
+bool use_tensor_cores(int64_t cols) {
+  const char* env = std::getenv("FASTMOD_ROUTED_CONV_TC");
+  if (env != nullptr && env[0] == '0') return false;
+  return cols >= 32 && at::cuda::getCurrentDeviceProperties()->major >= 8;
+}
+
+template <typename scalar_t>
+void launch_conv_tc(int kind, bool dx, ConvArgs<scalar_t, float> a, int N, int64_t cols,
+                    cudaStream_t stream) {
+  const int64_t rows = (int64_t)a.Hd * a.Wd;
+  a.tiles_p = (int)ceil_div(rows, kern::TC_BM);
+  a.tiles_c = (int)std::max<int64_t>(1, ceil_div(cols, kern::TC_BN));
+  a.slots = kind == kern::kGrouped ? a.G : 1;
+  const int64_t grid64 = (int64_t)N * a.slots * a.tiles_c * a.tiles_p;
+  if (grid64 == 0) return;
+  const int grid = checked_grid(grid64);
+#define FASTMOD_CONV_TC_LAUNCH(KIND, DX)                                                       \
+  kern::conv_kernel_tc<scalar_t, KIND, DX><<<grid, kern::TC_THREADS, 0, stream>>>(a); \
+  C10_CUDA_KERNEL_LAUNCH_CHECK()
+  switch (kind) {
+    case kern::kGrouped:
+      if (dx) { FASTMOD_CONV_TC_LAUNCH(kern::kGrouped, true); } else { FASTMOD_CONV_TC_LAUNCH(kern::kGrouped, false); }
+      break;
+    case kern::kColListed:
+      if (dx) { FASTMOD_CONV_TC_LAUNCH(kern::kColListed, true); } else { FASTMOD_CONV_TC_LAUNCH(kern::kColListed, false); }
+      break;
+    default:
+      if (dx) { FASTMOD_CONV_TC_LAUNCH(kern::kKListed, true); } else { FASTMOD_CONV_TC_LAUNCH(kern::kKListed, false); }
+  }
+#undef FASTMOD_CONV_TC_LAUNCH
+}
+
 // Fills the launch fields of `a` and runs the conv kernel of the given kind.
 // `cols` bounds the column count of one tile's column set.
 template <typename scalar_t, typename acc_t>
 void launch_conv(int kind, bool dx, ConvArgs<scalar_t, acc_t> a, int N, int64_t cols,
                  cudaStream_t stream) {
+  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    if (use_tensor_cores(cols)) {
+      launch_conv_tc<scalar_t>(kind, dx, a, N, cols, stream);
+      return;
+    }
+  }
   const int64_t rows = (int64_t)a.Hd * a.Wd;
   const Layout L = pick_layout(rows, cols);
   a.tm = L.tm;

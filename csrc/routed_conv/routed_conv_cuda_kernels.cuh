@@ -105,9 +105,145 @@ struct ConvArgs {
   bool gate_epi;  // scale stored columns by their block's gate
 };
 
+// One conv tile: which sample, columns and reduction range it owns, and how it
+// reads its operands.  Shared by the SIMT kernel below and the tensor-core kernel
+// (routed_conv_cuda_tc.cuh), which differ only in how they multiply.
 // DX = false: forward conv, result rows are output pixels (Hd x Wd = Ho x Wo) of
 // sample n, src = x.  DX = true: transposed conv (grad_x), rows are input pixels,
 // src = grad_out; reduction index k = (channel, r, s) of the weight in both.
+template <typename scalar_t, typename acc_t, int KIND, bool DX>
+struct ConvTile {
+  int n, g, K, lo, hi, p0, Prows, khkw;
+  const int* list_n;
+  const acc_t* gate_n;
+  const scalar_t* src_n;
+  int64_t src_plane;
+
+  // Decodes blockIdx.x for BM x BN tiles; false when the tile has no work (the
+  // caller's whole CTA then returns, before any barrier).
+  __device__ __forceinline__ bool init(const ConvArgs<scalar_t, acc_t>& a, int BM, int BN) {
+    int t = blockIdx.x;
+    const int pt = t % a.tiles_p;
+    t /= a.tiles_p;
+    const int ct = t % a.tiles_c;
+    t /= a.tiles_c;
+    const int slot = t % a.slots;
+    n = t / a.slots;
+    const int G = a.G;
+    const int active = a.cnt[n];
+    list_n = a.list + (int64_t)n * G;
+    gate_n = a.gates + (int64_t)n * G;
+    khkw = a.kh * a.kw;
+    g = 0;
+    K = 0;
+    lo = 0;
+    hi = 0;
+    if (KIND == kGrouped) {
+      const int s = (a.off ? active : 0) + slot;
+      if (s >= (a.off ? G : active)) return false;
+      g = list_n[s];
+      K = a.k_per * khkw;
+      lo = ct * BN;  // first column within the group
+    } else if (KIND == kColListed) {
+      lo = (a.off ? active : 0) * a.col_per + ct * BN;  // first virtual column
+      hi = (a.off ? G : active) * a.col_per;
+      if (lo >= hi) return false;
+      K = a.Csrc * khkw;
+    } else {
+      lo = ct * BN;
+      K = active * a.k_per * khkw;
+    }
+    Prows = a.Hd * a.Wd;
+    p0 = pt * BM;
+    src_plane = (int64_t)a.Hs * a.Ws;
+    src_n = a.src + (int64_t)n * a.Csrc * src_plane;
+    return true;
+  }
+
+  // Channel (or -1) and block of the tile's column c.
+  __device__ __forceinline__ void column(const ConvArgs<scalar_t, acc_t>& a, int c, int& ch,
+                                         int& blk) const {
+    ch = -1;
+    blk = 0;
+    if (KIND == kGrouped) {
+      const int l = lo + c;
+      if (l < a.col_per) {
+        ch = g * a.col_per + l;
+        blk = g;
+      }
+    } else if (KIND == kColListed) {
+      const int v = lo + c;
+      if (v < hi) {
+        blk = list_n[v / a.col_per];
+        ch = blk * a.col_per + v % a.col_per;
+      }
+    } else {
+      const int l = lo + c;
+      if (l < a.Cdst) ch = l;
+    }
+  }
+
+  // A[m, k]: the source element feeding row m (pixel p0 + m) at reduction index k,
+  // zero outside the image, past the rows or past K.
+  __device__ __forceinline__ acc_t load_a(const ConvArgs<scalar_t, acc_t>& a, int m, int k) const {
+    const int p = p0 + m;
+    if (k >= K || p >= Prows) return acc_t(0);
+    const int kc = k / khkw, rs = k - kc * khkw, r = rs / a.kw, s = rs - r * a.kw;
+    int blk;
+    const int ch = k_channel<KIND>(kc, g, a.k_per, list_n, blk);
+    const int y = p / a.Wd, xw = p - y * a.Wd;
+    int iy, ix;
+    bool ok;
+    if (!DX) {
+      iy = y * a.sh - a.ph + r * a.dh;
+      ix = xw * a.sw - a.pw + s * a.dw;
+      ok = iy >= 0 && iy < a.Hs && ix >= 0 && ix < a.Ws;
+    } else {  // input pixel (y, xw) receives output pixel (ty, tx) / stride
+      const int ty = y + a.ph - r * a.dh, tx = xw + a.pw - s * a.dw;
+      ok = ty >= 0 && tx >= 0 && ty % a.sh == 0 && tx % a.sw == 0;
+      iy = ty / a.sh;
+      ix = tx / a.sw;
+      ok = ok && iy < a.Hs && ix < a.Ws;
+    }
+    if (!ok) return acc_t(0);
+    acc_t v = static_cast<acc_t>(src_n[ch * src_plane + (int64_t)iy * a.Ws + ix]);
+    if (KIND == kKListed) v *= gate_n[blk];
+    return v;
+  }
+
+  // B[k, column with channel cch]: the weight element linking them (zero past K or
+  // for an empty column, cch < 0).
+  __device__ __forceinline__ acc_t load_b(const ConvArgs<scalar_t, acc_t>& a, int k, int cch) const {
+    if (k >= K || cch < 0) return acc_t(0);
+    const int kc = k / khkw, rs = k - kc * khkw;
+    int blk;
+    const int kch = k_channel<KIND>(kc, g, a.k_per, list_n, blk);
+    const int wo = DX ? kch : cch;              // weight's output channel
+    const int wi = (DX ? cch : kch) % a.cin_g;  // weight's input channel (within group)
+    return static_cast<acc_t>(a.weight[((int64_t)wo * a.cin_g + wi) * khkw + rs]);
+  }
+
+  // Result v (bias not yet added) of row m, column (ch, blk): store it (write)
+  // and/or add its dot with `other` to dsum (dot).  Rows past the image and empty
+  // columns are ignored.
+  __device__ __forceinline__ void epilogue(const ConvArgs<scalar_t, acc_t>& a, int m, int ch,
+                                           int blk, acc_t v, bool write, bool dot,
+                                           acc_t& dsum) const {
+    const int p = p0 + m;
+    if (p >= Prows || ch < 0) return;
+    if (a.bias != nullptr) v += static_cast<acc_t>(a.bias[ch]);
+    const int64_t off = ((int64_t)n * a.Cdst + ch) * Prows + p;
+    if (dot) dsum += v * static_cast<acc_t>(a.other[off]);
+    if (write) a.dst[off] = static_cast<scalar_t>(a.gate_epi ? v * gate_n[blk] : v);
+  }
+
+  __device__ __forceinline__ void flush_dot(const ConvArgs<scalar_t, acc_t>& a, int ch, int blk,
+                                            acc_t dsum) const {
+    if (a.dot && ch >= 0) atomicAdd(&a.dot_ws[(int64_t)n * a.G + blk], dsum);
+  }
+};
+
+// SIMT conv: tm x tn threads, each a TM x TN register tile.
 template <typename scalar_t, typename acc_t, int KIND, bool DX>
 __global__ void __launch_bounds__(MAX_THREADS) conv_kernel(const ConvArgs<scalar_t, acc_t> a) {
   __shared__ acc_t As[BK][MAX_BM];
@@ -118,62 +254,10 @@ __global__ void __launch_bounds__(MAX_THREADS) conv_kernel(const ConvArgs<scalar
   const int tm = a.tm, tn = a.tn, BM = tm * TM, BN = tn * TN;
   const int nthr = tm * tn, tid = threadIdx.x;
   const int ty = tid / tn, tx = tid % tn;
-  int t = blockIdx.x;
-  const int pt = t % a.tiles_p;
-  t /= a.tiles_p;
-  const int ct = t % a.tiles_c;
-  t /= a.tiles_c;
-  const int slot = t % a.slots;
-  const int n = t / a.slots;
-  const int G = a.G;
-  const int active = a.cnt[n];
-  const int* list_n = a.list + (int64_t)n * G;
-  const acc_t* gate_n = a.gates + (int64_t)n * G;
-  const int khkw = a.kh * a.kw;
-
-  // This tile's column set and reduction length; tiles past the work return here
-  // (the whole CTA, before any barrier).
-  int g = 0, K = 0, lo = 0, hi = 0;
-  if (KIND == kGrouped) {
-    const int s = (a.off ? active : 0) + slot;
-    if (s >= (a.off ? G : active)) return;
-    g = list_n[s];
-    K = a.k_per * khkw;
-  } else if (KIND == kColListed) {
-    lo = (a.off ? active : 0) * a.col_per;
-    hi = (a.off ? G : active) * a.col_per;
-    if (lo + ct * BN >= hi) return;
-    K = a.Csrc * khkw;
-  } else {
-    K = active * a.k_per * khkw;
-  }
-  for (int c = tid; c < BN; c += nthr) {
-    int ch = -1, blk = 0;
-    if (KIND == kGrouped) {
-      const int l = ct * BN + c;
-      if (l < a.col_per) {
-        ch = g * a.col_per + l;
-        blk = g;
-      }
-    } else if (KIND == kColListed) {
-      const int v = lo + ct * BN + c;
-      if (v < hi) {
-        blk = list_n[v / a.col_per];
-        ch = blk * a.col_per + v % a.col_per;
-      }
-    } else {
-      const int l = ct * BN + c;
-      if (l < a.Cdst) ch = l;
-    }
-    col_ch[c] = ch;
-    col_blk[c] = blk;
-  }
+  ConvTile<scalar_t, acc_t, KIND, DX> t;
+  if (!t.init(a, BM, BN)) return;
+  for (int c = tid; c < BN; c += nthr) t.column(a, c, col_ch[c], col_blk[c]);
   __syncthreads();
-
-  const int Prows = a.Hd * a.Wd;
-  const int p0 = pt * BM;
-  const int64_t src_plane = (int64_t)a.Hs * a.Ws;
-  const scalar_t* src_n = a.src + (int64_t)n * a.Csrc * src_plane;
 
   acc_t acc[TM][TN];
 #pragma unroll
@@ -181,82 +265,29 @@ __global__ void __launch_bounds__(MAX_THREADS) conv_kernel(const ConvArgs<scalar
 #pragma unroll
     for (int j = 0; j < TN; ++j) acc[i][j] = acc_t(0);
 
-  for (int k0 = 0; k0 < K; k0 += BK) {
+  for (int k0 = 0; k0 < t.K; k0 += BK) {
     // A: consecutive threads take consecutive pixels (coalesced reads of src).
     for (int e = tid; e < BK * BM; e += nthr) {
-      const int m = e % BM, kk = e / BM, k = k0 + kk, p = p0 + m;
-      acc_t v = acc_t(0);
-      if (k < K && p < Prows) {
-        const int kc = k / khkw, rs = k - kc * khkw, r = rs / a.kw, s = rs - r * a.kw;
-        int blk;
-        const int ch = k_channel<KIND>(kc, g, a.k_per, list_n, blk);
-        const int y = p / a.Wd, xw = p - y * a.Wd;
-        int iy, ix;
-        bool ok;
-        if (!DX) {
-          iy = y * a.sh - a.ph + r * a.dh;
-          ix = xw * a.sw - a.pw + s * a.dw;
-          ok = iy >= 0 && iy < a.Hs && ix >= 0 && ix < a.Ws;
-        } else {  // input pixel (y, xw) receives output pixel (ty_, tx_) / stride
-          const int ty_ = y + a.ph - r * a.dh, tx_ = xw + a.pw - s * a.dw;
-          ok = ty_ >= 0 && tx_ >= 0 && ty_ % a.sh == 0 && tx_ % a.sw == 0;
-          iy = ty_ / a.sh;
-          ix = tx_ / a.sw;
-          ok = ok && iy < a.Hs && ix < a.Ws;
-        }
-        if (ok) {
-          v = static_cast<acc_t>(src_n[ch * src_plane + (int64_t)iy * a.Ws + ix]);
-          if (KIND == kKListed) v *= gate_n[blk];
-        }
-      }
-      As[kk][m] = v;
+      const int m = e % BM, kk = e / BM;
+      As[kk][m] = t.load_a(a, m, k0 + kk);
     }
-    // B: the weight element linking reduction index k and column c.
     for (int e = tid; e < BK * BN; e += nthr) {
-      const int c = e % BN, kk = e / BN, k = k0 + kk;
-      const int cch = col_ch[c];
-      acc_t v = acc_t(0);
-      if (k < K && cch >= 0) {
-        const int kc = k / khkw, rs = k - kc * khkw;
-        int blk;
-        const int kch = k_channel<KIND>(kc, g, a.k_per, list_n, blk);
-        const int wo = DX ? kch : cch;               // weight's output channel
-        const int wi = (DX ? cch : kch) % a.cin_g;   // weight's input channel (within group)
-        v = static_cast<acc_t>(a.weight[((int64_t)wo * a.cin_g + wi) * khkw + rs]);
-      }
-      Bs[kk][c] = v;
+      const int c = e % BN, kk = e / BN;
+      Bs[kk][c] = t.load_b(a, k0 + kk, col_ch[c]);
     }
     __syncthreads();
     chunk_mma<acc_t>(As, Bs, acc, ty, tx, tm, tn);
     __syncthreads();
   }
 
-  acc_t dsum[TN];
 #pragma unroll
-  for (int j = 0; j < TN; ++j) dsum[j] = acc_t(0);
-  const int64_t dst_n = (int64_t)n * a.Cdst;
+  for (int j = 0; j < TN; ++j) {
+    const int c = tx + j * tn;
+    acc_t dsum = acc_t(0);
 #pragma unroll
-  for (int i = 0; i < TM; ++i) {
-    const int p = p0 + ty + i * tm;
-    if (p >= Prows) continue;
-#pragma unroll
-    for (int j = 0; j < TN; ++j) {
-      const int c = tx + j * tn;
-      const int ch = col_ch[c];
-      if (ch < 0) continue;
-      acc_t v = acc[i][j];
-      if (a.bias != nullptr) v += static_cast<acc_t>(a.bias[ch]);
-      const int64_t off = (dst_n + ch) * Prows + p;
-      if (a.dot) dsum[j] += v * static_cast<acc_t>(a.other[off]);
-      if (a.write) a.dst[off] = static_cast<scalar_t>(a.gate_epi ? v * gate_n[col_blk[c]] : v);
-    }
-  }
-  if (a.dot) {
-#pragma unroll
-    for (int j = 0; j < TN; ++j) {
-      const int c = tx + j * tn;
-      if (col_ch[c] >= 0) atomicAdd(&a.dot_ws[(int64_t)n * G + col_blk[c]], dsum[j]);
-    }
+    for (int i = 0; i < TM; ++i)
+      t.epilogue(a, ty + i * tm, col_ch[c], col_blk[c], acc[i][j], a.write, a.dot, dsum);
+    t.flush_dot(a, col_ch[c], col_blk[c], dsum);
   }
 }
 

@@ -1,0 +1,125 @@
+// Tensor-core (WMMA, m16n16k16) variant of the routed conv kernel for fp16/bf16,
+// fp32 accumulation.  Same tiles, operand loaders and epilogue as the SIMT kernel
+// (ConvTile in routed_conv_cuda_kernels.cuh); only the multiply differs:
+//   64 x 64 tile, 4 warps in a 2 x 2 grid, each warp 2 x 2 fragments (32 x 32);
+//   operands staged in shared memory as the 16-bit type (A [m][k], B [k][n], both
+//   row-major, rows padded by 8 elements), K in chunks of 32;
+//   the accumulators go through shared memory (fp32) to the element-wise epilogue.
+// Needs sm_80+ (bf16 fragments); the host launches it only there.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "routed_conv/routed_conv_cuda_kernels.cuh"
+
+namespace fastmod {
+namespace routed_conv {
+namespace kern {
+
+constexpr int TC_BM = 64, TC_BN = 64, TC_BK = 32, TC_THREADS = 128;
+constexpr int TC_LDA = TC_BK + 8;  // 16-bit elements; a multiple of 8 as WMMA asks
+constexpr int TC_LDB = TC_BN + 8;
+constexpr int TC_LDC = TC_BN + 4;  // fp32 elements; a multiple of 4
+
+// The CUDA type WMMA reads for each c10 16-bit type (same bits).
+template <typename scalar_t>
+struct WmmaType;
+template <>
+struct WmmaType<c10::Half> {
+  using type = __half;
+};
+template <>
+struct WmmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename scalar_t, int KIND, bool DX>
+__global__ void __launch_bounds__(TC_THREADS) conv_kernel_tc(const ConvArgs<scalar_t, float> a) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  using wt = typename WmmaType<scalar_t>::type;
+  static_assert(sizeof(wt) == sizeof(scalar_t), "16-bit types");
+  // WMMA loads/stores need 256-bit aligned pointers: every fragment origin below is
+  // a multiple of 16 rows (and 16 columns) away from these aligned bases.
+  __shared__ __align__(32) scalar_t As[TC_BM * TC_LDA];
+  __shared__ __align__(32) scalar_t Bs[TC_BK * TC_LDB];
+  __shared__ __align__(32) float Cs[TC_BM * TC_LDC];
+  __shared__ int col_ch[TC_BN];
+  __shared__ int col_blk[TC_BN];
+
+  const int tid = threadIdx.x;
+  ConvTile<scalar_t, float, KIND, DX> t;
+  if (!t.init(a, TC_BM, TC_BN)) return;
+  for (int c = tid; c < TC_BN; c += TC_THREADS) t.column(a, c, col_ch[c], col_blk[c]);
+  __syncthreads();
+
+  const int warp = tid / 32, wm = warp / 2, wn = warp % 2;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+  for (int k0 = 0; k0 < t.K; k0 += TC_BK) {
+    for (int e = tid; e < TC_BK * TC_BM; e += TC_THREADS) {
+      const int m = e % TC_BM, kk = e / TC_BM;
+      As[m * TC_LDA + kk] = static_cast<scalar_t>(t.load_a(a, m, k0 + kk));
+    }
+    for (int e = tid; e < TC_BK * TC_BN; e += TC_THREADS) {
+      const int c = e % TC_BN, kk = e / TC_BN;
+      Bs[kk * TC_LDB + c] = static_cast<scalar_t>(t.load_b(a, k0 + kk, col_ch[c]));
+    }
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < TC_BK; ks += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, wt, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, wt, wmma::row_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+        wmma::load_matrix_sync(fa[i], reinterpret_cast<const wt*>(As + (wm * 32 + i * 16) * TC_LDA + ks),
+                               TC_LDA);
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::load_matrix_sync(fb[j], reinterpret_cast<const wt*>(Bs + ks * TC_LDB + wn * 32 + j * 16),
+                               TC_LDB);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * TC_LDC + wn * 32 + j * 16, acc[i][j], TC_LDC,
+                              wmma::mem_row_major);
+  __syncthreads();
+
+  if (a.write) {  // rows fastest: neighbouring threads store neighbouring pixels
+    float unused = 0.f;
+    for (int e = tid; e < TC_BM * TC_BN; e += TC_THREADS) {
+      const int m = e % TC_BM, c = e / TC_BM;
+      t.epilogue(a, m, col_ch[c], col_blk[c], Cs[m * TC_LDC + c], true, false, unused);
+    }
+  }
+  if (a.dot) {  // one thread per column sums its rows, then one atomic per column
+    for (int c = tid; c < TC_BN; c += TC_THREADS) {
+      float dsum = 0.f;
+      for (int m = 0; m < TC_BM; ++m)
+        t.epilogue(a, m, col_ch[c], col_blk[c], Cs[m * TC_LDC + c], false, true, dsum);
+      t.flush_dot(a, col_ch[c], col_blk[c], dsum);
+    }
+  }
+#endif
+}
+
+}  // namespace kern
+}  // namespace routed_conv
+}  // namespace fastmod
