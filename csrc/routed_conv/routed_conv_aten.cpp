@@ -216,8 +216,10 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& weight, const at::Ten
   }
 
   if (mode == Mode::Group) {
-    at::Tensor out = at::zeros({N, Cout, Ho, Wo}, x.options());
+    // Off blocks are zero-filled, active ones written once: no full zeros() pass.
+    at::Tensor out = at::empty({N, Cout, Ho, Wo}, x.options());
     const int64_t P = (int64_t)p.act_flat.size();
+    out.view({N * G, -1}).index_fill_(0, p.d_off_flat, 0);
     if (P == 0) return out;
     const int64_t Cgi = Cin / G, Cgo = Cout / G;
     at::Tensor xs = x.view({N * G, Cgi * H * W}).index_select(0, p.d_act_flat).view({1, P * Cgi, H, W});
@@ -236,12 +238,13 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& weight, const at::Ten
   }
 
   if (mode == Mode::Out) {
-    at::Tensor out = at::zeros({N, Cout, Ho, Wo}, x.options());
+    at::Tensor out = at::empty({N, Cout, Ho, Wo}, x.options());
     const int64_t Cb = Cout / G;
     at::Tensor wv = w.view({G, -1});
     for_samples(x, N, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t k = p.n_act(n);
+      if (k < G) out[n].view({G, Cb * Ho * Wo}).index_fill_(0, p.off(n), 0);
       if (k == 0) continue;
       at::Tensor A = p.act(n);
       at::Tensor ws = k == G ? wv : wv.index_select(0, A);
