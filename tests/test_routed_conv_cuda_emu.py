@@ -23,7 +23,7 @@ def _toolchain() -> bool:
     return shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
-pytestmark = pytest.mark.skipif(not _toolchain(), reason="needs ninja and a C++20 compiler")
+pytestmark = pytest.mark.skipif(not _toolchain(), reason="needs ninja and a C++ compiler")
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,7 @@ def load():
         sources=[src] + host_sources(),
         # include/ first: its fake CUDA headers; csrc for the real kernel headers.
         extra_include_paths=[os.path.join(HERE, "include"), CSRC],
-        extra_cflags=["-std=c++20", "-O1", "-include", os.path.join(HERE, "shim.h"),
+        extra_cflags=["-O1", "-include", os.path.join(HERE, "shim.h"),
                       "-Wno-unknown-pragmas", "-DFASTMOD_WITH_CUDA"],
         build_directory=build, is_python_module=False, verbose=False)
     return torch.ops.fastmod_emu

@@ -1,12 +1,13 @@
 // CPU emulation of the parts of the CUDA execution model that fastmod's SIMT and
 // WMMA kernels use (force-included before the kernel sources; see emulator.py).
 // A "launch" runs the CTAs one after another on real host threads that meet at a
-// std::barrier for __syncthreads, so intra-CTA ordering bugs can show up, while
+// barrier for __syncthreads, so intra-CTA ordering bugs can show up, while
 // inter-CTA races cannot.  __shared__ becomes a function-local
 // static: one copy, reused by the CTAs in turn.
 #pragma once
-#include <barrier>
+#include <condition_variable>
 #include <cstdint>
+#include <version>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -27,7 +28,34 @@ inline thread_local emu_dim3 threadIdx, blockIdx, blockDim;
 #define __restrict__
 #define __align__(n) __attribute__((aligned(n)))
 
-inline std::barrier<>* emu_bar = nullptr;
+#if defined(__cpp_lib_barrier)
+#include <barrier>
+using EmuBarrier = std::barrier<>;
+#else  // torch 2.11 extensions build as C++17: a plain generation-counting barrier
+class EmuBarrier {
+ public:
+  explicit EmuBarrier(int n) : n_(n) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mu_);
+    const long gen = gen_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return gen_ != gen; });
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int n_, count_ = 0;
+  long gen_ = 0;
+};
+#endif
+
+inline EmuBarrier* emu_bar = nullptr;
 inline void __syncthreads() { emu_bar->arrive_and_wait(); }
 
 inline std::mutex emu_atomic_mu;
@@ -45,7 +73,7 @@ T atomicAdd(T* p, T v) {
 template <typename K, typename... Args>
 void emu_launch(K kernel, int grid, int threads, Args... args) {
   if (grid <= 0) return;
-  std::barrier<> bar(threads);
+  EmuBarrier bar(threads);
   emu_bar = &bar;
   std::vector<std::thread> ts;
   ts.reserve(threads);
