@@ -105,6 +105,27 @@ def test_tensor_core_path(mode, over, dtype, tc, kind, monkeypatch):
     check(x, w, gates, b, kw, dtype)
 
 
+@pytest.mark.parametrize("mode,over", TC_SHAPES[:4])
+@pytest.mark.parametrize("tf32", [True, False])
+def test_fp32_tf32_only_when_allowed(mode, over, tf32):
+    """fp32 runs as TF32 on tensor cores only when torch.backends.cudnn.allow_tf32 says
+    so; compared with the float64 reference (TF32 loosely, plain fp32 tightly)."""
+    torch.backends.cudnn.allow_tf32 = tf32  # conftest's autouse fixture restores it
+    x, w, b, kw = make(mode, **over)
+    gates = make_gates("nonbinary", x.shape[0], over["blocks"], device="cuda")
+    ins = [t.clone().requires_grad_(True) for t in (x, w, gates, b)]
+    refs = [t.double().requires_grad_(True) for t in (x, w, gates, b)]
+    y = routed_conv2d(*ins, backend="cuda", **kw)
+    yr = routed_conv2d_reference(*refs, **kw)
+    dy = torch.randn_like(yr)
+    y.backward(dy.float())
+    yr.backward(dy)
+    tol = 1e-2 if tf32 else 1e-4
+    for a, r in zip([y.detach()] + [t.grad for t in ins], [yr.detach()] + [t.grad for t in refs]):
+        scale = max(1.0, r.abs().max().item())
+        torch.testing.assert_close(a.double(), r, atol=tol * scale, rtol=tol)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_gates_in_another_dtype(mode):
     x, w, b, kw = make(mode, dtype=torch.float32)

@@ -39,9 +39,9 @@ def _pairs(v):
 
 def check(emu, mode, *, kind, n=2, cin=8, cout=8, hw=(7, 7), k=3, blocks=4, stride=1, padding=None,
           dilation=1, bias=True, dtype=torch.float64,
-          masks=((True, True, True, True), (False, False, False, True))):
+          masks=((True, True, True, True), (False, False, False, True)), tol=None):
     """Forward and every gradient (exact and active) of the emulated op vs the reference;
-    fp16/bf16 against the float64 reference of the same rounded inputs."""
+    fp16/bf16/fp32 against the float64 reference of the same rounded inputs."""
     groups = blocks if mode == "group" else 1
     padding = dilation * (k - 1) // 2 if padding is None else padding
     x = torch.randn(n, cin, *hw).to(dtype)
@@ -49,7 +49,7 @@ def check(emu, mode, *, kind, n=2, cin=8, cout=8, hw=(7, 7), k=3, blocks=4, stri
     b = torch.randn(cout).to(dtype) if bias else None
     gates = make_gates(kind, n, blocks, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     conv = (_pairs(stride), _pairs(padding), _pairs(dilation), groups, mode)
-    tol = {torch.float64: 1e-9, torch.float16: 3e-2, torch.bfloat16: 6e-2}[dtype]
+    tol = tol or {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 3e-2, torch.bfloat16: 6e-2}[dtype]
 
     def close(a, r, what):
         scale = max(1.0, r.abs().max().item()) if r.numel() else 1.0
@@ -113,11 +113,24 @@ def test_empty_batch(emu, mode):
     assert got[1].abs().sum() == 0
 
 
-@pytest.mark.parametrize("mode,over", [
+TC_SHAPES = [  # >= 32 channels per tile: the tensor-core kernel's cases
     ("group", dict(cin=64, cout=96, blocks=2, hw=(9, 11), n=1)),
     ("out", dict(cin=33, cout=70, blocks=70, hw=(13, 7), stride=2)),
     ("in", dict(cin=48, cout=40, blocks=6, hw=(10, 10), stride=2)),
-])
+]
+
+
+@pytest.mark.parametrize("mode,over", TC_SHAPES)
+@pytest.mark.parametrize("tf32", [True, False])
+def test_float32_tf32_only_when_allowed(emu, mode, over, tf32):
+    torch.backends.cudnn.allow_tf32 = tf32  # conftest's autouse fixture restores it
+    before = emu.mma_calls()
+    check(emu, mode, kind="nonbinary", dtype=torch.float32, masks=((True, True, True, True),),
+          tol=1e-2 if tf32 else None, **over)
+    assert (emu.mma_calls() > before) == tf32
+
+
+@pytest.mark.parametrize("mode,over", TC_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tc", ["1", "0"])
 def test_half_tensor_core_and_simt(emu, mode, over, dtype, tc, monkeypatch):

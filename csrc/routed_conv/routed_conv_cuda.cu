@@ -17,10 +17,12 @@
 //             the ungated transposed conv with x (active blocks, and the off ones
 //             when exact).
 // Precision: fp16/bf16/fp32 accumulate in fp32, float64 in double.  The forward and
-// grad_x passes of fp16/bf16 run on tensor cores (WMMA, routed_conv_cuda_tc.cuh) on
-// sm_80+ when a tile's column set has >= 32 channels; everything else is SIMT (fp32
-// stays plain fp32: no TF32).  FASTMOD_ROUTED_CONV_TC=0 in the environment forces
-// the SIMT path (read on every call; for tests and bisecting).
+// grad_x passes run on tensor cores (WMMA, routed_conv_cuda_tc.cuh) on sm_80+ when
+// a tile's column set has >= 32 channels: fp16/bf16 always, fp32 as TF32 only when
+// torch allows TF32 convolutions (torch.backends.cudnn.allow_tf32, read on every
+// call).  Everything else (grad_weight, float64, narrow tiles) is SIMT.
+// FASTMOD_ROUTED_CONV_TC=0 in the environment forces the SIMT path (read on every
+// call; for tests and bisecting).
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -175,6 +177,11 @@ void launch_conv(int kind, bool dx, ConvArgs<scalar_t, acc_t> a, int N, int64_t 
                  cudaStream_t stream) {
   if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
     if (use_tensor_cores(cols)) {
+      launch_conv_tc<scalar_t>(kind, dx, a, N, cols, stream);
+      return;
+    }
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    if (at::globalContext().allowTF32CuDNN() && use_tensor_cores(cols)) {
       launch_conv_tc<scalar_t>(kind, dx, a, N, cols, stream);
       return;
     }

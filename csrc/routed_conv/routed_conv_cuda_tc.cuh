@@ -1,11 +1,12 @@
-// Tensor-core (WMMA, m16n16k16) variant of the routed conv kernel for fp16/bf16,
-// fp32 accumulation.  Same tiles, operand loaders and epilogue as the SIMT kernel
+// Tensor-core (WMMA) variant of the routed conv kernel: fp16/bf16 (m16n16k16) and,
+// when torch allows TF32 for convolutions, fp32 as TF32 (m16n16k8); fp32
+// accumulation.  Same tiles, operand loaders and epilogue as the SIMT kernel
 // (ConvTile in routed_conv_cuda_kernels.cuh); only the multiply differs:
 //   64 x 64 tile, 4 warps in a 2 x 2 grid, each warp 2 x 2 fragments (32 x 32);
-//   operands staged in shared memory as the 16-bit type (A [m][k], B [k][n], both
+//   operands staged in shared memory in the input type (A [m][k], B [k][n], both
 //   row-major, rows padded by 8 elements), K in chunks of 32;
 //   the accumulators go through shared memory (fp32) to the element-wise epilogue.
-// Needs sm_80+ (bf16 fragments); the host launches it only there.
+// Needs sm_80+ (bf16 and tf32 fragments); the host launches it only there.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,30 +23,49 @@ namespace routed_conv {
 namespace kern {
 
 constexpr int TC_BM = 64, TC_BN = 64, TC_BK = 32, TC_THREADS = 128;
-constexpr int TC_LDA = TC_BK + 8;  // 16-bit elements; a multiple of 8 as WMMA asks
+constexpr int TC_LDA = TC_BK + 8;  // elements; a multiple of 8 (16-bit) / 4 (fp32) as WMMA asks
 constexpr int TC_LDB = TC_BN + 8;
 constexpr int TC_LDC = TC_BN + 4;  // fp32 elements; a multiple of 4
 
-// The CUDA type WMMA reads for each c10 16-bit type (same bits).
+// Per input type: the WMMA fragment element type, the type the fragments load from
+// shared memory (same bits as the c10 type), the k of one mma and whether loaded
+// fragments must be rounded to TF32.
 template <typename scalar_t>
-struct WmmaType;
+struct TcTraits;
 template <>
-struct WmmaType<c10::Half> {
-  using type = __half;
+struct TcTraits<c10::Half> {
+  using frag_t = __half;
+  using load_t = __half;
+  static constexpr int KS = 16;
+  static constexpr bool kTf32 = false;
 };
 template <>
-struct WmmaType<c10::BFloat16> {
-  using type = __nv_bfloat16;
+struct TcTraits<c10::BFloat16> {
+  using frag_t = __nv_bfloat16;
+  using load_t = __nv_bfloat16;
+  static constexpr int KS = 16;
+  static constexpr bool kTf32 = false;
+};
+template <>
+struct TcTraits<float> {
+  using frag_t = nvcuda::wmma::precision::tf32;
+  using load_t = float;
+  static constexpr int KS = 8;
+  static constexpr bool kTf32 = true;
 };
 
 template <typename scalar_t, int KIND, bool DX>
 __global__ void __launch_bounds__(TC_THREADS) conv_kernel_tc(const ConvArgs<scalar_t, float> a) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using namespace nvcuda;
-  using wt = typename WmmaType<scalar_t>::type;
-  static_assert(sizeof(wt) == sizeof(scalar_t), "16-bit types");
+  using Tr = TcTraits<scalar_t>;
+  using ft = typename Tr::frag_t;
+  using lt = typename Tr::load_t;
+  constexpr int KS = Tr::KS;
+  static_assert(sizeof(lt) == sizeof(scalar_t), "fragments load the staged bits as is");
   // WMMA loads/stores need 256-bit aligned pointers: every fragment origin below is
-  // a multiple of 16 rows (and 16 columns) away from these aligned bases.
+  // a multiple of 16 rows and of 16 columns (or of KS = 8 fp32 = 32 bytes) away from
+  // these aligned bases.
   __shared__ __align__(32) scalar_t As[TC_BM * TC_LDA];
   __shared__ __align__(32) scalar_t Bs[TC_BK * TC_LDB];
   __shared__ __align__(32) float Cs[TC_BM * TC_LDC];
@@ -59,7 +79,7 @@ __global__ void __launch_bounds__(TC_THREADS) conv_kernel_tc(const ConvArgs<scal
   __syncthreads();
 
   const int warp = tid / 32, wm = warp / 2, wn = warp % 2;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  wmma::fragment<wmma::accumulator, 16, 16, KS, float> acc[2][2];
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -76,17 +96,25 @@ __global__ void __launch_bounds__(TC_THREADS) conv_kernel_tc(const ConvArgs<scal
     }
     __syncthreads();
 #pragma unroll
-    for (int ks = 0; ks < TC_BK; ks += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, wt, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, wt, wmma::row_major> fb[2];
+    for (int ks = 0; ks < TC_BK; ks += KS) {
+      wmma::fragment<wmma::matrix_a, 16, 16, KS, ft, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, KS, ft, wmma::row_major> fb[2];
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
-        wmma::load_matrix_sync(fa[i], reinterpret_cast<const wt*>(As + (wm * 32 + i * 16) * TC_LDA + ks),
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(fa[i], reinterpret_cast<const lt*>(As + (wm * 32 + i * 16) * TC_LDA + ks),
                                TC_LDA);
+        if constexpr (Tr::kTf32) {
+          for (int q = 0; q < fa[i].num_elements; ++q) fa[i].x[q] = wmma::__float_to_tf32(fa[i].x[q]);
+        }
+      }
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
-        wmma::load_matrix_sync(fb[j], reinterpret_cast<const wt*>(Bs + ks * TC_LDB + wn * 32 + j * 16),
+      for (int j = 0; j < 2; ++j) {
+        wmma::load_matrix_sync(fb[j], reinterpret_cast<const lt*>(Bs + ks * TC_LDB + wn * 32 + j * 16),
                                TC_LDB);
+        if constexpr (Tr::kTf32) {
+          for (int q = 0; q < fb[j].num_elements; ++q) fb[j].x[q] = wmma::__float_to_tf32(fb[j].x[q]);
+        }
+      }
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll

@@ -1,40 +1,76 @@
-// Spec-level emulation of the WMMA m16n16k16 API for tests/cuda_emu: row-major
-// operands only (a layout the real kernels do not use fails to compile).  Every lane
-// computes the whole tile; only lane 0 stores.  Counts mma_sync calls so tests can
-// see that the tensor-core path ran.
+// Spec-level emulation of the WMMA API for tests/cuda_emu: m16n16k16 (fp16/bf16)
+// and m16n16k8 (tf32) with row-major operands only (a layout the real kernels do
+// not use fails to compile).  Every lane holds and computes the whole tile (x[] is
+// the tile, row-major); only lane 0 stores.  Counts mma_sync calls so tests can see
+// that the tensor-core path ran.
 #pragma once
 #include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 inline std::atomic<long> emu_mma_calls{0};
-namespace nvcuda { namespace wmma {
-struct matrix_a {}; struct matrix_b {}; struct accumulator {}; struct row_major {};
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
 enum layout_t { mem_row_major };
+
 template <typename Use, int M, int N, int K, typename T, typename L = void>
-struct fragment { static_assert(M == 16 && N == 16 && K == 16, "shape"); float v[16][16]; };
-template <typename T>
-void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
-  for (int i = 0; i < 16; ++i) for (int k = 0; k < 16; ++k) f.v[i][k] = static_cast<float>(p[i * ldm + k]);
+struct fragment {
+  static_assert(M == 16 && N == 16 && (K == 16 || K == 8), "shape");
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = rows * cols;
+  float x[num_elements];
+};
+
+template <typename Use, int M, int N, int K, typename T, typename P>
+void load_matrix_sync(fragment<Use, M, N, K, T, row_major>& f, const P* p, unsigned ldm) {
+  static_assert(!std::is_same_v<Use, accumulator>, "operands only");
+  using F = fragment<Use, M, N, K, T, row_major>;
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = static_cast<float>(p[r * ldm + c]);
 }
-template <typename T>
-void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
-  for (int k = 0; k < 16; ++k) for (int j = 0; j < 16; ++j) f.v[k][j] = static_cast<float>(p[k * ldm + j]);
+
+template <int K>
+void fill_fragment(fragment<accumulator, 16, 16, K, float>& f, float v) {
+  for (auto& e : f.x) e = v;
 }
-inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float x) {
-  for (auto& r : f.v) for (auto& e : r) e = x;
-}
-template <typename T>
-void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
-              const fragment<matrix_b, 16, 16, 16, T, row_major>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+
+template <int K, typename T>
+void mma_sync(fragment<accumulator, 16, 16, K, float>& d, const fragment<matrix_a, 16, 16, K, T, row_major>& a,
+              const fragment<matrix_b, 16, 16, K, T, row_major>& b,
+              const fragment<accumulator, 16, 16, K, float>& c) {
   ++emu_mma_calls;
-  float t[16][16];
-  for (int i = 0; i < 16; ++i) for (int j = 0; j < 16; ++j) {
-    float s = c.v[i][j];
-    for (int k = 0; k < 16; ++k) s += a.v[i][k] * b.v[k][j];
-    t[i][j] = s;
-  }
-  for (int i = 0; i < 16; ++i) for (int j = 0; j < 16; ++j) d.v[i][j] = t[i][j];
+  float t[256];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float s = c.x[i * 16 + j];
+      for (int k = 0; k < K; ++k) s += a.x[i * K + k] * b.x[k * 16 + j];
+      t[i * 16 + j] = s;
+    }
+  for (int q = 0; q < 256; ++q) d.x[q] = t[q];
 }
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t) {
+
+template <int K>
+void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, K, float>& f, unsigned ldm, layout_t) {
   if (threadIdx.x % 32 != 0) return;
-  for (int i = 0; i < 16; ++i) for (int j = 0; j < 16; ++j) p[i * ldm + j] = f.v[i][j];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) p[i * ldm + j] = f.x[i * 16 + j];
 }
-} }
+
+// Round to TF32 (10 mantissa bits, nearest; finite inputs).
+inline float __float_to_tf32(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u = (u + 0x1000u) & 0xffffe000u;
+  std::memcpy(&v, &u, 4);
+  return v;
+}
+}  // namespace wmma
+}  // namespace nvcuda
