@@ -29,19 +29,24 @@ their forward (but no backward through them); ``router_grad="active"`` gives off
 blocks a zero gate gradient and skips them completely (cheaper training step).
 
 Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
-``"reference"`` (dense conv, then masking; defines the semantics), ``"cpu"`` and
-``"cuda"`` (``fastmod._C``).  Both kernel backends share one ATen implementation
-(csrc/routed_conv/routed_conv_aten.cpp) that reads the gates on the host (on CUDA:
-one device-to-host copy per call, i.e. a synchronisation), lists the active pairs and
-runs the vendor convolution (oneDNN on CPU, cuDNN on GPU) on compacted sub-problems
-holding only the active blocks: one grouped convolution with one group per active
-pair for "group", one convolution per sample over the active weight rows ("out") or
-input channels ("in").  When no gate is zero it runs the dense conv.
 
-On CUDA tensors ``backend=None`` runs the reference (dense cuDNN conv + mask):
-measured on an H100, the "cuda" backend above is slower than that (see
-benchmarks/README.md), so it runs only when asked for.  Custom kernels over a
-device-built work list (no host sync) are not written yet.
+* ``"reference"``: dense conv, then masking; defines the semantics.
+* ``"cpu"`` (``fastmod._C``, csrc/routed_conv/routed_conv_aten.cpp): reads the
+  gates on the host, lists the active pairs and runs oneDNN on compacted
+  sub-problems holding only the active blocks: one grouped convolution with one
+  group per active pair for "group", one convolution per sample over the active
+  weight rows ("out") or input channels ("in").  When no gate is zero it runs the
+  dense conv.
+* ``"cuda"`` (csrc/routed_conv/routed_conv_cuda.cu): CUDA kernels over a work list
+  built on the device (no host synchronisation, CUDA-graph capturable):
+  implicit-GEMM forward, grad_x and grad_weight that visit active blocks only,
+  WMMA tensor cores for fp16/bf16 (and TF32 for fp32 when
+  ``torch.backends.cudnn.allow_tf32`` allows it).  Tested on the CPU through a
+  CUDA emulator (tests/cuda_emu) but **not yet run on a GPU**, so on CUDA tensors
+  ``backend=None`` still runs the reference (dense cuDNN conv + mask) and the
+  kernels run only when asked for with ``backend="cuda"``.  (An earlier "cuda"
+  backend, ATen/cuDNN on host-compacted blocks, measured slower than dense on an
+  H100 and was replaced.)
 """
 from __future__ import annotations
 
@@ -180,10 +185,9 @@ if _extension.has_op("routed_conv2d"):
 
 def _select(backend: str | None, device: torch.device) -> str:
     if backend in (None, "auto") and device.type == "cuda":
-        # Measured on an H100 (benchmarks/results/gpu-h100-2026-11-26.md): the
-        # ATen-on-compacted-blocks CUDA path is 1-2x (group) to 20-37x (out/in)
-        # slower than the dense cuDNN conv + mask, so "auto" keeps the dense
-        # path on GPUs until device-side kernels land; backend="cuda" still runs it.
+        # The CUDA kernels have not run on a GPU yet (see the module docstring):
+        # "auto" keeps the dense cuDNN path until they are validated and timed;
+        # backend="cuda" runs them.
         return "reference"
     return backends.select("routed_conv2d", backend, device, _IMPLEMENTED, cpp_op="routed_conv2d")
 
