@@ -83,8 +83,8 @@ def test_shapes_dtypes(mode, over, dtype):
     check(x, w, gates, b, kw, dtype)
 
 
-# fp16/bf16 forward and grad_x passes use tensor cores (WMMA) when a tile's column
-# set has >= 32 channels; FASTMOD_ROUTED_CONV_TC=0 forces the SIMT kernels.
+# fp16/bf16 (and fp32 when TF32 is allowed) use tensor cores (WMMA) for tiles >= 32
+# wide: forward, grad_x, grad_weight; FASTMOD_ROUTED_CONV_TC=0 forces the SIMT kernels.
 TC_SHAPES = [
     ("group", dict(cin=64, cout=96, blocks=2, hw=(9, 11))),   # 48 out / 32 in channels per group
     ("out", dict(cin=40, cout=96, blocks=8, hw=(9, 9))),      # 96 listed out / 40 grad_x columns

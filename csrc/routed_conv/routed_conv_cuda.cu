@@ -8,19 +8,20 @@
 //             never touched ("group"/"out" outputs start as zeros).
 //   grad_x:   the transposed conv with the roles swapped: group [kGrouped],
 //             out [kKListed: dout scaled by the gate on load], in [kColListed].
-//   grad_w:   wgrad_kernel, per sample and active block, atomically summed over
-//             samples in an fp32 (fp64 for double) workspace.
+//   grad_w:   wgrad_kernel(_tc), per sample and active block, atomically summed
+//             over samples in an fp32 (fp64 for double) workspace.
 //   grad_b:   plain ATen reductions of grad_out (no sync).
 //   grad_gates: group/out: active blocks from the saved output (<dout, out>/gate),
 //             off blocks (exact) by a forward pass over the off list whose epilogue
 //             dots the ungated result with dout; in: the grad_x pass's epilogue dots
 //             the ungated transposed conv with x (active blocks, and the off ones
 //             when exact).
-// Precision: fp16/bf16/fp32 accumulate in fp32, float64 in double.  The forward and
-// grad_x passes run on tensor cores (WMMA, routed_conv_cuda_tc.cuh) on sm_80+ when
-// a tile's column set has >= 32 channels: fp16/bf16 always, fp32 as TF32 only when
-// torch allows TF32 convolutions (torch.backends.cudnn.allow_tf32, read on every
-// call).  Everything else (grad_weight, float64, narrow tiles) is SIMT.
+// Precision: fp16/bf16/fp32 accumulate in fp32, float64 in double.  The forward,
+// grad_x and grad_weight passes run on tensor cores (WMMA, routed_conv_cuda_tc.cuh)
+// on sm_80+ when a tile is >= 32 wide (channels; for grad_weight both sides):
+// fp16/bf16 always, fp32 as TF32 only when torch allows TF32 convolutions
+// (torch.backends.cudnn.allow_tf32, read on every call).  Everything else (float64,
+// narrow tiles) is SIMT.
 // FASTMOD_ROUTED_CONV_TC=0 in the environment forces the SIMT path (read on every
 // call; for tests and bisecting).
 #include <ATen/ATen.h>
@@ -170,18 +171,26 @@ void launch_conv_tc(int kind, bool dx, ConvArgs<scalar_t, float> a, int N, int64
 #undef FASTMOD_CONV_TC_LAUNCH
 }
 
+// Whether this dtype's conv passes may use tensor cores (fp32 only as TF32, when
+// torch allows TF32 convolutions).
+template <typename scalar_t>
+bool tensor_core_dtype() {
+  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    return true;
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    return at::globalContext().allowTF32CuDNN();
+  } else {
+    return false;
+  }
+}
+
 // Fills the launch fields of `a` and runs the conv kernel of the given kind.
 // `cols` bounds the column count of one tile's column set.
 template <typename scalar_t, typename acc_t>
 void launch_conv(int kind, bool dx, ConvArgs<scalar_t, acc_t> a, int N, int64_t cols,
                  cudaStream_t stream) {
-  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
-    if (use_tensor_cores(cols)) {
-      launch_conv_tc<scalar_t>(kind, dx, a, N, cols, stream);
-      return;
-    }
-  } else if constexpr (std::is_same_v<scalar_t, float>) {
-    if (at::globalContext().allowTF32CuDNN() && use_tensor_cores(cols)) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (tensor_core_dtype<scalar_t>() && use_tensor_cores(cols)) {
       launch_conv_tc<scalar_t>(kind, dx, a, N, cols, stream);
       return;
     }
@@ -211,6 +220,47 @@ void launch_conv(int kind, bool dx, ConvArgs<scalar_t, acc_t> a, int N, int64_t 
       if (dx) { FASTMOD_CONV_LAUNCH(kern::kKListed, true); } else { FASTMOD_CONV_LAUNCH(kern::kKListed, false); }
   }
 #undef FASTMOD_CONV_LAUNCH
+}
+
+// grad_weight: tiles of `rows` output channels x `cols` (input channel, tap)
+// columns per (sample, slot); tensor cores when both are >= 32 wide.
+template <typename scalar_t, typename acc_t>
+void launch_wgrad(Mode mode, WgradArgs<scalar_t, acc_t> a, int N, int64_t rows, int64_t cols,
+                  cudaStream_t stream) {
+  a.slots = mode == Mode::Group ? a.G : 1;
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (tensor_core_dtype<scalar_t>() && use_tensor_cores(std::min(rows, cols))) {
+      a.tiles_r = (int)ceil_div(rows, kern::TC_BM);
+      a.tiles_c = (int)ceil_div(cols, kern::TC_BN);
+      const int grid = checked_grid((int64_t)N * a.slots * a.tiles_r * a.tiles_c);
+      if (grid == 0) return;
+      if (mode == Mode::Group) {
+        kern::wgrad_kernel_tc<scalar_t, 0><<<grid, kern::TC_THREADS, 0, stream>>>(a);
+      } else if (mode == Mode::Out) {
+        kern::wgrad_kernel_tc<scalar_t, 1><<<grid, kern::TC_THREADS, 0, stream>>>(a);
+      } else {
+        kern::wgrad_kernel_tc<scalar_t, 2><<<grid, kern::TC_THREADS, 0, stream>>>(a);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  const Layout L = pick_layout(rows, cols);
+  a.tm = L.tm;
+  a.tn = L.tn;
+  a.tiles_r = (int)ceil_div(rows, L.bm());
+  a.tiles_c = (int)ceil_div(cols, L.bn());
+  const int grid = checked_grid((int64_t)N * a.slots * a.tiles_r * a.tiles_c);
+  if (grid == 0) return;
+  const int threads = L.tm * L.tn;
+  if (mode == Mode::Group) {
+    kern::wgrad_kernel<scalar_t, acc_t, 0><<<grid, threads, 0, stream>>>(a);
+  } else if (mode == Mode::Out) {
+    kern::wgrad_kernel<scalar_t, acc_t, 1><<<grid, threads, 0, stream>>>(a);
+  } else {
+    kern::wgrad_kernel<scalar_t, acc_t, 2><<<grid, threads, 0, stream>>>(a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename acc_t>
@@ -431,22 +481,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
       } else {
         rows = g.Cout; cols = g.Cin * khkw;
       }
-      const Layout L = pick_layout(rows, cols);
-      a.tm = L.tm;
-      a.tn = L.tn;
-      a.tiles_r = (int)ceil_div(rows, L.bm());
-      a.tiles_c = (int)ceil_div(cols, L.bn());
-      a.slots = mode == Mode::Group ? g.G : 1;
-      const int grid = checked_grid((int64_t)g.N * a.slots * a.tiles_r * a.tiles_c);
-      const int threads = L.tm * L.tn;
-      if (mode == Mode::Group) {
-        kern::wgrad_kernel<scalar_t, acc_t, 0><<<grid, threads, 0, stream>>>(a);
-      } else if (mode == Mode::Out) {
-        kern::wgrad_kernel<scalar_t, acc_t, 1><<<grid, threads, 0, stream>>>(a);
-      } else {
-        kern::wgrad_kernel<scalar_t, acc_t, 2><<<grid, threads, 0, stream>>>(a);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_wgrad<scalar_t, acc_t>(mode, a, g.N, rows, cols, stream);
     }
   });
   return finish();

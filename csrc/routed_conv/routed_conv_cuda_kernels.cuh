@@ -310,46 +310,54 @@ struct WgradArgs {
 // q = (input channel, r, s), reduction over the sample's output pixels; the tile is
 // then atomically added to the workspace.  MODE: 0 group (one (n, g) pair per tile,
 // dz = dout * gate), 1 out (listed output channels, dz = dout * gate), 2 in (all
-// output channels, listed input channels scaled by their gate).
+// output channels, listed input channels scaled by their gate).  Shared by the SIMT
+// kernel below and the tensor-core one (routed_conv_cuda_tc.cuh).
 template <typename scalar_t, typename acc_t, int MODE>
-__global__ void __launch_bounds__(MAX_THREADS) wgrad_kernel(const WgradArgs<scalar_t, acc_t> a) {
-  __shared__ acc_t As[BK][MAX_BM];
-  __shared__ acc_t Bs[BK][MAX_BN];
-  __shared__ int row_co[MAX_BM];
-  __shared__ acc_t row_scale[MAX_BM];
-  __shared__ int col_ci[MAX_BN];
-  __shared__ int col_rs[MAX_BN];
-  __shared__ acc_t col_scale[MAX_BN];
+struct WgradTile {
+  int n, g, r0, c0, active, khkw, K;
+  const int* list_n;
+  const acc_t* gate_n;
+  const scalar_t* dout_n;
+  const scalar_t* x_n;
+  int64_t x_plane;
 
-  const int tm = a.tm, tn = a.tn, BM = tm * TM, BN = tn * TN;
-  const int nthr = tm * tn, tid = threadIdx.x;
-  const int ty = tid / tn, tx = tid % tn;
-  int t = blockIdx.x;
-  const int ct = t % a.tiles_c;
-  t /= a.tiles_c;
-  const int rt = t % a.tiles_r;
-  t /= a.tiles_r;
-  const int slot = t % a.slots;
-  const int n = t / a.slots;
-  const int G = a.G;
-  const int active = a.cnt[n];
-  const int* list_n = a.list + (int64_t)n * G;
-  const acc_t* gate_n = a.gates + (int64_t)n * G;
-  const int khkw = a.kh * a.kw;
-
-  int g = 0;
-  if (MODE == 0) {
-    if (slot >= active) return;
-    g = list_n[slot];
-  } else if (MODE == 1) {
-    if (rt * BM >= active * a.row_per) return;
-  } else {
-    if (ct * BN >= active * a.q_per * khkw) return;
+  // Decodes blockIdx.x for BM x BN tiles; false when the tile has no work.
+  __device__ __forceinline__ bool init(const WgradArgs<scalar_t, acc_t>& a, int BM, int BN) {
+    int t = blockIdx.x;
+    const int ct = t % a.tiles_c;
+    t /= a.tiles_c;
+    const int rt = t % a.tiles_r;
+    t /= a.tiles_r;
+    const int slot = t % a.slots;
+    n = t / a.slots;
+    active = a.cnt[n];
+    list_n = a.list + (int64_t)n * a.G;
+    gate_n = a.gates + (int64_t)n * a.G;
+    khkw = a.kh * a.kw;
+    r0 = rt * BM;
+    c0 = ct * BN;
+    g = 0;
+    if (MODE == 0) {
+      if (slot >= active) return false;
+      g = list_n[slot];
+    } else if (MODE == 1) {
+      if (r0 >= active * a.row_per) return false;
+    } else {
+      if (c0 >= active * a.q_per * khkw) return false;
+    }
+    K = a.Ho * a.Wo;
+    dout_n = a.dout + (int64_t)n * a.Cout * K;
+    x_plane = (int64_t)a.H * a.W;
+    x_n = a.x + (int64_t)n * a.Cin * x_plane;
+    return true;
   }
-  for (int m = tid; m < BM; m += nthr) {
-    int co = -1;
-    acc_t sc = acc_t(1);
-    const int l = rt * BM + m;
+
+  // Output channel (or -1) of tile row m and the scale of its dout row.
+  __device__ __forceinline__ void row(const WgradArgs<scalar_t, acc_t>& a, int m, int& co,
+                                      acc_t& sc) const {
+    co = -1;
+    sc = acc_t(1);
+    const int l = r0 + m;
     if (MODE == 0) {
       if (l < a.row_per) {
         co = g * a.row_per + l;
@@ -364,13 +372,15 @@ __global__ void __launch_bounds__(MAX_THREADS) wgrad_kernel(const WgradArgs<scal
     } else {
       if (l < a.Cout) co = l;
     }
-    row_co[m] = co;
-    row_scale[m] = sc;
   }
-  for (int c = tid; c < BN; c += nthr) {
-    int ci = -1, rs = 0;
-    acc_t sc = acc_t(1);
-    const int q = ct * BN + c;
+
+  // Input channel (or -1), kernel tap rs and input scale of tile column c.
+  __device__ __forceinline__ void col(const WgradArgs<scalar_t, acc_t>& a, int c, int& ci, int& rs,
+                                      acc_t& sc) const {
+    ci = -1;
+    rs = 0;
+    sc = acc_t(1);
+    const int q = c0 + c;
     if (MODE == 0) {
       if (q < a.q_per * khkw) {
         ci = g * a.q_per + q / khkw;
@@ -390,16 +400,50 @@ __global__ void __launch_bounds__(MAX_THREADS) wgrad_kernel(const WgradArgs<scal
         sc = gate_n[blk];
       }
     }
-    col_ci[c] = ci;
-    col_rs[c] = rs;
-    col_scale[c] = sc;
   }
-  __syncthreads();
 
-  const int K = a.Ho * a.Wo;
-  const scalar_t* dout_n = a.dout + (int64_t)n * a.Cout * K;
-  const int64_t x_plane = (int64_t)a.H * a.W;
-  const scalar_t* x_n = a.x + (int64_t)n * a.Cin * x_plane;
+  // A[row, p] = dz[n, co, p]; zero past K or for an empty row.
+  __device__ __forceinline__ acc_t load_a(int co, acc_t sc, int p) const {
+    if (p >= K || co < 0) return acc_t(0);
+    return static_cast<acc_t>(dout_n[(int64_t)co * K + p]) * sc;
+  }
+
+  // B[p, col] = the (scaled) input element that tap rs of channel ci sees at output
+  // pixel p; zero outside the image, past K or for an empty column.
+  __device__ __forceinline__ acc_t load_b(const WgradArgs<scalar_t, acc_t>& a, int ci, int rs,
+                                          acc_t sc, int p) const {
+    if (p >= K || ci < 0) return acc_t(0);
+    const int oh = p / a.Wo, ow = p - oh * a.Wo;
+    const int r = rs / a.kw, s = rs % a.kw;
+    const int ih = oh * a.sh - a.ph + r * a.dh, iw = ow * a.sw - a.pw + s * a.dw;
+    if (ih < 0 || ih >= a.H || iw < 0 || iw >= a.W) return acc_t(0);
+    return static_cast<acc_t>(x_n[ci * x_plane + (int64_t)ih * a.W + iw]) * sc;
+  }
+
+  __device__ __forceinline__ void flush(const WgradArgs<scalar_t, acc_t>& a, int co, int ci, int rs,
+                                        acc_t v) const {
+    if (co >= 0 && ci >= 0) atomicAdd(&a.gw[((int64_t)co * a.cin_g + ci % a.cin_g) * khkw + rs], v);
+  }
+};
+
+template <typename scalar_t, typename acc_t, int MODE>
+__global__ void __launch_bounds__(MAX_THREADS) wgrad_kernel(const WgradArgs<scalar_t, acc_t> a) {
+  __shared__ acc_t As[BK][MAX_BM];
+  __shared__ acc_t Bs[BK][MAX_BN];
+  __shared__ int row_co[MAX_BM];
+  __shared__ acc_t row_scale[MAX_BM];
+  __shared__ int col_ci[MAX_BN];
+  __shared__ int col_rs[MAX_BN];
+  __shared__ acc_t col_scale[MAX_BN];
+
+  const int tm = a.tm, tn = a.tn, BM = tm * TM, BN = tn * TN;
+  const int nthr = tm * tn, tid = threadIdx.x;
+  const int ty = tid / tn, tx = tid % tn;
+  WgradTile<scalar_t, acc_t, MODE> t;
+  if (!t.init(a, BM, BN)) return;
+  for (int m = tid; m < BM; m += nthr) t.row(a, m, row_co[m], row_scale[m]);
+  for (int c = tid; c < BN; c += nthr) t.col(a, c, col_ci[c], col_rs[c], col_scale[c]);
+  __syncthreads();
 
   acc_t acc[TM][TN];
 #pragma unroll
@@ -407,28 +451,16 @@ __global__ void __launch_bounds__(MAX_THREADS) wgrad_kernel(const WgradArgs<scal
 #pragma unroll
     for (int j = 0; j < TN; ++j) acc[i][j] = acc_t(0);
 
-  for (int k0 = 0; k0 < K; k0 += BK) {
+  for (int k0 = 0; k0 < t.K; k0 += BK) {
     // The reduction runs over pixels: kk fastest, so neighbouring threads read
     // neighbouring pixels of one channel.
     for (int e = tid; e < BK * BM; e += nthr) {
-      const int kk = e % BK, m = e / BK, p = k0 + kk;
-      const int co = row_co[m];
-      acc_t v = acc_t(0);
-      if (p < K && co >= 0) v = static_cast<acc_t>(dout_n[(int64_t)co * K + p]) * row_scale[m];
-      As[kk][m] = v;
+      const int kk = e % BK, m = e / BK;
+      As[kk][m] = t.load_a(row_co[m], row_scale[m], k0 + kk);
     }
     for (int e = tid; e < BK * BN; e += nthr) {
-      const int kk = e % BK, c = e / BK, p = k0 + kk;
-      const int ci = col_ci[c];
-      acc_t v = acc_t(0);
-      if (p < K && ci >= 0) {
-        const int oh = p / a.Wo, ow = p - oh * a.Wo;
-        const int r = col_rs[c] / a.kw, s = col_rs[c] % a.kw;
-        const int ih = oh * a.sh - a.ph + r * a.dh, iw = ow * a.sw - a.pw + s * a.dw;
-        if (ih >= 0 && ih < a.H && iw >= 0 && iw < a.W)
-          v = static_cast<acc_t>(x_n[ci * x_plane + (int64_t)ih * a.W + iw]) * col_scale[c];
-      }
-      Bs[kk][c] = v;
+      const int kk = e % BK, c = e / BK;
+      Bs[kk][c] = t.load_b(a, col_ci[c], col_rs[c], col_scale[c], k0 + kk);
     }
     __syncthreads();
     chunk_mma<acc_t>(As, Bs, acc, ty, tx, tm, tn);
@@ -436,17 +468,12 @@ __global__ void __launch_bounds__(MAX_THREADS) wgrad_kernel(const WgradArgs<scal
   }
 
 #pragma unroll
-  for (int i = 0; i < TM; ++i) {
-    const int co = row_co[ty + i * tm];
-    if (co < 0) continue;
+  for (int i = 0; i < TM; ++i)
 #pragma unroll
     for (int j = 0; j < TN; ++j) {
       const int c = tx + j * tn;
-      const int ci = col_ci[c];
-      if (ci < 0) continue;
-      atomicAdd(&a.gw[((int64_t)co * a.cin_g + ci % a.cin_g) * khkw + col_rs[c]], acc[i][j]);
+      t.flush(a, row_co[ty + i * tm], col_ci[c], col_rs[c], acc[i][j]);
     }
-  }
 }
 
 // grad_gates of the active blocks in the "group"/"out" modes from the saved

@@ -1,7 +1,8 @@
-// Tensor-core (WMMA) variant of the routed conv kernel: fp16/bf16 (m16n16k16) and,
-// when torch allows TF32 for convolutions, fp32 as TF32 (m16n16k8); fp32
-// accumulation.  Same tiles, operand loaders and epilogue as the SIMT kernel
-// (ConvTile in routed_conv_cuda_kernels.cuh); only the multiply differs:
+// Tensor-core (WMMA) variants of the routed conv kernel (conv_kernel_tc: forward
+// and grad_x) and of grad_weight (wgrad_kernel_tc): fp16/bf16 (m16n16k16) and, when
+// torch allows TF32 for convolutions, fp32 as TF32 (m16n16k8); fp32 accumulation.
+// Same tiles, operand loaders and epilogues as the SIMT kernels (ConvTile and
+// WgradTile in routed_conv_cuda_kernels.cuh); only the multiply differs:
 //   64 x 64 tile, 4 warps in a 2 x 2 grid, each warp 2 x 2 fragments (32 x 32);
 //   operands staged in shared memory in the input type (A [m][k], B [k][n], both
 //   row-major, rows padded by 8 elements), K in chunks of 32;
@@ -54,15 +55,64 @@ struct TcTraits<float> {
   static constexpr bool kTf32 = true;
 };
 
-template <typename scalar_t, int KIND, bool DX>
-__global__ void __launch_bounds__(TC_THREADS) conv_kernel_tc(const ConvArgs<scalar_t, float> a) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+// acc[2][2] (this warp's 32 x 32 corner wm, wn of the tile) += As x Bs over one
+// staged TC_BK chunk.
+template <typename scalar_t>
+__device__ __forceinline__ void tc_chunk_mma(
+    const scalar_t* As, const scalar_t* Bs,
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, TcTraits<scalar_t>::KS, float> (&acc)[2][2],
+    int wm, int wn) {
   using namespace nvcuda;
   using Tr = TcTraits<scalar_t>;
   using ft = typename Tr::frag_t;
   using lt = typename Tr::load_t;
   constexpr int KS = Tr::KS;
   static_assert(sizeof(lt) == sizeof(scalar_t), "fragments load the staged bits as is");
+#pragma unroll
+  for (int ks = 0; ks < TC_BK; ks += KS) {
+    wmma::fragment<wmma::matrix_a, 16, 16, KS, ft, wmma::row_major> fa[2];
+    wmma::fragment<wmma::matrix_b, 16, 16, KS, ft, wmma::row_major> fb[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      wmma::load_matrix_sync(fa[i], reinterpret_cast<const lt*>(As + (wm * 32 + i * 16) * TC_LDA + ks), TC_LDA);
+      if constexpr (Tr::kTf32) {
+        for (int q = 0; q < fa[i].num_elements; ++q) fa[i].x[q] = wmma::__float_to_tf32(fa[i].x[q]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::load_matrix_sync(fb[j], reinterpret_cast<const lt*>(Bs + ks * TC_LDB + wn * 32 + j * 16), TC_LDB);
+      if constexpr (Tr::kTf32) {
+        for (int q = 0; q < fb[j].num_elements; ++q) fb[j].x[q] = wmma::__float_to_tf32(fb[j].x[q]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+  }
+}
+
+// acc -> Cs [TC_BM][TC_LDC] (fp32, row-major), for the element-wise epilogues.
+template <int KS>
+__device__ __forceinline__ void tc_store(
+    float* Cs, const nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, KS, float> (&acc)[2][2],
+    int wm, int wn) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      nvcuda::wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * TC_LDC + wn * 32 + j * 16, acc[i][j], TC_LDC,
+                                      nvcuda::wmma::mem_row_major);
+}
+#endif
+
+template <typename scalar_t, int KIND, bool DX>
+__global__ void __launch_bounds__(TC_THREADS) conv_kernel_tc(const ConvArgs<scalar_t, float> a) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  constexpr int KS = TcTraits<scalar_t>::KS;
   // WMMA loads/stores need 256-bit aligned pointers: every fragment origin below is
   // a multiple of 16 rows and of 16 columns (or of KS = 8 fp32 = 32 bytes) away from
   // these aligned bases.
@@ -95,39 +145,10 @@ __global__ void __launch_bounds__(TC_THREADS) conv_kernel_tc(const ConvArgs<scal
       Bs[kk * TC_LDB + c] = static_cast<scalar_t>(t.load_b(a, k0 + kk, col_ch[c]));
     }
     __syncthreads();
-#pragma unroll
-    for (int ks = 0; ks < TC_BK; ks += KS) {
-      wmma::fragment<wmma::matrix_a, 16, 16, KS, ft, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, KS, ft, wmma::row_major> fb[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        wmma::load_matrix_sync(fa[i], reinterpret_cast<const lt*>(As + (wm * 32 + i * 16) * TC_LDA + ks),
-                               TC_LDA);
-        if constexpr (Tr::kTf32) {
-          for (int q = 0; q < fa[i].num_elements; ++q) fa[i].x[q] = wmma::__float_to_tf32(fa[i].x[q]);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        wmma::load_matrix_sync(fb[j], reinterpret_cast<const lt*>(Bs + ks * TC_LDB + wn * 32 + j * 16),
-                               TC_LDB);
-        if constexpr (Tr::kTf32) {
-          for (int q = 0; q < fb[j].num_elements; ++q) fb[j].x[q] = wmma::__float_to_tf32(fb[j].x[q]);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
+    tc_chunk_mma<scalar_t>(As, Bs, acc, wm, wn);
     __syncthreads();
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * TC_LDC + wn * 32 + j * 16, acc[i][j], TC_LDC,
-                              wmma::mem_row_major);
+  tc_store<KS>(Cs, acc, wm, wn);
   __syncthreads();
 
   if (a.write) {  // rows fastest: neighbouring threads store neighbouring pixels
@@ -144,6 +165,59 @@ __global__ void __launch_bounds__(TC_THREADS) conv_kernel_tc(const ConvArgs<scal
         t.epilogue(a, m, col_ch[c], col_blk[c], Cs[m * TC_LDC + c], false, true, dsum);
       t.flush_dot(a, col_ch[c], col_blk[c], dsum);
     }
+  }
+#endif
+}
+
+// grad_weight on tensor cores: WgradTile's rows (output channels) x columns
+// (input channel, tap) over the sample's pixels, then one atomic per element into
+// the fp32 workspace (columns fastest: neighbouring threads, neighbouring weights).
+template <typename scalar_t, int MODE>
+__global__ void __launch_bounds__(TC_THREADS) wgrad_kernel_tc(const WgradArgs<scalar_t, float> a) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  constexpr int KS = TcTraits<scalar_t>::KS;
+  __shared__ __align__(32) scalar_t As[TC_BM * TC_LDA];  // [row][pixel]
+  __shared__ __align__(32) scalar_t Bs[TC_BK * TC_LDB];  // [pixel][column]
+  __shared__ __align__(32) float Cs[TC_BM * TC_LDC];
+  __shared__ int row_co[TC_BM];
+  __shared__ float row_scale[TC_BM];
+  __shared__ int col_ci[TC_BN];
+  __shared__ int col_rs[TC_BN];
+  __shared__ float col_scale[TC_BN];
+
+  const int tid = threadIdx.x;
+  WgradTile<scalar_t, float, MODE> t;
+  if (!t.init(a, TC_BM, TC_BN)) return;
+  for (int m = tid; m < TC_BM; m += TC_THREADS) t.row(a, m, row_co[m], row_scale[m]);
+  for (int c = tid; c < TC_BN; c += TC_THREADS) t.col(a, c, col_ci[c], col_rs[c], col_scale[c]);
+  __syncthreads();
+
+  const int warp = tid / 32, wm = warp / 2, wn = warp % 2;
+  wmma::fragment<wmma::accumulator, 16, 16, KS, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+  for (int k0 = 0; k0 < t.K; k0 += TC_BK) {
+    for (int e = tid; e < TC_BK * TC_BM; e += TC_THREADS) {  // pixels fastest: coalesced dout
+      const int kk = e % TC_BK, m = e / TC_BK;
+      As[m * TC_LDA + kk] = static_cast<scalar_t>(t.load_a(row_co[m], row_scale[m], k0 + kk));
+    }
+    for (int e = tid; e < TC_BK * TC_BN; e += TC_THREADS) {
+      const int kk = e % TC_BK, c = e / TC_BK;
+      Bs[kk * TC_LDB + c] = static_cast<scalar_t>(t.load_b(a, col_ci[c], col_rs[c], col_scale[c], k0 + kk));
+    }
+    __syncthreads();
+    tc_chunk_mma<scalar_t>(As, Bs, acc, wm, wn);
+    __syncthreads();
+  }
+  tc_store<KS>(Cs, acc, wm, wn);
+  __syncthreads();
+  for (int e = tid; e < TC_BM * TC_BN; e += TC_THREADS) {
+    const int c = e % TC_BN, m = e / TC_BN;
+    t.flush(a, row_co[m], col_ci[c], col_rs[c], Cs[m * TC_LDC + c]);
   }
 #endif
 }
