@@ -145,32 +145,6 @@ bool use_tensor_cores(int64_t cols) {
   return cols >= 32 && at::cuda::getCurrentDeviceProperties()->major >= 8;
 }
 
-template <typename scalar_t>
-void launch_conv_tc(int kind, bool dx, ConvArgs<scalar_t, float> a, int N, int64_t cols,
-                    cudaStream_t stream) {
-  const int64_t rows = (int64_t)a.Hd * a.Wd;
-  a.tiles_p = (int)ceil_div(rows, kern::TC_BM);
-  a.tiles_c = (int)std::max<int64_t>(1, ceil_div(cols, kern::TC_BN));
-  a.slots = kind == kern::kGrouped ? a.G : 1;
-  const int64_t grid64 = (int64_t)N * a.slots * a.tiles_c * a.tiles_p;
-  if (grid64 == 0) return;
-  const int grid = checked_grid(grid64);
-#define FASTMOD_CONV_TC_LAUNCH(KIND, DX)                                                       \
-  kern::conv_kernel_tc<scalar_t, KIND, DX><<<grid, kern::TC_THREADS, 0, stream>>>(a); \
-  C10_CUDA_KERNEL_LAUNCH_CHECK()
-  switch (kind) {
-    case kern::kGrouped:
-      if (dx) { FASTMOD_CONV_TC_LAUNCH(kern::kGrouped, true); } else { FASTMOD_CONV_TC_LAUNCH(kern::kGrouped, false); }
-      break;
-    case kern::kColListed:
-      if (dx) { FASTMOD_CONV_TC_LAUNCH(kern::kColListed, true); } else { FASTMOD_CONV_TC_LAUNCH(kern::kColListed, false); }
-      break;
-    default:
-      if (dx) { FASTMOD_CONV_TC_LAUNCH(kern::kKListed, true); } else { FASTMOD_CONV_TC_LAUNCH(kern::kKListed, false); }
-  }
-#undef FASTMOD_CONV_TC_LAUNCH
-}
-
 // Whether this dtype's conv passes may use tensor cores (fp32 only as TF32, when
 // torch allows TF32 convolutions).
 template <typename scalar_t>
@@ -184,42 +158,63 @@ bool tensor_core_dtype() {
   }
 }
 
-// Fills the launch fields of `a` and runs the conv kernel of the given kind.
-// `cols` bounds the column count of one tile's column set.
+// Calls f(kind, dx) with both as compile-time constants (std::integral_constant):
+// the conv kernels take the tile kind and the direction as template parameters.
+template <typename F>
+void with_kind(int kind, bool dx, const F& f) {
+  auto on_dx = [&](auto k) {
+    if (dx) {
+      f(k, std::true_type{});
+    } else {
+      f(k, std::false_type{});
+    }
+  };
+  switch (kind) {
+    case kern::kGrouped: on_dx(std::integral_constant<int, kern::kGrouped>{}); break;
+    case kern::kColListed: on_dx(std::integral_constant<int, kern::kColListed>{}); break;
+    default: on_dx(std::integral_constant<int, kern::kKListed>{});
+  }
+}
+
+// Fills the launch fields of `a` and runs the conv kernel of the given kind:
+// WMMA tiles when the dtype and the column count allow tensor cores, else SIMT
+// tiles whose thread layout fits `cols` (which bounds one tile's column set).
 template <typename scalar_t, typename acc_t>
 void launch_conv(int kind, bool dx, ConvArgs<scalar_t, acc_t> a, int N, int64_t cols,
                  cudaStream_t stream) {
+  bool tc = false;
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (tensor_core_dtype<scalar_t>() && use_tensor_cores(cols)) {
-      launch_conv_tc<scalar_t>(kind, dx, a, N, cols, stream);
-      return;
-    }
+    tc = tensor_core_dtype<scalar_t>() && use_tensor_cores(cols);
   }
   const int64_t rows = (int64_t)a.Hd * a.Wd;
-  const Layout L = pick_layout(rows, cols);
-  a.tm = L.tm;
-  a.tn = L.tn;
-  a.tiles_p = (int)ceil_div(rows, L.bm());
-  a.tiles_c = (int)std::max<int64_t>(1, ceil_div(cols, L.bn()));
+  int bm = kern::TC_BM, bn = kern::TC_BN, threads = kern::TC_THREADS;
+  if (!tc) {
+    const Layout L = pick_layout(rows, cols);
+    a.tm = L.tm;
+    a.tn = L.tn;
+    bm = L.bm();
+    bn = L.bn();
+    threads = L.tm * L.tn;
+  }
+  a.tiles_p = (int)ceil_div(rows, bm);
+  a.tiles_c = (int)std::max<int64_t>(1, ceil_div(cols, bn));
   a.slots = kind == kern::kGrouped ? a.G : 1;
   const int64_t grid64 = (int64_t)N * a.slots * a.tiles_c * a.tiles_p;
   if (grid64 == 0) return;
   const int grid = checked_grid(grid64);
-  const int threads = L.tm * L.tn;
-#define FASTMOD_CONV_LAUNCH(KIND, DX)                                                   \
-  kern::conv_kernel<scalar_t, acc_t, KIND, DX><<<grid, threads, 0, stream>>>(a); \
-  C10_CUDA_KERNEL_LAUNCH_CHECK()
-  switch (kind) {
-    case kern::kGrouped:
-      if (dx) { FASTMOD_CONV_LAUNCH(kern::kGrouped, true); } else { FASTMOD_CONV_LAUNCH(kern::kGrouped, false); }
-      break;
-    case kern::kColListed:
-      if (dx) { FASTMOD_CONV_LAUNCH(kern::kColListed, true); } else { FASTMOD_CONV_LAUNCH(kern::kColListed, false); }
-      break;
-    default:
-      if (dx) { FASTMOD_CONV_LAUNCH(kern::kKListed, true); } else { FASTMOD_CONV_LAUNCH(kern::kKListed, false); }
-  }
-#undef FASTMOD_CONV_LAUNCH
+  with_kind(kind, dx, [&](auto k, auto d) {
+    constexpr int KIND = decltype(k)::value;
+    constexpr bool DX = decltype(d)::value;
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (tc) {
+        kern::conv_kernel_tc<scalar_t, KIND, DX><<<grid, threads, 0, stream>>>(a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+    }
+    kern::conv_kernel<scalar_t, acc_t, KIND, DX><<<grid, threads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 // grad_weight: tiles of `rows` output channels x `cols` (input channel, tap)
@@ -228,39 +223,43 @@ template <typename scalar_t, typename acc_t>
 void launch_wgrad(Mode mode, WgradArgs<scalar_t, acc_t> a, int N, int64_t rows, int64_t cols,
                   cudaStream_t stream) {
   a.slots = mode == Mode::Group ? a.G : 1;
+  bool tc = false;
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (tensor_core_dtype<scalar_t>() && use_tensor_cores(std::min(rows, cols))) {
-      a.tiles_r = (int)ceil_div(rows, kern::TC_BM);
-      a.tiles_c = (int)ceil_div(cols, kern::TC_BN);
-      const int grid = checked_grid((int64_t)N * a.slots * a.tiles_r * a.tiles_c);
-      if (grid == 0) return;
-      if (mode == Mode::Group) {
-        kern::wgrad_kernel_tc<scalar_t, 0><<<grid, kern::TC_THREADS, 0, stream>>>(a);
-      } else if (mode == Mode::Out) {
-        kern::wgrad_kernel_tc<scalar_t, 1><<<grid, kern::TC_THREADS, 0, stream>>>(a);
-      } else {
-        kern::wgrad_kernel_tc<scalar_t, 2><<<grid, kern::TC_THREADS, 0, stream>>>(a);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
+    tc = tensor_core_dtype<scalar_t>() && use_tensor_cores(std::min(rows, cols));
   }
-  const Layout L = pick_layout(rows, cols);
-  a.tm = L.tm;
-  a.tn = L.tn;
-  a.tiles_r = (int)ceil_div(rows, L.bm());
-  a.tiles_c = (int)ceil_div(cols, L.bn());
+  int bm = kern::TC_BM, bn = kern::TC_BN, threads = kern::TC_THREADS;
+  if (!tc) {
+    const Layout L = pick_layout(rows, cols);
+    a.tm = L.tm;
+    a.tn = L.tn;
+    bm = L.bm();
+    bn = L.bn();
+    threads = L.tm * L.tn;
+  }
+  a.tiles_r = (int)ceil_div(rows, bm);
+  a.tiles_c = (int)ceil_div(cols, bn);
   const int grid = checked_grid((int64_t)N * a.slots * a.tiles_r * a.tiles_c);
   if (grid == 0) return;
-  const int threads = L.tm * L.tn;
+  // The kernels' MODE: 0 group, 1 out, 2 in (see wgrad_kernel).
+  auto launch = [&](auto m) {
+    constexpr int MODE = decltype(m)::value;
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      if (tc) {
+        kern::wgrad_kernel_tc<scalar_t, MODE><<<grid, threads, 0, stream>>>(a);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+    }
+    kern::wgrad_kernel<scalar_t, acc_t, MODE><<<grid, threads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
   if (mode == Mode::Group) {
-    kern::wgrad_kernel<scalar_t, acc_t, 0><<<grid, threads, 0, stream>>>(a);
+    launch(std::integral_constant<int, 0>{});
   } else if (mode == Mode::Out) {
-    kern::wgrad_kernel<scalar_t, acc_t, 1><<<grid, threads, 0, stream>>>(a);
+    launch(std::integral_constant<int, 1>{});
   } else {
-    kern::wgrad_kernel<scalar_t, acc_t, 2><<<grid, threads, 0, stream>>>(a);
+    launch(std::integral_constant<int, 2>{});
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename acc_t>
@@ -280,33 +279,22 @@ ConvArgs<scalar_t, acc_t> conv_args(const Geo& g, const at::Tensor& gacc, const 
   return a;
 }
 
-// Forward-direction conv: rows = output pixels, src = x, dst shaped like the output.
+// Operand shapes and tile kind of one conv pass.  dx = false: the forward conv,
+// rows = output pixels, src = x, dst shaped like the output.  dx = true: the
+// transposed conv (grad_x), src = grad_out, dst shaped like x.  The gated blocks
+// sit on the result side ("listed columns") for the forward of "out" and the
+// grad_x of "in", on the reduction side ("listed K") for the other two.
 template <typename scalar_t, typename acc_t>
-void set_forward_dims(ConvArgs<scalar_t, acc_t>& a, const Geo& g, Mode mode, int& kind,
-                      int64_t& cols) {
-  a.Csrc = g.Cin; a.Hs = g.H; a.Ws = g.W;
-  a.Cdst = g.Cout; a.Hd = g.Ho; a.Wd = g.Wo;
+void set_dims(ConvArgs<scalar_t, acc_t>& a, const Geo& g, Mode mode, bool dx, int& kind,
+              int64_t& cols) {
+  a.Csrc = dx ? g.Cout : g.Cin; a.Hs = dx ? g.Ho : g.H; a.Ws = dx ? g.Wo : g.W;
+  a.Cdst = dx ? g.Cin : g.Cout; a.Hd = dx ? g.H : g.Ho; a.Wd = dx ? g.W : g.Wo;
   if (mode == Mode::Group) {
-    kind = kern::kGrouped; a.col_per = g.Cout / g.G; a.k_per = g.Cin / g.G; cols = a.col_per;
-  } else if (mode == Mode::Out) {
-    kind = kern::kColListed; a.col_per = g.Cout / g.G; cols = g.Cout;
+    kind = kern::kGrouped; a.col_per = a.Cdst / g.G; a.k_per = a.Csrc / g.G; cols = a.col_per;
+  } else if ((mode == Mode::Out) != dx) {
+    kind = kern::kColListed; a.col_per = a.Cdst / g.G; cols = a.Cdst;
   } else {
-    kind = kern::kKListed; a.k_per = g.Cin / g.G; cols = g.Cout;
-  }
-}
-
-// Transposed conv (grad_x): rows = input pixels, src = grad_out, dst shaped like x.
-template <typename scalar_t, typename acc_t>
-void set_grad_x_dims(ConvArgs<scalar_t, acc_t>& a, const Geo& g, Mode mode, int& kind,
-                     int64_t& cols) {
-  a.Csrc = g.Cout; a.Hs = g.Ho; a.Ws = g.Wo;
-  a.Cdst = g.Cin; a.Hd = g.H; a.Wd = g.W;
-  if (mode == Mode::Group) {
-    kind = kern::kGrouped; a.col_per = g.Cin / g.G; a.k_per = g.Cout / g.G; cols = a.col_per;
-  } else if (mode == Mode::Out) {
-    kind = kern::kKListed; a.k_per = g.Cout / g.G; cols = g.Cin;
-  } else {
-    kind = kern::kColListed; a.col_per = g.Cin / g.G; cols = g.Cin;
+    kind = kern::kKListed; a.k_per = a.Csrc / g.G; cols = a.Cdst;
   }
 }
 
@@ -344,7 +332,7 @@ at::Tensor forward_cuda(const at::Tensor& x_, const at::Tensor& weight, const at
     auto a = conv_args<scalar_t, acc_t>(g, gacc, wl, w);
     int kind = 0;
     int64_t cols = 0;
-    set_forward_dims(a, g, mode, kind, cols);
+    set_dims(a, g, mode, /*dx=*/false, kind, cols);
     a.src = x.data_ptr<scalar_t>();
     a.bias = bias ? bias->data_ptr<scalar_t>() : nullptr;
     a.dst = out.data_ptr<scalar_t>();
@@ -422,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
       auto a = conv_args<scalar_t, acc_t>(g, gacc, wl, w);
       int kind = 0;
       int64_t cols = 0;
-      set_grad_x_dims(a, g, mode, kind, cols);
+      set_dims(a, g, mode, /*dx=*/true, kind, cols);
       a.src = dout.data_ptr<scalar_t>();
       a.dst = gx.data_ptr<scalar_t>();
       a.other = x.data_ptr<scalar_t>();
@@ -449,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
         auto a = conv_args<scalar_t, acc_t>(g, gacc, wl, w);
         int kind = 0;
         int64_t cols = 0;
-        set_forward_dims(a, g, mode, kind, cols);
+        set_dims(a, g, mode, /*dx=*/false, kind, cols);
         a.src = x.data_ptr<scalar_t>();
         a.bias = bias ? bias->data_ptr<scalar_t>() : nullptr;
         a.other = dout.data_ptr<scalar_t>();
