@@ -158,6 +158,27 @@ bool tensor_core_dtype() {
   }
 }
 
+// Tile shape and threads of one launch: WMMA tiles when the dtype allows tensor
+// cores and `tc_width` (the narrower tile side) is wide enough, else the SIMT
+// layout that fits rows x cols (tm/tn are unused by the WMMA kernels).
+struct Tiling {
+  bool tc;
+  int bm, bn, threads, tm, tn;
+};
+
+template <typename scalar_t>
+Tiling pick_tiling(int64_t rows, int64_t cols, int64_t tc_width) {
+  Tiling t{false, kern::TC_BM, kern::TC_BN, kern::TC_THREADS, 0, 0};
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    t.tc = tensor_core_dtype<scalar_t>() && use_tensor_cores(tc_width);
+  }
+  if (!t.tc) {
+    const Layout L = pick_layout(rows, cols);
+    t = Tiling{false, L.bm(), L.bn(), L.tm * L.tn, L.tm, L.tn};
+  }
+  return t;
+}
+
 // Calls f(kind, dx) with both as compile-time constants (std::integral_constant):
 // the conv kernels take the tile kind and the direction as template parameters.
 template <typename F>
@@ -182,22 +203,14 @@ void with_kind(int kind, bool dx, const F& f) {
 template <typename scalar_t, typename acc_t>
 void launch_conv(int kind, bool dx, ConvArgs<scalar_t, acc_t> a, int N, int64_t cols,
                  cudaStream_t stream) {
-  bool tc = false;
-  if constexpr (!std::is_same_v<scalar_t, double>) {
-    tc = tensor_core_dtype<scalar_t>() && use_tensor_cores(cols);
-  }
   const int64_t rows = (int64_t)a.Hd * a.Wd;
-  int bm = kern::TC_BM, bn = kern::TC_BN, threads = kern::TC_THREADS;
-  if (!tc) {
-    const Layout L = pick_layout(rows, cols);
-    a.tm = L.tm;
-    a.tn = L.tn;
-    bm = L.bm();
-    bn = L.bn();
-    threads = L.tm * L.tn;
-  }
-  a.tiles_p = (int)ceil_div(rows, bm);
-  a.tiles_c = (int)std::max<int64_t>(1, ceil_div(cols, bn));
+  const Tiling T = pick_tiling<scalar_t>(rows, cols, cols);
+  const bool tc = T.tc;
+  const int threads = T.threads;
+  a.tm = T.tm;
+  a.tn = T.tn;
+  a.tiles_p = (int)ceil_div(rows, T.bm);
+  a.tiles_c = (int)std::max<int64_t>(1, ceil_div(cols, T.bn));
   a.slots = kind == kern::kGrouped ? a.G : 1;
   const int64_t grid64 = (int64_t)N * a.slots * a.tiles_c * a.tiles_p;
   if (grid64 == 0) return;
@@ -223,21 +236,13 @@ template <typename scalar_t, typename acc_t>
 void launch_wgrad(Mode mode, WgradArgs<scalar_t, acc_t> a, int N, int64_t rows, int64_t cols,
                   cudaStream_t stream) {
   a.slots = mode == Mode::Group ? a.G : 1;
-  bool tc = false;
-  if constexpr (!std::is_same_v<scalar_t, double>) {
-    tc = tensor_core_dtype<scalar_t>() && use_tensor_cores(std::min(rows, cols));
-  }
-  int bm = kern::TC_BM, bn = kern::TC_BN, threads = kern::TC_THREADS;
-  if (!tc) {
-    const Layout L = pick_layout(rows, cols);
-    a.tm = L.tm;
-    a.tn = L.tn;
-    bm = L.bm();
-    bn = L.bn();
-    threads = L.tm * L.tn;
-  }
-  a.tiles_r = (int)ceil_div(rows, bm);
-  a.tiles_c = (int)ceil_div(cols, bn);
+  const Tiling T = pick_tiling<scalar_t>(rows, cols, std::min(rows, cols));
+  const bool tc = T.tc;
+  const int threads = T.threads;
+  a.tm = T.tm;
+  a.tn = T.tn;
+  a.tiles_r = (int)ceil_div(rows, T.bm);
+  a.tiles_c = (int)ceil_div(cols, T.bn);
   const int grid = checked_grid((int64_t)N * a.slots * a.tiles_r * a.tiles_c);
   if (grid == 0) return;
   // The kernels' MODE: 0 group, 1 out, 2 in (see wgrad_kernel).
