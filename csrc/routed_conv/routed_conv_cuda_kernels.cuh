@@ -84,6 +84,17 @@ __device__ __forceinline__ int k_channel(int kc, int g, int k_per, const int* li
   }
 }
 
+// Decode-table entries of the conv tiles (see ConvTile::row_base / k_decode).
+constexpr int kNoRow = -(1 << 30);
+struct RowBase {
+  int y, x;
+};
+template <typename acc_t>
+struct KDecode {
+  int src_off, rd, sd, wk;
+  acc_t scale;
+};
+
 template <typename scalar_t, typename acc_t>
 struct ConvArgs {
   const scalar_t* src;     // A operand: x (forward) or grad_out (grad_x), [N, Csrc, Hs, Ws]
@@ -183,44 +194,74 @@ struct ConvTile {
     }
   }
 
-  // A[m, k]: the source element feeding row m (pixel p0 + m) at reduction index k,
-  // zero outside the image, past the rows or past K.
-  __device__ __forceinline__ acc_t load_a(const ConvArgs<scalar_t, acc_t>& a, int m, int k) const {
+  // The operand loaders read decode tables that the kernel fills in shared memory
+  // (rows once per tile, reduction indices once per K chunk), so the inner staging
+  // loops do no integer division.
+  //
+  // Row m (pixel p0 + m): its base coordinates in the source, or kNoRow past the
+  // image.  Forward: (y * sh - ph, x * sw - pw); grad_x: (y + ph, x + pw).
+  __device__ __forceinline__ RowBase row_base(const ConvArgs<scalar_t, acc_t>& a, int m) const {
     const int p = p0 + m;
-    if (k >= K || p >= Prows) return acc_t(0);
+    if (p >= Prows) return RowBase{kNoRow, 0};
+    const int y = p / a.Wd, xw = p - y * a.Wd;
+    if (!DX) return RowBase{y * a.sh - a.ph, xw * a.sw - a.pw};
+    return RowBase{y + a.ph, xw + a.pw};
+  }
+
+  // Reduction index k: source channel offset (-1 past K), tap offsets r * dh and
+  // s * dw, A's scale (the block's gate for kKListed, else 1) and B's k part of the
+  // weight index (see col_wpart).
+  __device__ __forceinline__ KDecode<acc_t> k_decode(const ConvArgs<scalar_t, acc_t>& a, int k) const {
+    KDecode<acc_t> d{-1, 0, 0, 0, acc_t(1)};
+    if (k >= K) return d;
     const int kc = k / khkw, rs = k - kc * khkw, r = rs / a.kw, s = rs - r * a.kw;
     int blk;
     const int ch = k_channel<KIND>(kc, g, a.k_per, list_n, blk);
-    const int y = p / a.Wd, xw = p - y * a.Wd;
+    d.src_off = ch * static_cast<int>(src_plane);  // Csrc * Hs * Ws < INT_MAX (host check)
+    d.rd = r * a.dh;
+    d.sd = s * a.dw;
+    // weight[wo][wi][r][s] with (wo, wi) = (column, k channel) forward, (k channel,
+    // column) for grad_x; wi taken within the group.
+    d.wk = DX ? ch * a.cin_g * khkw + rs : (ch % a.cin_g) * khkw + rs;
+    if (KIND == kKListed) d.scale = gate_n[blk];
+    return d;
+  }
+
+  // Column channel cch's part of the weight index (unused for an empty column).
+  __device__ __forceinline__ int col_wpart(const ConvArgs<scalar_t, acc_t>& a, int cch) const {
+    if (cch < 0) return 0;
+    return DX ? (cch % a.cin_g) * khkw : cch * a.cin_g * khkw;
+  }
+
+  // A[m, k]: the source element feeding row m at reduction index k (zero outside
+  // the image, past the rows or past K), times the k's scale.
+  __device__ __forceinline__ acc_t load_a(const ConvArgs<scalar_t, acc_t>& a, RowBase rb,
+                                          const KDecode<acc_t>& d) const {
+    if (d.src_off < 0 || rb.y == kNoRow) return acc_t(0);
     int iy, ix;
     bool ok;
     if (!DX) {
-      iy = y * a.sh - a.ph + r * a.dh;
-      ix = xw * a.sw - a.pw + s * a.dw;
+      iy = rb.y + d.rd;
+      ix = rb.x + d.sd;
       ok = iy >= 0 && iy < a.Hs && ix >= 0 && ix < a.Ws;
-    } else {  // input pixel (y, xw) receives output pixel (ty, tx) / stride
-      const int ty = y + a.ph - r * a.dh, tx = xw + a.pw - s * a.dw;
-      ok = ty >= 0 && tx >= 0 && ty % a.sh == 0 && tx % a.sw == 0;
-      iy = ty / a.sh;
-      ix = tx / a.sw;
+    } else {  // input pixel (y, x) receives output pixel (ty, tx) / stride
+      const int ty = rb.y - d.rd, tx = rb.x - d.sd;
+      ok = ty >= 0 && tx >= 0 && (a.sh == 1 || ty % a.sh == 0) && (a.sw == 1 || tx % a.sw == 0);
+      iy = a.sh == 1 ? ty : ty / a.sh;
+      ix = a.sw == 1 ? tx : tx / a.sw;
       ok = ok && iy < a.Hs && ix < a.Ws;
     }
     if (!ok) return acc_t(0);
-    acc_t v = static_cast<acc_t>(src_n[ch * src_plane + (int64_t)iy * a.Ws + ix]);
-    if (KIND == kKListed) v *= gate_n[blk];
-    return v;
+    const acc_t v = static_cast<acc_t>(src_n[d.src_off + (int64_t)iy * a.Ws + ix]);
+    return KIND == kKListed ? v * d.scale : v;
   }
 
   // B[k, column with channel cch]: the weight element linking them (zero past K or
   // for an empty column, cch < 0).
-  __device__ __forceinline__ acc_t load_b(const ConvArgs<scalar_t, acc_t>& a, int k, int cch) const {
-    if (k >= K || cch < 0) return acc_t(0);
-    const int kc = k / khkw, rs = k - kc * khkw;
-    int blk;
-    const int kch = k_channel<KIND>(kc, g, a.k_per, list_n, blk);
-    const int wo = DX ? kch : cch;              // weight's output channel
-    const int wi = (DX ? cch : kch) % a.cin_g;  // weight's input channel (within group)
-    return static_cast<acc_t>(a.weight[((int64_t)wo * a.cin_g + wi) * khkw + rs]);
+  __device__ __forceinline__ acc_t load_b(const ConvArgs<scalar_t, acc_t>& a, const KDecode<acc_t>& d, int cch,
+                                          int cpart) const {
+    if (d.src_off < 0 || cch < 0) return acc_t(0);
+    return static_cast<acc_t>(a.weight[d.wk + cpart]);
   }
 
   // Result v (bias not yet added) of row m, column (ch, blk): store it (write)
@@ -250,13 +291,20 @@ __global__ void __launch_bounds__(MAX_THREADS) conv_kernel(const ConvArgs<scalar
   __shared__ acc_t Bs[BK][MAX_BN];
   __shared__ int col_ch[MAX_BN];
   __shared__ int col_blk[MAX_BN];
+  __shared__ int col_w[MAX_BN];
+  __shared__ RowBase rows[MAX_BM];
+  __shared__ KDecode<acc_t> kdec[BK];
 
   const int tm = a.tm, tn = a.tn, BM = tm * TM, BN = tn * TN;
   const int nthr = tm * tn, tid = threadIdx.x;
   const int ty = tid / tn, tx = tid % tn;
   ConvTile<scalar_t, acc_t, KIND, DX> t;
   if (!t.init(a, BM, BN)) return;
-  for (int c = tid; c < BN; c += nthr) t.column(a, c, col_ch[c], col_blk[c]);
+  for (int c = tid; c < BN; c += nthr) {
+    t.column(a, c, col_ch[c], col_blk[c]);
+    col_w[c] = t.col_wpart(a, col_ch[c]);
+  }
+  for (int m = tid; m < BM; m += nthr) rows[m] = t.row_base(a, m);
   __syncthreads();
 
   acc_t acc[TM][TN];
@@ -266,14 +314,16 @@ __global__ void __launch_bounds__(MAX_THREADS) conv_kernel(const ConvArgs<scalar
     for (int j = 0; j < TN; ++j) acc[i][j] = acc_t(0);
 
   for (int k0 = 0; k0 < t.K; k0 += BK) {
+    for (int kk = tid; kk < BK; kk += nthr) kdec[kk] = t.k_decode(a, k0 + kk);
+    __syncthreads();
     // A: consecutive threads take consecutive pixels (coalesced reads of src).
     for (int e = tid; e < BK * BM; e += nthr) {
       const int m = e % BM, kk = e / BM;
-      As[kk][m] = t.load_a(a, m, k0 + kk);
+      As[kk][m] = t.load_a(a, rows[m], kdec[kk]);
     }
     for (int e = tid; e < BK * BN; e += nthr) {
       const int c = e % BN, kk = e / BN;
-      Bs[kk][c] = t.load_b(a, k0 + kk, col_ch[c]);
+      Bs[kk][c] = t.load_b(a, kdec[kk], col_ch[c], col_w[c]);
     }
     __syncthreads();
     chunk_mma<acc_t>(As, Bs, acc, ty, tx, tm, tn);

@@ -121,11 +121,18 @@ __global__ void __launch_bounds__(TC_THREADS) conv_kernel_tc(const ConvArgs<scal
   __shared__ __align__(32) float Cs[TC_BM * TC_LDC];
   __shared__ int col_ch[TC_BN];
   __shared__ int col_blk[TC_BN];
+  __shared__ int col_w[TC_BN];
+  __shared__ RowBase rows[TC_BM];
+  __shared__ KDecode<float> kdec[TC_BK];
 
   const int tid = threadIdx.x;
   ConvTile<scalar_t, float, KIND, DX> t;
   if (!t.init(a, TC_BM, TC_BN)) return;
-  for (int c = tid; c < TC_BN; c += TC_THREADS) t.column(a, c, col_ch[c], col_blk[c]);
+  for (int c = tid; c < TC_BN; c += TC_THREADS) {
+    t.column(a, c, col_ch[c], col_blk[c]);
+    col_w[c] = t.col_wpart(a, col_ch[c]);
+  }
+  for (int m = tid; m < TC_BM; m += TC_THREADS) rows[m] = t.row_base(a, m);
   __syncthreads();
 
   const int warp = tid / 32, wm = warp / 2, wn = warp % 2;
@@ -136,13 +143,15 @@ __global__ void __launch_bounds__(TC_THREADS) conv_kernel_tc(const ConvArgs<scal
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
   for (int k0 = 0; k0 < t.K; k0 += TC_BK) {
+    for (int kk = tid; kk < TC_BK; kk += TC_THREADS) kdec[kk] = t.k_decode(a, k0 + kk);
+    __syncthreads();
     for (int e = tid; e < TC_BK * TC_BM; e += TC_THREADS) {
       const int m = e % TC_BM, kk = e / TC_BM;
-      As[m * TC_LDA + kk] = static_cast<scalar_t>(t.load_a(a, m, k0 + kk));
+      As[m * TC_LDA + kk] = static_cast<scalar_t>(t.load_a(a, rows[m], kdec[kk]));
     }
     for (int e = tid; e < TC_BK * TC_BN; e += TC_THREADS) {
       const int c = e % TC_BN, kk = e / TC_BN;
-      Bs[kk * TC_LDB + c] = static_cast<scalar_t>(t.load_b(a, k0 + kk, col_ch[c]));
+      Bs[kk * TC_LDB + c] = static_cast<scalar_t>(t.load_b(a, kdec[kk], col_ch[c], col_w[c]));
     }
     __syncthreads();
     tc_chunk_mma<scalar_t>(As, Bs, acc, wm, wn);
