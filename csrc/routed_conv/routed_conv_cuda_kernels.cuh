@@ -458,16 +458,32 @@ struct WgradTile {
     return static_cast<acc_t>(dout_n[(int64_t)co * K + p]) * sc;
   }
 
-  // B[p, col] = the (scaled) input element that tap rs of channel ci sees at output
-  // pixel p; zero outside the image, past K or for an empty column.
-  __device__ __forceinline__ acc_t load_b(const WgradArgs<scalar_t, acc_t>& a, int ci, int rs,
-                                          acc_t sc, int p) const {
-    if (p >= K || ci < 0) return acc_t(0);
+  // Decode tables, as in ConvTile: output pixel p's base input coordinates
+  // (oh * sh - ph, ow * sw - pw; kNoRow past K), once per chunk, and column (ci, rs)'s
+  // channel offset and tap offsets (r * dh, s * dw), once per tile.
+  __device__ __forceinline__ RowBase pixel_base(const WgradArgs<scalar_t, acc_t>& a, int p) const {
+    if (p >= K) return RowBase{kNoRow, 0};
     const int oh = p / a.Wo, ow = p - oh * a.Wo;
-    const int r = rs / a.kw, s = rs % a.kw;
-    const int ih = oh * a.sh - a.ph + r * a.dh, iw = ow * a.sw - a.pw + s * a.dw;
+    return RowBase{oh * a.sh - a.ph, ow * a.sw - a.pw};
+  }
+  __device__ __forceinline__ KDecode<acc_t> col_decode(const WgradArgs<scalar_t, acc_t>& a, int ci, int rs,
+                                                       acc_t sc) const {
+    KDecode<acc_t> d{-1, 0, 0, 0, sc};
+    if (ci < 0) return d;
+    d.src_off = ci * static_cast<int>(x_plane);  // Cin * H * W < INT_MAX (host check)
+    d.rd = rs / a.kw * a.dh;
+    d.sd = rs % a.kw * a.dw;
+    return d;
+  }
+
+  // B[p, col] = the (scaled) input element that column d's tap sees at the output
+  // pixel with base pb; zero outside the image, past K or for an empty column.
+  __device__ __forceinline__ acc_t load_b(const WgradArgs<scalar_t, acc_t>& a, const KDecode<acc_t>& d,
+                                          RowBase pb) const {
+    if (pb.y == kNoRow || d.src_off < 0) return acc_t(0);
+    const int ih = pb.y + d.rd, iw = pb.x + d.sd;
     if (ih < 0 || ih >= a.H || iw < 0 || iw >= a.W) return acc_t(0);
-    return static_cast<acc_t>(x_n[ci * x_plane + (int64_t)ih * a.W + iw]) * sc;
+    return static_cast<acc_t>(x_n[d.src_off + (int64_t)ih * a.W + iw]) * d.scale;
   }
 
   __device__ __forceinline__ void flush(const WgradArgs<scalar_t, acc_t>& a, int co, int ci, int rs,
@@ -484,7 +500,8 @@ __global__ void __launch_bounds__(MAX_THREADS) wgrad_kernel(const WgradArgs<scal
   __shared__ acc_t row_scale[MAX_BM];
   __shared__ int col_ci[MAX_BN];
   __shared__ int col_rs[MAX_BN];
-  __shared__ acc_t col_scale[MAX_BN];
+  __shared__ KDecode<acc_t> col_dec[MAX_BN];
+  __shared__ RowBase pix[BK];
 
   const int tm = a.tm, tn = a.tn, BM = tm * TM, BN = tn * TN;
   const int nthr = tm * tn, tid = threadIdx.x;
@@ -492,7 +509,11 @@ __global__ void __launch_bounds__(MAX_THREADS) wgrad_kernel(const WgradArgs<scal
   WgradTile<scalar_t, acc_t, MODE> t;
   if (!t.init(a, BM, BN)) return;
   for (int m = tid; m < BM; m += nthr) t.row(a, m, row_co[m], row_scale[m]);
-  for (int c = tid; c < BN; c += nthr) t.col(a, c, col_ci[c], col_rs[c], col_scale[c]);
+  for (int c = tid; c < BN; c += nthr) {
+    acc_t sc;
+    t.col(a, c, col_ci[c], col_rs[c], sc);
+    col_dec[c] = t.col_decode(a, col_ci[c], col_rs[c], sc);
+  }
   __syncthreads();
 
   acc_t acc[TM][TN];
@@ -502,6 +523,8 @@ __global__ void __launch_bounds__(MAX_THREADS) wgrad_kernel(const WgradArgs<scal
     for (int j = 0; j < TN; ++j) acc[i][j] = acc_t(0);
 
   for (int k0 = 0; k0 < t.K; k0 += BK) {
+    for (int kk = tid; kk < BK; kk += nthr) pix[kk] = t.pixel_base(a, k0 + kk);
+    __syncthreads();
     // The reduction runs over pixels: kk fastest, so neighbouring threads read
     // neighbouring pixels of one channel.
     for (int e = tid; e < BK * BM; e += nthr) {
@@ -510,7 +533,7 @@ __global__ void __launch_bounds__(MAX_THREADS) wgrad_kernel(const WgradArgs<scal
     }
     for (int e = tid; e < BK * BN; e += nthr) {
       const int kk = e % BK, c = e / BK;
-      Bs[kk][c] = t.load_b(a, col_ci[c], col_rs[c], col_scale[c], k0 + kk);
+      Bs[kk][c] = t.load_b(a, col_dec[c], pix[kk]);
     }
     __syncthreads();
     chunk_mma<acc_t>(As, Bs, acc, ty, tx, tm, tn);

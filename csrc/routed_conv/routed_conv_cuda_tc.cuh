@@ -193,13 +193,18 @@ __global__ void __launch_bounds__(TC_THREADS) wgrad_kernel_tc(const WgradArgs<sc
   __shared__ float row_scale[TC_BM];
   __shared__ int col_ci[TC_BN];
   __shared__ int col_rs[TC_BN];
-  __shared__ float col_scale[TC_BN];
+  __shared__ KDecode<float> col_dec[TC_BN];
+  __shared__ RowBase pix[TC_BK];
 
   const int tid = threadIdx.x;
   WgradTile<scalar_t, float, MODE> t;
   if (!t.init(a, TC_BM, TC_BN)) return;
   for (int m = tid; m < TC_BM; m += TC_THREADS) t.row(a, m, row_co[m], row_scale[m]);
-  for (int c = tid; c < TC_BN; c += TC_THREADS) t.col(a, c, col_ci[c], col_rs[c], col_scale[c]);
+  for (int c = tid; c < TC_BN; c += TC_THREADS) {
+    float sc;
+    t.col(a, c, col_ci[c], col_rs[c], sc);
+    col_dec[c] = t.col_decode(a, col_ci[c], col_rs[c], sc);
+  }
   __syncthreads();
 
   const int warp = tid / 32, wm = warp / 2, wn = warp % 2;
@@ -210,13 +215,15 @@ __global__ void __launch_bounds__(TC_THREADS) wgrad_kernel_tc(const WgradArgs<sc
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
   for (int k0 = 0; k0 < t.K; k0 += TC_BK) {
+    for (int kk = tid; kk < TC_BK; kk += TC_THREADS) pix[kk] = t.pixel_base(a, k0 + kk);
+    __syncthreads();
     for (int e = tid; e < TC_BK * TC_BM; e += TC_THREADS) {  // pixels fastest: coalesced dout
       const int kk = e % TC_BK, m = e / TC_BK;
       As[m * TC_LDA + kk] = static_cast<scalar_t>(t.load_a(row_co[m], row_scale[m], k0 + kk));
     }
     for (int e = tid; e < TC_BK * TC_BN; e += TC_THREADS) {
       const int kk = e % TC_BK, c = e / TC_BK;
-      Bs[kk * TC_LDB + c] = static_cast<scalar_t>(t.load_b(a, col_ci[c], col_rs[c], col_scale[c], k0 + kk));
+      Bs[kk * TC_LDB + c] = static_cast<scalar_t>(t.load_b(a, col_dec[c], pix[kk]));
     }
     __syncthreads();
     tc_chunk_mma<scalar_t>(As, Bs, acc, wm, wn);
