@@ -41,7 +41,9 @@ Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
   built on the device (no host synchronisation, CUDA-graph capturable):
   implicit-GEMM forward, grad_x and grad_weight that visit active blocks only,
   WMMA tensor cores for fp16/bf16 (and TF32 for fp32 when
-  ``torch.backends.cudnn.allow_tf32`` allows it).  Tested on the CPU through a
+  ``torch.backends.cudnn.allow_tf32`` allows it) on tiles at least 32 channels
+  wide, SIMT kernels otherwise (narrow ResNeXt groups, float64;
+  ``FASTMOD_ROUTED_CONV_TC=0`` forces SIMT everywhere).  Tested on the CPU through a
   CUDA emulator (tests/cuda_emu) but **not yet run on a GPU**, so on CUDA tensors
   ``backend=None`` still runs the reference (dense cuDNN conv + mask) and the
   kernels run only when asked for with ``backend="cuda"``.  (An earlier "cuda"
