@@ -113,6 +113,16 @@ def test_empty_batch(emu, mode):
     assert got[1].abs().sum() == 0
 
 
+@pytest.mark.parametrize("dtype,over", [
+    (torch.float64, dict(cin=8, cout=8, blocks=4, hw=(5, 4))),                # SIMT grad_weight
+    (torch.float16, dict(cin=64, cout=64, blocks=2, hw=(4, 4), tol=3e-2)),    # WMMA grad_weight
+])
+def test_group_grad_weight_over_sample_chunks(emu, dtype, over):
+    """Group-mode grad_weight sums chunks of 8 samples per CTA: 19 samples make two
+    full chunks and a partial one, with off blocks inside the chunks."""
+    check(emu, "group", kind="random", n=19, dtype=dtype, **over)
+
+
 TC_SHAPES = [  # >= 32 channels per tile: the tensor-core kernel's cases
     ("group", dict(cin=64, cout=96, blocks=2, hw=(9, 11), n=1)),
     ("out", dict(cin=33, cout=70, blocks=70, hw=(13, 7), stride=2)),

@@ -230,12 +230,17 @@ void launch_conv(int kind, bool dx, ConvArgs<scalar_t, acc_t> a, int N, int64_t 
   });
 }
 
+// Samples one group-mode grad_weight CTA sums in registers before its atomics.
+constexpr int kWgradSamplesPerCta = 8;
+
 // grad_weight: tiles of `rows` output channels x `cols` (input channel, tap)
-// columns per (sample, slot); tensor cores when both are >= 32 wide.
+// columns per (sample chunk, slot); tensor cores when both are >= 32 wide.
 template <typename scalar_t, typename acc_t>
 void launch_wgrad(Mode mode, WgradArgs<scalar_t, acc_t> a, int N, int64_t rows, int64_t cols,
                   cudaStream_t stream) {
   a.slots = mode == Mode::Group ? a.G : 1;
+  a.N = N;
+  a.spc = mode == Mode::Group ? kWgradSamplesPerCta : 1;
   const Tiling T = pick_tiling<scalar_t>(rows, cols, std::min(rows, cols));
   const bool tc = T.tc;
   const int threads = T.threads;
@@ -243,7 +248,7 @@ void launch_wgrad(Mode mode, WgradArgs<scalar_t, acc_t> a, int N, int64_t rows, 
   a.tn = T.tn;
   a.tiles_r = (int)ceil_div(rows, T.bm);
   a.tiles_c = (int)ceil_div(cols, T.bn);
-  const int grid = checked_grid((int64_t)N * a.slots * a.tiles_r * a.tiles_c);
+  const int grid = checked_grid(ceil_div(N, a.spc) * a.slots * a.tiles_r * a.tiles_c);
   if (grid == 0) return;
   // The kernels' MODE: 0 group, 1 out, 2 in (see wgrad_kernel).
   auto launch = [&](auto m) {

@@ -353,18 +353,21 @@ struct WgradArgs {
   int kh, kw, sh, sw, ph, pw, dh, dw, cin_g;
   int row_per;  // group: Cout/G; out: Cout/G (listed rows); in: unused
   int q_per;    // group: Cin/G; in: Cin/G (listed columns); out: unused
+  int N;
+  int spc;      // samples per CTA: group mode sums several samples in registers; else 1
   int tm, tn, tiles_r, tiles_c, slots;
 };
 
-// grad_weight of one sample's active blocks: rows = output channels, columns =
-// q = (input channel, r, s), reduction over the sample's output pixels; the tile is
-// then atomically added to the workspace.  MODE: 0 group (one (n, g) pair per tile,
-// dz = dout * gate), 1 out (listed output channels, dz = dout * gate), 2 in (all
-// output channels, listed input channels scaled by their gate).  Shared by the SIMT
+// grad_weight: rows = output channels, columns = q = (input channel, r, s),
+// reduction over output pixels; the tile is then atomically added to the workspace.
+// MODE: 0 group (group g = slot, summed in registers over the active samples of a
+// chunk of spc samples, dz = dout * gate: spc times fewer atomics), 1 out (one
+// sample, its listed output channels, dz = dout * gate), 2 in (one sample, all
+// output channels, its listed input channels scaled by their gate).  Shared by the SIMT
 // kernel below and the tensor-core one (routed_conv_cuda_tc.cuh).
 template <typename scalar_t, typename acc_t, int MODE>
 struct WgradTile {
-  int n, g, r0, c0, active, khkw, K;
+  int n, n0, n1, g, r0, c0, active, khkw, K;
   const int* list_n;
   const acc_t* gate_n;
   const scalar_t* dout_n;
@@ -379,28 +382,34 @@ struct WgradTile {
     const int rt = t % a.tiles_r;
     t /= a.tiles_r;
     const int slot = t % a.slots;
-    n = t / a.slots;
-    active = a.cnt[n];
-    list_n = a.list + (int64_t)n * a.G;
-    gate_n = a.gates + (int64_t)n * a.G;
+    n0 = (t / a.slots) * a.spc;
+    n1 = n0 + a.spc < a.N ? n0 + a.spc : a.N;
     khkw = a.kh * a.kw;
     r0 = rt * BM;
     c0 = ct * BN;
-    g = 0;
-    if (MODE == 0) {
-      if (slot >= active) return false;
-      g = list_n[slot];
-    } else if (MODE == 1) {
-      if (r0 >= active * a.row_per) return false;
-    } else {
-      if (c0 >= active * a.q_per * khkw) return false;
-    }
     K = a.Ho * a.Wo;
-    dout_n = a.dout + (int64_t)n * a.Cout * K;
     x_plane = (int64_t)a.H * a.W;
-    x_n = a.x + (int64_t)n * a.Cin * x_plane;
-    return true;
+    g = slot;  // group mode: the group itself (its samples are checked one by one)
+    if (MODE == 0) return true;
+    set_sample(a, n0);  // out / in: one sample, whose lists shape the tile
+    if (MODE == 1) return r0 < active * a.row_per;
+    return c0 < active * a.q_per * khkw;
   }
+
+  // Points the tile at sample s; for group mode, whether its block g is on.
+  __device__ __forceinline__ bool set_sample(const WgradArgs<scalar_t, acc_t>& a, int s) {
+    n = s;
+    active = a.cnt[n];
+    list_n = a.list + (int64_t)n * a.G;
+    gate_n = a.gates + (int64_t)n * a.G;
+    dout_n = a.dout + (int64_t)n * a.Cout * K;
+    x_n = a.x + (int64_t)n * a.Cin * x_plane;
+    return MODE != 0 || gate_n[g] != acc_t(0);
+  }
+
+  // The scale of the current sample's dz rows common to the whole tile: group
+  // mode's gate (the per-row scales are then 1).
+  __device__ __forceinline__ acc_t sample_scale() const { return MODE == 0 ? gate_n[g] : acc_t(1); }
 
   // Output channel (or -1) of tile row m and the scale of its dout row.
   __device__ __forceinline__ void row(const WgradArgs<scalar_t, acc_t>& a, int m, int& co,
@@ -409,10 +418,7 @@ struct WgradTile {
     sc = acc_t(1);
     const int l = r0 + m;
     if (MODE == 0) {
-      if (l < a.row_per) {
-        co = g * a.row_per + l;
-        sc = gate_n[g];
-      }
+      if (l < a.row_per) co = g * a.row_per + l;  // the gate comes per sample
     } else if (MODE == 1) {
       if (l < active * a.row_per) {
         const int blk = list_n[l / a.row_per];
@@ -522,23 +528,30 @@ __global__ void __launch_bounds__(MAX_THREADS) wgrad_kernel(const WgradArgs<scal
 #pragma unroll
     for (int j = 0; j < TN; ++j) acc[i][j] = acc_t(0);
 
-  for (int k0 = 0; k0 < t.K; k0 += BK) {
-    for (int kk = tid; kk < BK; kk += nthr) pix[kk] = t.pixel_base(a, k0 + kk);
-    __syncthreads();
-    // The reduction runs over pixels: kk fastest, so neighbouring threads read
-    // neighbouring pixels of one channel.
-    for (int e = tid; e < BK * BM; e += nthr) {
-      const int kk = e % BK, m = e / BK;
-      As[kk][m] = t.load_a(row_co[m], row_scale[m], k0 + kk);
+  bool any = false;
+  for (int s = t.n0; s < t.n1; ++s) {
+    if (!t.set_sample(a, s)) continue;  // the same answer for the whole CTA
+    any = true;
+    const acc_t gs = t.sample_scale();
+    for (int k0 = 0; k0 < t.K; k0 += BK) {
+      for (int kk = tid; kk < BK; kk += nthr) pix[kk] = t.pixel_base(a, k0 + kk);
+      __syncthreads();
+      // The reduction runs over pixels: kk fastest, so neighbouring threads read
+      // neighbouring pixels of one channel.
+      for (int e = tid; e < BK * BM; e += nthr) {
+        const int kk = e % BK, m = e / BK;
+        As[kk][m] = t.load_a(row_co[m], row_scale[m] * gs, k0 + kk);
+      }
+      for (int e = tid; e < BK * BN; e += nthr) {
+        const int kk = e % BK, c = e / BK;
+        Bs[kk][c] = t.load_b(a, col_dec[c], pix[kk]);
+      }
+      __syncthreads();
+      chunk_mma<acc_t>(As, Bs, acc, ty, tx, tm, tn);
+      __syncthreads();
     }
-    for (int e = tid; e < BK * BN; e += nthr) {
-      const int kk = e % BK, c = e / BK;
-      Bs[kk][c] = t.load_b(a, col_dec[c], pix[kk]);
-    }
-    __syncthreads();
-    chunk_mma<acc_t>(As, Bs, acc, ty, tx, tm, tn);
-    __syncthreads();
   }
+  if (!any) return;
 
 #pragma unroll
   for (int i = 0; i < TM; ++i)

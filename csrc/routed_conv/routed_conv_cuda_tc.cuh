@@ -214,21 +214,28 @@ __global__ void __launch_bounds__(TC_THREADS) wgrad_kernel_tc(const WgradArgs<sc
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
-  for (int k0 = 0; k0 < t.K; k0 += TC_BK) {
-    for (int kk = tid; kk < TC_BK; kk += TC_THREADS) pix[kk] = t.pixel_base(a, k0 + kk);
-    __syncthreads();
-    for (int e = tid; e < TC_BK * TC_BM; e += TC_THREADS) {  // pixels fastest: coalesced dout
-      const int kk = e % TC_BK, m = e / TC_BK;
-      As[m * TC_LDA + kk] = static_cast<scalar_t>(t.load_a(row_co[m], row_scale[m], k0 + kk));
+  bool any = false;
+  for (int s = t.n0; s < t.n1; ++s) {
+    if (!t.set_sample(a, s)) continue;  // the same answer for the whole CTA
+    any = true;
+    const float gs = t.sample_scale();
+    for (int k0 = 0; k0 < t.K; k0 += TC_BK) {
+      for (int kk = tid; kk < TC_BK; kk += TC_THREADS) pix[kk] = t.pixel_base(a, k0 + kk);
+      __syncthreads();
+      for (int e = tid; e < TC_BK * TC_BM; e += TC_THREADS) {  // pixels fastest: coalesced dout
+        const int kk = e % TC_BK, m = e / TC_BK;
+        As[m * TC_LDA + kk] = static_cast<scalar_t>(t.load_a(row_co[m], row_scale[m] * gs, k0 + kk));
+      }
+      for (int e = tid; e < TC_BK * TC_BN; e += TC_THREADS) {
+        const int kk = e % TC_BK, c = e / TC_BK;
+        Bs[kk * TC_LDB + c] = static_cast<scalar_t>(t.load_b(a, col_dec[c], pix[kk]));
+      }
+      __syncthreads();
+      tc_chunk_mma<scalar_t>(As, Bs, acc, wm, wn);
+      __syncthreads();
     }
-    for (int e = tid; e < TC_BK * TC_BN; e += TC_THREADS) {
-      const int kk = e % TC_BK, c = e / TC_BK;
-      Bs[kk * TC_LDB + c] = static_cast<scalar_t>(t.load_b(a, col_dec[c], pix[kk]));
-    }
-    __syncthreads();
-    tc_chunk_mma<scalar_t>(As, Bs, acc, wm, wn);
-    __syncthreads();
   }
+  if (!any) return;
   tc_store<KS>(Cs, acc, wm, wn);
   __syncthreads();
   for (int e = tid; e < TC_BM * TC_BN; e += TC_THREADS) {
