@@ -23,47 +23,46 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-at::Tensor call_gate(const at::Tensor& logits, const c10::optional<at::Tensor>& seed, double tau, bool hard) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastmod::gumbel_sigmoid_gate", "")
-                       .typed<at::Tensor(const at::Tensor&, const c10::optional<at::Tensor>&, double, bool)>();
+// The typed handle of fastmod::<name>, looked up once per call site (static).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> fastmod_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+using OptTensor = c10::optional<at::Tensor>;
+
+at::Tensor call_gate(const at::Tensor& logits, const OptTensor& seed, double tau, bool hard) {
+  static const auto op =
+      fastmod_op<at::Tensor(const at::Tensor&, const OptTensor&, double, bool)>("fastmod::gumbel_sigmoid_gate");
   return op.call(logits, seed, tau, hard);
 }
 
-at::Tensor call_backward(const at::Tensor& grad, const at::Tensor& logits, const c10::optional<at::Tensor>& seed,
-                         double tau) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastmod::gumbel_sigmoid_gate_backward", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, double)>();
+at::Tensor call_backward(const at::Tensor& grad, const at::Tensor& logits, const OptTensor& seed, double tau) {
+  static const auto op = fastmod_op<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, double)>(
+      "fastmod::gumbel_sigmoid_gate_backward");
   return op.call(grad, logits, seed, tau);
 }
 
-std::tuple<at::Tensor, at::Tensor> call_hard_train(const at::Tensor& logits, const c10::optional<at::Tensor>& seed,
-                                                   double tau) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastmod::gumbel_sigmoid_gate_hard_train", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const c10::optional<at::Tensor>&, double)>();
+std::tuple<at::Tensor, at::Tensor> call_hard_train(const at::Tensor& logits, const OptTensor& seed, double tau) {
+  static const auto op = fastmod_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const OptTensor&, double)>(
+      "fastmod::gumbel_sigmoid_gate_hard_train");
   return op.call(logits, seed, tau);
 }
 
 at::Tensor call_backward_soft(const at::Tensor& grad, const at::Tensor& soft, double tau) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastmod::gumbel_sigmoid_gate_backward_soft", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
+  static const auto op = fastmod_op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>(
+      "fastmod::gumbel_sigmoid_gate_backward_soft");
   return op.call(grad, soft, tau);
 }
 
 class GumbelSigmoidGate : public torch::autograd::Function<GumbelSigmoidGate> {
  public:
   // needs_grad is decided by the caller: inside forward, grad mode is off.
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const c10::optional<at::Tensor>& seed,
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const OptTensor& seed,
                             double tau, bool hard, bool needs_grad) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->saved_data["tau"] = tau;
-    ctx->saved_data["from_soft"] = hard && needs_grad;
-    if (hard && needs_grad) {
+    if (hard && needs_grad) {  // saves one tensor, B~ (the backward tells the paths apart by that)
       auto [out, soft] = call_hard_train(logits, seed, tau);
       ctx->save_for_backward({soft});
       return out;
@@ -77,18 +76,17 @@ class GumbelSigmoidGate : public torch::autograd::Function<GumbelSigmoidGate> {
     const variable_list saved = ctx->get_saved_variables();
     const double tau = ctx->saved_data["tau"].toDouble();
     at::Tensor grad_logits;
-    if (ctx->saved_data["from_soft"].toBool()) {
+    if (saved.size() == 1) {  // B~
       grad_logits = call_backward_soft(grads[0], saved[0], tau);
     } else {
-      const c10::optional<at::Tensor> seed =
-          saved[1].defined() ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
+      const OptTensor seed = saved[1].defined() ? OptTensor(saved[1]) : c10::nullopt;
       grad_logits = call_backward(grads[0], saved[0], seed, tau);
     }
     return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-at::Tensor gate_autograd(const at::Tensor& logits, const c10::optional<at::Tensor>& seed, double tau, bool hard) {
+at::Tensor gate_autograd(const at::Tensor& logits, const OptTensor& seed, double tau, bool hard) {
   const bool needs_grad = at::GradMode::is_enabled() && logits.requires_grad();
   return GumbelSigmoidGate::apply(logits, seed, tau, hard, needs_grad);
 }

@@ -259,9 +259,12 @@ at::Tensor gate_impl(const at::Tensor& logits, const c10::optional<at::Tensor>& 
       if constexpr (std::is_same_v<scalar_t, double>) {
         for (int64_t i = 0; i < m; ++i) {
           double z = ref_z(xp[e0 + i], u, i);
-          double b = 1.0 / (1.0 + std::exp(-z / tau));
-          op[e0 + i] = hard ? (z > 0 ? 1.0 : 0.0) : b;
-          if (spd) spd[e0 + i] = b;
+          if (hard) {
+            op[e0 + i] = z > 0 ? 1.0 : 0.0;
+            if (spd) spd[e0 + i] = 1.0 / (1.0 + std::exp(-z / tau));
+          } else {
+            op[e0 + i] = 1.0 / (1.0 + std::exp(-z / tau));
+          }
         }
       } else {
         float* o = out_tile(op + e0, ob);
