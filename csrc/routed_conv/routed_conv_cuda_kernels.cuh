@@ -95,6 +95,23 @@ struct KDecode {
   acc_t scale;
 };
 
+// The 1-D grid's block index as the host lays it out:
+// blockIdx.x = ((outer * slots + slot) * n_middle + middle) * n_inner + inner.
+struct BlockIndex {
+  int inner, middle, slot, outer;
+};
+__device__ __forceinline__ BlockIndex decode_block(int n_inner, int n_middle, int slots) {
+  int t = blockIdx.x;
+  BlockIndex b;
+  b.inner = t % n_inner;
+  t /= n_inner;
+  b.middle = t % n_middle;
+  t /= n_middle;
+  b.slot = t % slots;
+  b.outer = t / slots;
+  return b;
+}
+
 template <typename scalar_t, typename acc_t>
 struct ConvArgs {
   const scalar_t* src;     // A operand: x (forward) or grad_out (grad_x), [N, Csrc, Hs, Ws]
@@ -133,13 +150,9 @@ struct ConvTile {
   // Decodes blockIdx.x for BM x BN tiles; false when the tile has no work (the
   // caller's whole CTA then returns, before any barrier).
   __device__ __forceinline__ bool init(const ConvArgs<scalar_t, acc_t>& a, int BM, int BN) {
-    int t = blockIdx.x;
-    const int pt = t % a.tiles_p;
-    t /= a.tiles_p;
-    const int ct = t % a.tiles_c;
-    t /= a.tiles_c;
-    const int slot = t % a.slots;
-    n = t / a.slots;
+    const BlockIndex b = decode_block(a.tiles_p, a.tiles_c, a.slots);
+    const int pt = b.inner, ct = b.middle, slot = b.slot;
+    n = b.outer;
     const int G = a.G;
     const int active = a.cnt[n];
     list_n = a.list + (int64_t)n * G;
@@ -376,13 +389,9 @@ struct WgradTile {
 
   // Decodes blockIdx.x for BM x BN tiles; false when the tile has no work.
   __device__ __forceinline__ bool init(const WgradArgs<scalar_t, acc_t>& a, int BM, int BN) {
-    int t = blockIdx.x;
-    const int ct = t % a.tiles_c;
-    t /= a.tiles_c;
-    const int rt = t % a.tiles_r;
-    t /= a.tiles_r;
-    const int slot = t % a.slots;
-    n0 = (t / a.slots) * a.spc;
+    const BlockIndex b = decode_block(a.tiles_c, a.tiles_r, a.slots);
+    const int ct = b.inner, rt = b.middle, slot = b.slot;
+    n0 = b.outer * a.spc;
     n1 = n0 + a.spc < a.N ? n0 + a.spc : a.N;
     khkw = a.kh * a.kw;
     r0 = rt * BM;
