@@ -31,6 +31,14 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const at::Tens
                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                    c10::string_view gate_on, bool exact);
 
+// The CPU fp32 forward on the direct AVX-512 kernels (routed_conv_cpu_direct_aten.cpp)
+// for stride-1 "same" convolutions; returns an undefined tensor when the dtype, the
+// geometry or the CPU is not one it handles (the caller then uses the ATen path).
+at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& gates,
+                          const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                          Mode mode);
+
 // output_mask = (grad_x, grad_weight, grad_bias, grad_gates).  `out` is the forward
 // output (needed for grad_gates in the "group"/"out" modes).  exact=false gives the
 // gates of skipped blocks a zero gradient and never touches those blocks.

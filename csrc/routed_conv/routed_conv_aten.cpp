@@ -214,6 +214,10 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& weight, const at::Ten
     if (!p.binary) y.mul_(gd.repeat_interleave(Cout / G, 1).view({N, Cout, 1, 1}));
     return y;
   }
+  {
+    at::Tensor y = forward_direct(x, w, gates, bias, stride, padding, dilation, groups, mode);
+    if (y.defined()) return y;
+  }
 
   if (mode == Mode::Group) {
     // Off blocks are zero-filled, active ones written once: no full zeros() pass.

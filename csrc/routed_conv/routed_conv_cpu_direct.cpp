@@ -1,0 +1,185 @@
+// Direct routed convolution kernels (see routed_conv_cpu_direct.h).
+#include "routed_conv/routed_conv_cpu_direct.h"
+
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FM_HAVE_AVX512 1
+#include <immintrin.h>
+#define FM_AVX512 __attribute__((target("avx512f,fma")))
+// The register tile must be fully unrolled, or acc[][] lives on the stack.
+#define FM_UNROLL _Pragma("GCC unroll 16")
+#endif
+
+namespace fastmod {
+namespace routed_conv {
+namespace direct {
+
+bool available() {
+#ifdef FM_HAVE_AVX512
+  static const bool yes = [] {
+    const char* env = std::getenv("FASTMOD_ROUTED_CONV_DIRECT");
+    if (env != nullptr && env[0] == '0') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+bool same_size(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t stride_h, int64_t stride_w,
+               int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w) {
+  return stride_h == 1 && stride_w == 1 && 2 * pad_h == dil_h * (kh - 1) &&
+         2 * pad_w == dil_w * (kw - 1) && H > 0 && W > 0;
+}
+
+PixelPlan make_plan(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
+                    int64_t dil_h, int64_t dil_w) {
+  PixelPlan p;
+  p.H = H;
+  p.W = W;
+  p.L = H * W;
+  p.KK = (int)(kh * kw);
+  const int64_t T = p.tiles();
+  p.tap_offset.resize(p.KK);
+  p.tap_mask.assign(T * p.KK * 2, 0);
+  p.store_mask.assign(T * 2, 0);
+  for (int64_t ky = 0; ky < kh; ++ky)
+    for (int64_t kx = 0; kx < kw; ++kx) {
+      const int64_t t = ky * kw + kx, dy = ky * dil_h - pad_h, dx = kx * dil_w - pad_w;
+      p.tap_offset[t] = dy * W + dx;
+      for (int64_t tile = 0; tile < T; ++tile)
+        for (int v = 0; v < 2; ++v) {
+          uint16_t m = 0;
+          for (int j = 0; j < 16; ++j) {
+            const int64_t px = tile * kPixels + v * 16 + j;
+            if (px >= p.L) break;
+            const int64_t y = px / W + dy, xx = px % W + dx;
+            if (y >= 0 && y < H && xx >= 0 && xx < W) m |= (uint16_t)(1u << j);
+          }
+          p.tap_mask[(tile * p.KK + t) * 2 + v] = m;
+        }
+    }
+  for (int64_t tile = 0; tile < T; ++tile)
+    for (int v = 0; v < 2; ++v) {
+      uint16_t m = 0;
+      for (int j = 0; j < 16; ++j)
+        if (tile * kPixels + v * 16 + j < p.L) m |= (uint16_t)(1u << j);
+      p.store_mask[tile * 2 + v] = m;
+    }
+  return p;
+}
+
+#ifdef FM_HAVE_AVX512
+namespace {
+
+// acc += the segment's channels [c0, c1) over all taps; SCALED multiplies the
+// input vectors by the segment scale (a template flag: a runtime test per tap
+// costs as much as the FMAs it guards).
+template <int MR, int NV, int KKT, bool SCALED>
+FM_AVX512 inline __attribute__((always_inline)) void accumulate(
+    __m512 (&acc)[MR][NV], const float* x, const float* const* w, int64_t c0, int64_t c1,
+    float scale, int64_t L, int KK_rt, const int64_t* off, const uint16_t* masks) {
+  const int KK = KKT ? KKT : KK_rt;
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t c = c0; c < c1; ++c) {
+    const float* xc = x + c * L;
+    const int64_t wc = c * KK;
+    FM_UNROLL for (int t = 0; t < KK; ++t) {
+      __m512 b[NV];
+      FM_UNROLL for (int v = 0; v < NV; ++v) {
+        b[v] = _mm512_maskz_loadu_ps((__mmask16)masks[t * 2 + v], xc + off[t] + v * 16);
+        if (SCALED) b[v] = _mm512_mul_ps(b[v], sc);
+      }
+      FM_UNROLL for (int i = 0; i < MR; ++i) {
+        const __m512 a = _mm512_set1_ps(w[i][wc + t]);
+        FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
+      }
+    }
+  }
+}
+
+// One register tile: MR rows x NV*16 pixels starting at tile_idx*kPixels, all
+// segments and taps.  KKT is the tap count when known at compile time (1 or 9),
+// else 0 (runtime kk).
+template <int MR, int NV, int KKT>
+FM_AVX512 void tile(const RowJob& job, const PixelPlan& plan, int64_t tile_idx) {
+  const int64_t p0 = tile_idx * kPixels;
+  const uint16_t* masks = plan.tap_mask.data() + tile_idx * plan.KK * 2;
+  __m512 acc[MR][NV];
+  FM_UNROLL for (int i = 0; i < MR; ++i)
+    FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
+  const float* x = job.x + p0;
+  for (int s = 0; s < job.nseg; ++s) {
+    const Segment seg = job.segs[s];
+    if (seg.scale == 1.0f)
+      accumulate<MR, NV, KKT, false>(acc, x, job.w_row, seg.c0, seg.c1, 1.0f, plan.L, plan.KK,
+                                     plan.tap_offset.data(), masks);
+    else
+      accumulate<MR, NV, KKT, true>(acc, x, job.w_row, seg.c0, seg.c1, seg.scale, plan.L, plan.KK,
+                                    plan.tap_offset.data(), masks);
+  }
+  const uint16_t* sm = plan.store_mask.data() + tile_idx * 2;
+  FM_UNROLL for (int i = 0; i < MR; ++i) {
+    const __m512 bias = _mm512_set1_ps(job.bias ? job.bias[i] : 0.0f);
+    const __m512 rs = _mm512_set1_ps(job.row_scale ? job.row_scale[i] : 1.0f);
+    FM_UNROLL for (int v = 0; v < NV; ++v) {
+      __m512 r = _mm512_add_ps(acc[i][v], bias);
+      if (job.row_scale) r = _mm512_mul_ps(r, rs);
+      _mm512_mask_storeu_ps(job.out_row[i] + p0 + v * 16, (__mmask16)sm[v], r);
+    }
+  }
+}
+
+template <int MR, int KKT>
+FM_AVX512 void rows(const RowJob& job, const PixelPlan& plan) {
+  const int64_t T = plan.tiles();
+  for (int64_t t = 0; t < T; ++t) {
+    if (plan.L - t * kPixels > 16) tile<MR, 2, KKT>(job, plan, t);
+    else tile<MR, 1, KKT>(job, plan, t);
+  }
+}
+
+template <int KKT>
+void rows_any(const RowJob& job, const PixelPlan& plan) {
+  switch (job.nrows) {
+    case 1: return rows<1, KKT>(job, plan);
+    case 2: return rows<2, KKT>(job, plan);
+    case 3: return rows<3, KKT>(job, plan);
+    case 4: return rows<4, KKT>(job, plan);
+    case 5: return rows<5, KKT>(job, plan);
+    case 6: return rows<6, KKT>(job, plan);
+    case 7: return rows<7, KKT>(job, plan);
+    default: return rows<8, KKT>(job, plan);
+  }
+}
+
+}  // namespace
+#endif
+
+void run_rows(const RowJob& job, const PixelPlan& plan) {
+#ifdef FM_HAVE_AVX512
+  for (int r0 = 0; r0 < job.nrows; r0 += kRows) {
+    RowJob sub = job;
+    sub.w_row += r0;
+    sub.out_row += r0;
+    if (sub.row_scale) sub.row_scale += r0;
+    if (sub.bias) sub.bias += r0;
+    sub.nrows = job.nrows - r0 < kRows ? job.nrows - r0 : kRows;
+    if (plan.KK == 9) rows_any<9>(sub, plan);
+    else if (plan.KK == 1) rows_any<1>(sub, plan);
+    else rows_any<0>(sub, plan);
+  }
+#else
+  (void)job;
+  (void)plan;
+  std::abort();  // callers check available() first
+#endif
+}
+
+}  // namespace direct
+}  // namespace routed_conv
+}  // namespace fastmod

@@ -1,0 +1,73 @@
+// Direct (implicit-GEMM) routed convolution for the CPU, fp32, AVX-512.
+//
+// Why: the ATen path gathers the active blocks into compacted tensors, runs oneDNN
+// on them and scatters the result back; for the shapes of BRN/FRN those copies cost
+// about as much as the skipped work saves.  These kernels read x and the weight rows
+// in place and write the output rows in place, so an off block costs nothing.
+//
+// Scope: stride 1 and "same" spatial size (Ho == H, Wo == W), which makes a run of
+// output pixels p, p+1, ... read the contiguous input run p + off(tap) for every
+// tap; lanes that fall into the zero padding are masked off.  Other geometries,
+// other dtypes and CPUs without AVX-512 use the ATen path.  No torch in here.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace fastmod {
+namespace routed_conv {
+namespace direct {
+
+// Output rows per register tile (one weight broadcast feeds up to 2 pixel vectors).
+constexpr int kRows = 8;
+// Output pixels per register tile (two 16-float vectors).
+constexpr int kPixels = 32;
+
+// Runtime check: the CPU has AVX-512F (and FASTMOD_ROUTED_CONV_DIRECT is not "0").
+bool available();
+
+// Per-call pixel plan for one image geometry: tap offsets and per-tile lane masks.
+struct PixelPlan {
+  int64_t H = 0, W = 0, L = 0;  // L = H * W output (= input) pixels per channel
+  int KK = 0;                    // taps per channel (kh * kw)
+  std::vector<int64_t> tap_offset;   // [KK]: flat input offset of tap t from pixel p
+  std::vector<uint16_t> tap_mask;    // [tiles][KK][2]: lanes whose tap is inside the image
+  std::vector<uint16_t> store_mask;  // [tiles][2]: lanes with p < L
+  int64_t tiles() const { return (L + kPixels - 1) / kPixels; }
+};
+
+// True when stride 1, dilation d and padding give Ho == H, Wo == W (the only case
+// these kernels handle).
+bool same_size(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t stride_h, int64_t stride_w,
+               int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w);
+
+PixelPlan make_plan(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
+                    int64_t dil_h, int64_t dil_w);
+
+// A run of reduction channels [c0, c1) whose contribution is multiplied by `scale`.
+struct Segment {
+  int64_t c0, c1;
+  float scale;
+};
+
+// out_row[i][p] = row_scale[i] * (bias[i] + sum_seg seg.scale * sum_{c in seg, t}
+//                  w_row[i][c*KK + t] * x[c*L + p + tap_offset[t]])   (padding = 0)
+// for every pixel p and rows i < nrows.  row_scale / bias may be null (1 / 0).
+// x points at channel 0 of the segments' channel numbering, w_row[i] at the
+// weights of that channel 0.
+struct RowJob {
+  const float* x;
+  const float* const* w_row;
+  float* const* out_row;
+  const float* row_scale;
+  const float* bias;
+  int nrows;
+  const Segment* segs;
+  int nseg;
+};
+
+void run_rows(const RowJob& job, const PixelPlan& plan);
+
+}  // namespace direct
+}  // namespace routed_conv
+}  // namespace fastmod

@@ -1,0 +1,45 @@
+"""The CPU fp32 direct kernels of routed_conv2d (csrc/routed_conv/routed_conv_cpu_direct*).
+
+They run for stride-1 "same" convolutions in float32 on CPUs with AVX-512 (other
+cases use the ATen path, which test_routed_conv.py covers too).  These shapes aim at
+the kernels' edges: more than 8 rows per job (row tails), pixel counts around the
+16/32-lane tiles, tall and wide images (tap masks at the borders), dilation, a 5x5
+kernel (runtime tap count), non-binary gates, samples with every block off.
+"""
+import pytest
+import torch
+
+from fastmod.ops import routed_conv2d, routed_conv2d_reference
+
+SHAPES = [(1, 1), (4, 4), (5, 7), (7, 7), (3, 11), (17, 2), (6, 6), (9, 13)]
+
+
+def _gates(n, g, kind, gen):
+    gates = (torch.rand(n, g, generator=gen) < 0.5).float()
+    gates[0] = 0.0  # a sample with every block off
+    if n > 1:
+        gates[1] = 1.0
+    if kind == "soft":
+        gates = gates * torch.rand(n, g, generator=gen)
+    return gates
+
+
+@pytest.mark.parametrize("mode", ["group", "out", "in"])
+@pytest.mark.parametrize("k,dil", [(1, 1), (3, 1), (3, 2), (5, 1)])
+@pytest.mark.parametrize("kind", ["binary", "soft"])
+def test_forward_matches_reference(mode, k, dil, kind):
+    gen = torch.Generator().manual_seed(k * 10 + dil)
+    for (h, w) in SHAPES:
+        blocks = 2 if mode == "group" else 3
+        cin, cout = (24, 24) if mode == "group" else (12, 27) if mode == "out" else (27, 11)
+        if mode == "in":
+            cin = 3 * blocks * 3
+        groups = blocks if mode == "group" else 1
+        x = torch.randn(4, cin, h, w, generator=gen)
+        wt = torch.randn(cout, cin // groups, k, k, generator=gen)
+        b = torch.randn(cout, generator=gen)
+        g = _gates(4, blocks, kind, gen)
+        kw = dict(padding=dil * (k // 2), dilation=dil, groups=groups, gate_on=mode)
+        got = routed_conv2d(x, wt, g, b, backend="cpu", **kw)
+        want = routed_conv2d_reference(x.double(), wt.double(), g.double(), b.double(), **kw)
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
