@@ -43,3 +43,29 @@ def test_forward_matches_reference(mode, k, dil, kind):
         got = routed_conv2d(x, wt, g, b, backend="cpu", **kw)
         want = routed_conv2d_reference(x.double(), wt.double(), g.double(), b.double(), **kw)
         torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["group", "out", "in"])
+@pytest.mark.parametrize("k,dil", [(1, 1), (3, 1), (3, 2), (5, 1)])
+@pytest.mark.parametrize("kind", ["binary", "soft"])
+@pytest.mark.parametrize("router_grad", ["exact", "active"])
+def test_gradients_match_reference(mode, k, dil, kind, router_grad):
+    gen = torch.Generator().manual_seed(k * 10 + dil + 7)
+    for (h, w) in [(1, 1), (5, 7), (6, 6), (9, 13)]:
+        blocks = 2 if mode == "group" else 3
+        cin, cout = (24, 20) if mode == "group" else (19, 27) if mode == "out" else (27, 11)
+        groups = blocks if mode == "group" else 1
+        x = torch.randn(4, cin, h, w, generator=gen, dtype=torch.float64)
+        wt = torch.randn(cout, cin // groups, k, k, generator=gen, dtype=torch.float64)
+        b = torch.randn(cout, generator=gen, dtype=torch.float64)
+        g = _gates(4, blocks, kind, gen).double()
+        dy = torch.randn(4, cout, h, w, generator=gen, dtype=torch.float64)
+        kw = dict(padding=dil * (k // 2), dilation=dil, groups=groups, gate_on=mode, router_grad=router_grad)
+        grads = []
+        for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")),
+                              (routed_conv2d_reference, torch.float64, {})):
+            leaves = [t.detach().to(dt).requires_grad_() for t in (x, wt, g, b)]
+            y = fn(*leaves, **kw, **extra)
+            grads.append(torch.autograd.grad(y, leaves, dy.to(dt)))
+        for name, got, want in zip(("x", "weight", "gates", "bias"), *grads):
+            torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=2e-3, msg=lambda m: f"{name}: {m}")

@@ -39,6 +39,16 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& weight, const a
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                           Mode mode);
 
+// The backward on the direct kernels (same file, same conditions): fills gx, gw,
+// gb, gg (float32, zeros where not requested) and returns true, or returns false
+// and leaves them alone.
+bool backward_direct(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                     const at::Tensor& gates, const c10::optional<at::Tensor>& bias,
+                     const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,
+                     at::IntArrayRef dilation, int64_t groups, Mode mode,
+                     std::array<bool, 4> output_mask, bool exact, at::Tensor& gx, at::Tensor& gw,
+                     at::Tensor& gb, at::Tensor& gg);
+
 // output_mask = (grad_x, grad_weight, grad_bias, grad_gates).  `out` is the forward
 // output (needed for grad_gates in the "group"/"out" modes).  exact=false gives the
 // gates of skipped blocks a zero gradient and never touches those blocks.

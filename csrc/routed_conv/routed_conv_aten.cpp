@@ -313,19 +313,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const auto acc = acc_type(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc);
 
-  at::Tensor gx = at::zeros_like(x);
-  at::Tensor gw = at::zeros(w.sizes(), acc_opts);
-  at::Tensor gb = at::zeros({Cout}, acc_opts);
-  at::Tensor gg = at::zeros({N, G}, acc_opts);
+  if (need_g && mode != Mode::In && N > 0)
+    TORCH_CHECK(out_.has_value() && out_->defined(),
+                "routed_conv2d_backward: grad_gates needs the forward output");
+  const at::Tensor out = (need_g && mode != Mode::In && N > 0) ? out_->detach().contiguous() : at::Tensor();
+  at::Tensor gx, gw, gb, gg;
   auto finish = [&]() {
     return std::make_tuple(gx, gw.to(w.scalar_type()), gb.to(w.scalar_type()),
                            gg.to(gates.scalar_type()));
   };
+  if (N > 0 && backward_direct(dout, x, w, gates, bias, out, stride, padding, dilation, groups,
+                               mode, output_mask, exact, gx, gw, gb, gg))
+    return finish();
+  gx = at::zeros_like(x);
+  gw = at::zeros(w.sizes(), acc_opts);
+  gb = at::zeros({Cout}, acc_opts);
+  gg = at::zeros({N, G}, acc_opts);
   if (N == 0) return finish();
-  if (need_g && mode != Mode::In)
-    TORCH_CHECK(out_.has_value() && out_->defined(),
-                "routed_conv2d_backward: grad_gates needs the forward output");
-  const at::Tensor out = (need_g && mode != Mode::In) ? out_->detach().contiguous() : at::Tensor();
 
   const Plan p = make_plan(gates, x.device());
   const at::Tensor gd = gates.detach().to(x.scalar_type()).contiguous();

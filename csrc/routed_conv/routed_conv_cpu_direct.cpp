@@ -157,6 +157,72 @@ void rows_any(const RowJob& job, const PixelPlan& plan) {
   }
 }
 
+// Weight-gradient tile: MR dy rows x NT taps (t0 ...) of channel c, summed over
+// every pixel in 16-lane vectors, then reduced across lanes once.
+template <int MR, int NT>
+FM_AVX512 void wgrad_taps(const WgradJob& job, const PixelPlan& plan, int64_t c, int t0) {
+  const int64_t L = plan.L, V = (L + 15) / 16;
+  const int KK = plan.KK;
+  const float* xc = job.x + c * L;
+  const int64_t* off = plan.tap_offset.data() + t0;
+  __m512 acc[MR][NT];
+  FM_UNROLL for (int i = 0; i < MR; ++i)
+    FM_UNROLL for (int t = 0; t < NT; ++t) acc[i][t] = _mm512_setzero_ps();
+  for (int64_t v = 0; v < V; ++v) {
+    const int64_t p = v * 16;
+    const uint16_t* tm = plan.tap_mask.data() + (v >> 1) * KK * 2 + (v & 1) + t0 * 2;
+    const __mmask16 sm = (__mmask16)plan.store_mask[(v >> 1) * 2 + (v & 1)];
+    __m512 a[MR];
+    FM_UNROLL for (int i = 0; i < MR; ++i) a[i] = _mm512_maskz_loadu_ps(sm, job.dy_row[i] + p);
+    FM_UNROLL for (int t = 0; t < NT; ++t) {
+      const __m512 b = _mm512_maskz_loadu_ps((__mmask16)tm[t * 2], xc + p + off[t]);
+      FM_UNROLL for (int i = 0; i < MR; ++i) acc[i][t] = _mm512_fmadd_ps(a[i], b, acc[i][t]);
+    }
+  }
+  FM_UNROLL for (int i = 0; i < MR; ++i) {
+    const float s = job.row_scale ? job.row_scale[i] : 1.0f;
+    float* dw = job.dw_row[i] + c * KK + t0;
+    FM_UNROLL for (int t = 0; t < NT; ++t) dw[t] += s * _mm512_reduce_add_ps(acc[i][t]);
+  }
+}
+
+// 1x1 weight-gradient tile: MR dy rows x CT channels (c0 ...).
+template <int MR, int CT>
+FM_AVX512 void wgrad_1x1(const WgradJob& job, const PixelPlan& plan, int64_t c0) {
+  const int64_t L = plan.L, V = (L + 15) / 16;
+  __m512 acc[MR][CT];
+  FM_UNROLL for (int i = 0; i < MR; ++i)
+    FM_UNROLL for (int j = 0; j < CT; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t v = 0; v < V; ++v) {
+    const int64_t p = v * 16;
+    const __mmask16 sm = (__mmask16)plan.store_mask[(v >> 1) * 2 + (v & 1)];
+    __m512 a[MR];
+    FM_UNROLL for (int i = 0; i < MR; ++i) a[i] = _mm512_maskz_loadu_ps(sm, job.dy_row[i] + p);
+    FM_UNROLL for (int j = 0; j < CT; ++j) {
+      const __m512 b = _mm512_maskz_loadu_ps(sm, job.x + (c0 + j) * L + p);
+      FM_UNROLL for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(a[i], b, acc[i][j]);
+    }
+  }
+  FM_UNROLL for (int i = 0; i < MR; ++i) {
+    const float s = job.row_scale ? job.row_scale[i] : 1.0f;
+    FM_UNROLL for (int j = 0; j < CT; ++j) job.dw_row[i][c0 + j] += s * _mm512_reduce_add_ps(acc[i][j]);
+  }
+}
+
+template <int MR>
+void wgrad_rows(const WgradJob& job, const PixelPlan& plan) {
+  if (plan.KK == 9) {
+    for (int64_t c = job.c0; c < job.c1; ++c) wgrad_taps<MR, 9>(job, plan, c, 0);
+  } else if (plan.KK == 1) {
+    int64_t c = job.c0;
+    for (; c + 8 <= job.c1; c += 8) wgrad_1x1<MR, 8>(job, plan, c);
+    for (; c < job.c1; ++c) wgrad_1x1<MR, 1>(job, plan, c);
+  } else {
+    for (int64_t c = job.c0; c < job.c1; ++c)
+      for (int t = 0; t < plan.KK; ++t) wgrad_taps<MR, 1>(job, plan, c, t);
+  }
+}
+
 }  // namespace
 #endif
 
@@ -177,6 +243,48 @@ void run_rows(const RowJob& job, const PixelPlan& plan) {
   (void)job;
   (void)plan;
   std::abort();  // callers check available() first
+#endif
+}
+
+void run_wgrad(const WgradJob& job, const PixelPlan& plan) {
+#ifdef FM_HAVE_AVX512
+  for (int r0 = 0; r0 < job.nrows; r0 += 2) {
+    WgradJob sub = job;
+    sub.dy_row += r0;
+    sub.dw_row += r0;
+    if (sub.row_scale) sub.row_scale += r0;
+    if (job.nrows - r0 >= 2) wgrad_rows<2>(sub, plan);
+    else wgrad_rows<1>(sub, plan);
+  }
+#else
+  (void)job;
+  (void)plan;
+  std::abort();
+#endif
+}
+
+#ifdef FM_HAVE_AVX512
+FM_AVX512 static float dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64)
+    FM_UNROLL for (int u = 0; u < 4; ++u)
+      acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(a + j + 16 * u), _mm512_loadu_ps(b + j + 16 * u), acc[u]);
+  for (; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
+    acc[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + j), _mm512_maskz_loadu_ps(m, b + j), acc[0]);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+#endif
+
+float dot(const float* a, const float* b, int64_t n) {
+#ifdef FM_HAVE_AVX512
+  return dot_avx512(a, b, n);
+#else
+  float s = 0.0f;
+  for (int64_t j = 0; j < n; ++j) s += a[j] * b[j];
+  return s;
 #endif
 }
 

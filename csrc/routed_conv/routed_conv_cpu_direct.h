@@ -68,6 +68,24 @@ struct RowJob {
 
 void run_rows(const RowJob& job, const PixelPlan& plan);
 
+// Weight gradient of one sample's rows over the channels [c0, c1):
+//   dw_row[i][c*KK + t] += row_scale[i] * sum_p dy_row[i][p] * x[c*L + p + tap_offset[t]]
+// (padding = 0).  row_scale may be null (1).  Jobs that add into the same dw rows
+// and channels must not run concurrently.
+struct WgradJob {
+  const float* x;
+  const float* const* dy_row;
+  float* const* dw_row;
+  const float* row_scale;
+  int nrows;
+  int64_t c0, c1;
+};
+
+void run_wgrad(const WgradJob& job, const PixelPlan& plan);
+
+// sum_j a[j] * b[j], fp32 in 64 lanes.
+float dot(const float* a, const float* b, int64_t n);
+
 }  // namespace direct
 }  // namespace routed_conv
 }  // namespace fastmod

@@ -28,6 +28,14 @@ struct Jobs {
   };
   std::vector<Job> list;
 
+  void row(const float* w, float* out, float scale, float b) {
+    w_row.push_back(w);
+    out_row.push_back(out);
+    row_scale.push_back(scale);
+    bias.push_back(b);
+  }
+  int64_t rows() const { return (int64_t)w_row.size(); }
+
   // Rows [r0, r1) of the flat row arrays become jobs of at most kRows rows.
   void add(const float* xp, int64_t r0, int64_t r1, int64_t seg0, int nseg, bool scaled, bool biased) {
     x.push_back(xp);
@@ -51,18 +59,60 @@ struct Jobs {
   }
 };
 
+// Weight-gradient jobs in buckets: jobs of one bucket touch dw entries no other
+// bucket touches, so buckets run in parallel and each bucket's jobs in order.
+struct WgradJobs {
+  std::vector<const float*> x, dy_row;
+  std::vector<float*> dw_row;
+  std::vector<float> scale;
+  struct Job {
+    int64_t x_idx, row0, c0, c1;
+    int nrows;
+  };
+  std::vector<std::vector<Job>> buckets;
+
+  // Rows [r0, r1) of the flat arrays, channels [c0, c1), into the last bucket.
+  void add(const float* xp, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+    x.push_back(xp);
+    for (int64_t r = r0; r < r1; r += 2)
+      buckets.back().push_back({(int64_t)x.size() - 1, r, c0, c1, (int)std::min<int64_t>(2, r1 - r)});
+  }
+  void row(const float* dy, float* dw, float s) {
+    dy_row.push_back(dy);
+    dw_row.push_back(dw);
+    scale.push_back(s);
+  }
+  int64_t rows() const { return (int64_t)dy_row.size(); }
+
+  void run(const direct::PixelPlan& plan, bool scaled) const {
+    at::parallel_for(0, (int64_t)buckets.size(), 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        for (const Job& jb : buckets[b]) {
+          direct::WgradJob wj{x[jb.x_idx], dy_row.data() + jb.row0, dw_row.data() + jb.row0,
+                              scaled ? scale.data() + jb.row0 : nullptr, jb.nrows, jb.c0, jb.c1};
+          direct::run_wgrad(wj, plan);
+        }
+    });
+  }
+};
+
+// Whether the direct kernels handle this call (same rule for forward and backward).
+bool direct_applies(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
+                    at::IntArrayRef padding, at::IntArrayRef dilation) {
+  return x.is_cpu() && x.scalar_type() == at::kFloat && direct::available() &&
+         direct::same_size(x.size(2), x.size(3), w.size(2), w.size(3), stride[0], stride[1],
+                           padding[0], padding[1], dilation[0], dilation[1]);
+}
+
 }  // namespace
 
 at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gates,
                           const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                           Mode mode) {
-  if (!x.is_cpu() || x.scalar_type() != at::kFloat || !direct::available()) return at::Tensor();
+  if (!direct_applies(x, w, stride, padding, dilation)) return at::Tensor();
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = w.size(0), kh = w.size(2), kw = w.size(3), G = gates.size(1);
-  if (!direct::same_size(H, W, kh, kw, stride[0], stride[1], padding[0], padding[1], dilation[0],
-                         dilation[1]))
-    return at::Tensor();
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   const at::Tensor g = gates.detach().to(at::kCPU, at::kFloat).contiguous();
   const float* gp = g.data_ptr<float>();
@@ -85,25 +135,21 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const at::Te
     jobs.segs.push_back({0, Cw, 1.0f});
     bool binary = true;
     for (int64_t n = 0; n < N; ++n) {
-      const int64_t sample_r0 = (int64_t)jobs.w_row.size();
+      const int64_t sample_r0 = jobs.rows();
       for (int64_t b = 0; b < G; ++b) {
         const float gv = gp[n * G + b];
         if (gv == 0.0f) { off_blocks.push_back(n * G + b); continue; }
         if (gv != 1.0f) binary = false;
-        const int64_t r0 = (int64_t)jobs.w_row.size();
-        for (int64_t c = b * Cbo; c < (b + 1) * Cbo; ++c) {
-          jobs.w_row.push_back(wp + c * Cw * KK);
-          jobs.out_row.push_back(op + (n * Cout + c) * L);
-          jobs.row_scale.push_back(gv);
-          jobs.bias.push_back(bp ? bp[c] : 0.0f);
-        }
+        const int64_t r0 = jobs.rows();
+        for (int64_t c = b * Cbo; c < (b + 1) * Cbo; ++c)
+          jobs.row(wp + c * Cw * KK, op + (n * Cout + c) * L, gv, bp ? bp[c] : 0.0f);
         // "group": each active block is one job over its own input channels.
         if (mode == Mode::Group)
-          jobs.add(xp + (n * Cin + b * Cbi) * L, r0, (int64_t)jobs.w_row.size(), 0, 1, true, bp != nullptr);
+          jobs.add(xp + (n * Cin + b * Cbi) * L, r0, jobs.rows(), 0, 1, true, bp != nullptr);
       }
       // "out": the sample's active rows, whatever their blocks, fill whole kRows jobs.
-      if (mode == Mode::Out && (int64_t)jobs.w_row.size() > sample_r0)
-        jobs.add(xp + n * Cin * L, sample_r0, (int64_t)jobs.w_row.size(), 0, 1, true, bp != nullptr);
+      if (mode == Mode::Out && jobs.rows() > sample_r0)
+        jobs.add(xp + n * Cin * L, sample_r0, jobs.rows(), 0, 1, true, bp != nullptr);
     }
     if (binary)
       for (auto& jb : jobs.list) jb.scaled = false;
@@ -122,12 +168,9 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const at::Te
         else on.zero_();
         continue;
       }
-      const int64_t r0 = (int64_t)jobs.out_row.size();
-      for (int64_t c = 0; c < Cout; ++c) {
-        jobs.w_row.push_back(wp + c * Cin * KK);
-        jobs.out_row.push_back(op + (n * Cout + c) * L);
-        jobs.bias.push_back(bp ? bp[c] : 0.0f);
-      }
+      const int64_t r0 = jobs.rows();
+      for (int64_t c = 0; c < Cout; ++c)
+        jobs.row(wp + c * Cin * KK, op + (n * Cout + c) * L, 1.0f, bp ? bp[c] : 0.0f);
       jobs.add(xp + n * Cin * L, r0, r0 + Cout, seg0, nseg, false, bp != nullptr);
     }
   }
@@ -137,6 +180,178 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const at::Te
   }
   jobs.run(plan);
   return out;
+}
+
+bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Tensor& w_,
+                     const at::Tensor& gates, const c10::optional<at::Tensor>& bias,
+                     const at::Tensor& out_, at::IntArrayRef stride, at::IntArrayRef padding,
+                     at::IntArrayRef dilation, int64_t groups, Mode mode,
+                     std::array<bool, 4> output_mask, bool exact, at::Tensor& gx, at::Tensor& gw,
+                     at::Tensor& gb, at::Tensor& gg) {
+  if (!direct_applies(x_, w_, stride, padding, dilation)) return false;
+  const at::Tensor x = x_.contiguous(), w = w_.contiguous(), dout = dout_.contiguous();
+  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Cout = w.size(0), Cw = w.size(1), kh = w.size(2), kw = w.size(3), G = gates.size(1);
+  const int64_t L = H * W, KK = kh * kw;
+  const bool need_x = output_mask[0], need_w = output_mask[1];
+  const bool need_b = output_mask[2] && bias.has_value() && bias->defined(), need_g = output_mask[3];
+  const at::Tensor gf = gates.detach().to(at::kCPU, at::kFloat).contiguous();
+  const float* gp = gf.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* dyp = dout.data_ptr<float>();
+  const float* bp = need_g && bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  bool binary = true;
+  std::vector<int64_t> off_blocks;
+  for (int64_t j = 0; j < N * G; ++j) {
+    if (gp[j] == 0.0f) off_blocks.push_back(j);
+    else if (gp[j] != 1.0f) binary = false;
+  }
+  if (off_blocks.empty()) return false;  // all on: the dense vendor backward is faster
+  const direct::PixelPlan plan = direct::make_plan(H, W, kh, kw, padding[0], padding[1],
+                                                   dilation[0], dilation[1]);
+  // Output channels per gate block ("group"/"out") and input channels per block
+  // ("group"/"in"); rows of x per sample that one block's reduction reads.
+  const int64_t Cbo = Cout / G, Cbi = Cin / G;
+  const at::Tensor idx_off = at::tensor(off_blocks, at::TensorOptions().dtype(at::kLong));
+  gg = at::zeros({N, G}, x.options());
+  float* ggp = gg.data_ptr<float>();
+
+  // grad_x: the transposed convolution is a "same" convolution of grad_out with the
+  // flipped, channel-transposed weight W'[groups * Cw rows, (Cout / groups) * KK].
+  const bool want_dx = need_x || (need_g && mode == Mode::In);
+  if (want_dx) {
+    const int64_t Co_g = Cout / groups;
+    const at::Tensor wt = w.view({groups, Co_g, Cw, kh, kw}).flip({3, 4}).transpose(1, 2).contiguous();
+    const float* wtp = wt.data_ptr<float>();
+    gx = at::empty_like(x);
+    float* gxp = gx.data_ptr<float>();
+    Jobs jobs;
+    if (mode == Mode::Out) {  // every input channel; reduction over the active blocks' rows
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t seg0 = (int64_t)jobs.segs.size();
+        for (int64_t b = 0; b < G; ++b)
+          if (gp[n * G + b] != 0.0f) jobs.segs.push_back({b * Cbo, (b + 1) * Cbo, gp[n * G + b]});
+        const int nseg = (int)(jobs.segs.size() - seg0);
+        if (nseg == 0) { gx[n].zero_(); continue; }
+        const int64_t r0 = jobs.rows();
+        for (int64_t c = 0; c < Cin; ++c) jobs.row(wtp + c * Cout * KK, gxp + (n * Cin + c) * L, 1.0f, 0.0f);
+        jobs.add(dyp + n * Cout * L, r0, r0 + Cin, seg0, nseg, false, false);
+      }
+    } else {  // "group"/"in": the input channels of active blocks, gate as row scale
+      const bool grp = mode == Mode::Group;
+      jobs.segs.push_back({0, grp ? Cbo : Cout, 1.0f});
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t b = 0; b < G; ++b) {
+          const float gv = gp[n * G + b];
+          if (gv == 0.0f) continue;
+          const int64_t r0 = jobs.rows();
+          for (int64_t c = b * Cbi; c < (b + 1) * Cbi; ++c)
+            jobs.row(wtp + c * Co_g * KK, gxp + (n * Cin + c) * L, gv, 0.0f);
+          jobs.add(dyp + (n * Cout + (grp ? b * Cbo : 0)) * L, r0, jobs.rows(), 0, 1, !binary, false);
+        }
+      if (!off_blocks.empty()) gx.view({N * G, -1}).index_fill_(0, idx_off, 0);
+    }
+    jobs.run(plan);
+
+    if (need_g && exact && !off_blocks.empty() && mode == Mode::In) {
+      // Skipped input blocks: their ungated d(input), dotted with x.
+      const int64_t Q = (int64_t)off_blocks.size();
+      at::Tensor scratch = at::empty({Q * Cbi, L}, x.options());
+      float* sp = scratch.data_ptr<float>();
+      Jobs oj;
+      oj.segs.push_back({0, Cout, 1.0f});
+      for (int64_t q = 0; q < Q; ++q) {
+        const int64_t n = off_blocks[q] / G, b = off_blocks[q] % G, r0 = oj.rows();
+        for (int64_t c = 0; c < Cbi; ++c)
+          oj.row(wtp + (b * Cbi + c) * Cout * KK, sp + (q * Cbi + c) * L, 1.0f, 0.0f);
+        oj.add(dyp + n * Cout * L, r0, oj.rows(), 0, 1, false, false);
+      }
+      oj.run(plan);
+      at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {
+        for (int64_t q = q0; q < q1; ++q)
+          ggp[off_blocks[q]] = direct::dot(sp + q * Cbi * L, xp + off_blocks[q] * Cbi * L, Cbi * L);
+      });
+    }
+  }
+
+  if (need_g) {
+    // Active blocks: <grad_out, ungated conv> = <grad_out, out> / gate ("group"/"out"),
+    // <ungated d(input), x> = <grad_x, x> / gate ("in").
+    const float* a = mode == Mode::In ? gx.data_ptr<float>() : dyp;
+    const float* b = mode == Mode::In ? xp : out_.data_ptr<float>();
+    const int64_t blk = mode == Mode::In ? Cbi * L : Cbo * L;
+    at::parallel_for(0, N * G, 16, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j)
+        if (gp[j] != 0.0f) ggp[j] = direct::dot(a + j * blk, b + j * blk, blk) / gp[j];
+    });
+    if (exact && !off_blocks.empty() && mode != Mode::In) {
+      // Skipped output blocks: their ungated forward (bias included), dotted with grad_out.
+      const int64_t Q = (int64_t)off_blocks.size();
+      at::Tensor scratch = at::empty({Q * Cbo, L}, x.options());
+      float* sp = scratch.data_ptr<float>();
+      Jobs oj;
+      oj.segs.push_back({0, Cw, 1.0f});
+      for (int64_t q = 0; q < Q; ++q) {
+        const int64_t n = off_blocks[q] / G, bk = off_blocks[q] % G, r0 = oj.rows();
+        for (int64_t c = bk * Cbo; c < (bk + 1) * Cbo; ++c)
+          oj.row(wp + c * Cw * KK, sp + (q * Cbo + c - bk * Cbo) * L, 1.0f, bp ? bp[c] : 0.0f);
+        const int64_t xoff = mode == Mode::Group ? (n * Cin + bk * Cbi) * L : n * Cin * L;
+        oj.add(xp + xoff, r0, oj.rows(), 0, 1, false, bp != nullptr);
+      }
+      oj.run(plan);
+      at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {
+        for (int64_t q = q0; q < q1; ++q)
+          ggp[off_blocks[q]] = direct::dot(sp + q * Cbo * L, dyp + off_blocks[q] * Cbo * L, Cbo * L);
+      });
+    }
+  }
+  if (!need_x) gx = at::zeros_like(x);
+
+  if (need_b) {
+    if (mode == Mode::In) gb = dout.sum({0, 2, 3});
+    else gb = (dout.sum({2, 3}) * gf.repeat_interleave(Cbo, 1)).sum(0);
+  } else {
+    gb = at::zeros({Cout}, x.options());
+  }
+
+  gw = at::zeros({Cout, Cw, kh, kw}, x.options());
+  if (need_w) {
+    float* gwp = gw.data_ptr<float>();
+    WgradJobs wj;
+    if (mode == Mode::Out) {  // buckets: chunks of input channels (multiples of 8 for the 1x1 tile)
+      const int64_t chunk = std::max<int64_t>(8, (Cin / 8 + 7) / 8 * 8);
+      for (int64_t c0 = 0; c0 < Cin; c0 += chunk) {
+        wj.buckets.emplace_back();
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t r0 = wj.rows();
+          for (int64_t b = 0; b < G; ++b) {
+            const float gv = gp[n * G + b];
+            if (gv == 0.0f) continue;
+            for (int64_t r = b * Cbo; r < (b + 1) * Cbo; ++r)
+              wj.row(dyp + (n * Cout + r) * L, gwp + r * Cin * KK, gv);
+          }
+          if (wj.rows() > r0) wj.add(xp + n * Cin * L, r0, wj.rows(), c0, std::min(Cin, c0 + chunk));
+        }
+      }
+    } else {  // buckets: gate blocks
+      const bool grp = mode == Mode::Group;
+      for (int64_t b = 0; b < G; ++b) {
+        wj.buckets.emplace_back();
+        for (int64_t n = 0; n < N; ++n) {
+          const float gv = gp[n * G + b];
+          if (gv == 0.0f) continue;
+          const int64_t r0 = wj.rows();
+          for (int64_t r = grp ? b * Cbo : 0; r < (grp ? (b + 1) * Cbo : Cout); ++r)
+            wj.row(dyp + (n * Cout + r) * L, gwp + r * Cw * KK, gv);
+          if (grp) wj.add(xp + (n * Cin + b * Cbi) * L, r0, wj.rows(), 0, Cbi);
+          else wj.add(xp + n * Cin * L, r0, wj.rows(), b * Cbi, (b + 1) * Cbi);
+        }
+      }
+    }
+    wj.run(plan, !binary);
+  }
+  return true;
 }
 
 }  // namespace routed_conv
