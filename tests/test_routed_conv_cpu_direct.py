@@ -49,11 +49,16 @@ def test_forward_matches_reference(mode, k, dil, kind):
 @pytest.mark.parametrize("k,dil", [(1, 1), (3, 1), (3, 2), (5, 1)])
 @pytest.mark.parametrize("kind", ["binary", "soft"])
 @pytest.mark.parametrize("router_grad", ["exact", "active"])
-def test_gradients_match_reference(mode, k, dil, kind, router_grad):
+@pytest.mark.parametrize("wide", [False, True])
+def test_gradients_match_reference(mode, k, dil, kind, router_grad, wide):
+    # wide: 64 input channels, which "out" 3x3/5x5 convs route to the channels-last
+    # grad_weight kernel (whole 32-channel chunks).
     gen = torch.Generator().manual_seed(k * 10 + dil + 7)
     for (h, w) in [(1, 1), (5, 7), (6, 6), (9, 13)]:
         blocks = 2 if mode == "group" else 3
         cin, cout = (24, 20) if mode == "group" else (19, 27) if mode == "out" else (27, 11)
+        if wide:
+            cin = 64 if mode != "in" else 66
         groups = blocks if mode == "group" else 1
         x = torch.randn(4, cin, h, w, generator=gen, dtype=torch.float64)
         wt = torch.randn(cout, cin // groups, k, k, generator=gen, dtype=torch.float64)

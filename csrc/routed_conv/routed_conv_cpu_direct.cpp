@@ -79,15 +79,15 @@ namespace {
 // acc += the segment's channels [c0, c1) over all taps; SCALED multiplies the
 // input vectors by the segment scale (a template flag: a runtime test per tap
 // costs as much as the FMAs it guards).
-template <int MR, int NV, int KKT, bool SCALED>
+template <int MR, int NV, int KKT, bool SCALED, bool FLIP>
 FM_AVX512 inline __attribute__((always_inline)) void accumulate(
-    __m512 (&acc)[MR][NV], const float* x, const float* const* w, int64_t c0, int64_t c1,
-    float scale, int64_t L, int KK_rt, const int64_t* off, const uint16_t* masks) {
+    __m512 (&acc)[MR][NV], const float* x, const float* const* w, int64_t cstride, int64_t c0,
+    int64_t c1, float scale, int64_t L, int KK_rt, const int64_t* off, const uint16_t* masks) {
   const int KK = KKT ? KKT : KK_rt;
   const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t c = c0; c < c1; ++c) {
     const float* xc = x + c * L;
-    const int64_t wc = c * KK;
+    const int64_t wc = c * cstride;
     FM_UNROLL for (int t = 0; t < KK; ++t) {
       __m512 b[NV];
       FM_UNROLL for (int v = 0; v < NV; ++v) {
@@ -95,7 +95,7 @@ FM_AVX512 inline __attribute__((always_inline)) void accumulate(
         if (SCALED) b[v] = _mm512_mul_ps(b[v], sc);
       }
       FM_UNROLL for (int i = 0; i < MR; ++i) {
-        const __m512 a = _mm512_set1_ps(w[i][wc + t]);
+        const __m512 a = _mm512_set1_ps(w[i][wc + (FLIP ? -t : t)]);
         FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(a, b[v], acc[i][v]);
       }
     }
@@ -105,7 +105,7 @@ FM_AVX512 inline __attribute__((always_inline)) void accumulate(
 // One register tile: MR rows x NV*16 pixels starting at tile_idx*kPixels, all
 // segments and taps.  KKT is the tap count when known at compile time (1 or 9),
 // else 0 (runtime kk).
-template <int MR, int NV, int KKT>
+template <int MR, int NV, int KKT, bool FLIP>
 FM_AVX512 void tile(const RowJob& job, const PixelPlan& plan, int64_t tile_idx) {
   const int64_t p0 = tile_idx * kPixels;
   const uint16_t* masks = plan.tap_mask.data() + tile_idx * plan.KK * 2;
@@ -116,11 +116,11 @@ FM_AVX512 void tile(const RowJob& job, const PixelPlan& plan, int64_t tile_idx) 
   for (int s = 0; s < job.nseg; ++s) {
     const Segment seg = job.segs[s];
     if (seg.scale == 1.0f)
-      accumulate<MR, NV, KKT, false>(acc, x, job.w_row, seg.c0, seg.c1, 1.0f, plan.L, plan.KK,
-                                     plan.tap_offset.data(), masks);
+      accumulate<MR, NV, KKT, false, FLIP>(acc, x, job.w_row, job.w_cstride, seg.c0, seg.c1, 1.0f,
+                                           plan.L, plan.KK, plan.tap_offset.data(), masks);
     else
-      accumulate<MR, NV, KKT, true>(acc, x, job.w_row, seg.c0, seg.c1, seg.scale, plan.L, plan.KK,
-                                    plan.tap_offset.data(), masks);
+      accumulate<MR, NV, KKT, true, FLIP>(acc, x, job.w_row, job.w_cstride, seg.c0, seg.c1,
+                                          seg.scale, plan.L, plan.KK, plan.tap_offset.data(), masks);
   }
   const uint16_t* sm = plan.store_mask.data() + tile_idx * 2;
   FM_UNROLL for (int i = 0; i < MR; ++i) {
@@ -134,13 +134,19 @@ FM_AVX512 void tile(const RowJob& job, const PixelPlan& plan, int64_t tile_idx) 
   }
 }
 
-template <int MR, int KKT>
-FM_AVX512 void rows(const RowJob& job, const PixelPlan& plan) {
+template <int MR, int KKT, bool FLIP>
+FM_AVX512 void rows_flip(const RowJob& job, const PixelPlan& plan) {
   const int64_t T = plan.tiles();
   for (int64_t t = 0; t < T; ++t) {
-    if (plan.L - t * kPixels > 16) tile<MR, 2, KKT>(job, plan, t);
-    else tile<MR, 1, KKT>(job, plan, t);
+    if (plan.L - t * kPixels > 16) tile<MR, 2, KKT, FLIP>(job, plan, t);
+    else tile<MR, 1, KKT, FLIP>(job, plan, t);
   }
+}
+
+template <int MR, int KKT>
+void rows(const RowJob& job, const PixelPlan& plan) {
+  if (job.w_flip) rows_flip<MR, KKT, true>(job, plan);
+  else rows_flip<MR, KKT, false>(job, plan);
 }
 
 template <int KKT>
@@ -223,6 +229,36 @@ void wgrad_rows(const WgradJob& job, const PixelPlan& plan) {
   }
 }
 
+// Channels-last weight-gradient tile: MR rows x kChunk channels, one tap at a time.
+template <int MR>
+FM_AVX512 void wgrad_cl(const WgradClJob& job, const ClPlan& plan) {
+  constexpr int NC = kChunk / 16;
+  const int64_t H = plan.H, W = plan.W, Wp = plan.Wp;
+  for (int t = 0; t < plan.KK; ++t) {
+    __m512 acc[MR][NC];
+    FM_UNROLL for (int i = 0; i < MR; ++i)
+      FM_UNROLL for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t y = 0; y < H; ++y) {
+      const float* xr = job.xp + (y * Wp + plan.tap_offset[t]) * kChunk;
+      const int64_t p0 = y * W;
+      for (int64_t x = 0; x < W; ++x) {
+        __m512 b[NC];
+        FM_UNROLL for (int j = 0; j < NC; ++j) b[j] = _mm512_loadu_ps(xr + x * kChunk + 16 * j);
+        FM_UNROLL for (int i = 0; i < MR; ++i) {
+          const __m512 a = _mm512_set1_ps(job.dy_row[i][p0 + x]);
+          FM_UNROLL for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_fmadd_ps(a, b[j], acc[i][j]);
+        }
+      }
+    }
+    FM_UNROLL for (int i = 0; i < MR; ++i) {
+      const __m512 s = _mm512_set1_ps(job.row_scale ? job.row_scale[i] : 1.0f);
+      float* dst = job.acc_row[i] + t * kChunk;
+      FM_UNROLL for (int j = 0; j < NC; ++j)
+        _mm512_storeu_ps(dst + 16 * j, _mm512_fmadd_ps(s, acc[i][j], _mm512_loadu_ps(dst + 16 * j)));
+    }
+  }
+}
+
 }  // namespace
 #endif
 
@@ -255,6 +291,61 @@ void run_wgrad(const WgradJob& job, const PixelPlan& plan) {
     if (sub.row_scale) sub.row_scale += r0;
     if (job.nrows - r0 >= 2) wgrad_rows<2>(sub, plan);
     else wgrad_rows<1>(sub, plan);
+  }
+#else
+  (void)job;
+  (void)plan;
+  std::abort();
+#endif
+}
+
+ClPlan make_cl_plan(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
+                    int64_t dil_h, int64_t dil_w) {
+  ClPlan p;
+  p.H = H;
+  p.W = W;
+  p.pad_h = pad_h;
+  p.pad_w = pad_w;
+  p.Hp = H + 2 * pad_h;
+  p.Wp = W + 2 * pad_w;
+  p.KK = (int)(kh * kw);
+  for (int64_t ky = 0; ky < kh; ++ky)
+    for (int64_t kx = 0; kx < kw; ++kx) p.tap_offset.push_back(ky * dil_h * p.Wp + kx * dil_w);
+  return p;
+}
+
+void pack_cl(const float* x, const ClPlan& plan, float* xp) {
+  // Blocked over pixels so the kChunk channel rows are read in runs and xp written
+  // in whole cache lines.
+  const int64_t L = plan.H * plan.W;
+  constexpr int64_t kB = 64;
+  for (int64_t p0 = 0; p0 < L; p0 += kB) {
+    const int64_t p1 = p0 + kB < L ? p0 + kB : L;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t y = p / plan.W, xx = p % plan.W;
+      float* dst = xp + ((y + plan.pad_h) * plan.Wp + xx + plan.pad_w) * kChunk;
+      for (int j = 0; j < kChunk; ++j) dst[j] = x[j * L + p];
+    }
+  }
+}
+
+void run_wgrad_cl(const WgradClJob& job, const ClPlan& plan) {
+#ifdef FM_HAVE_AVX512
+  for (int r0 = 0; r0 < job.nrows; r0 += kRows) {
+    WgradClJob sub = job;
+    sub.dy_row += r0;
+    sub.acc_row += r0;
+    if (sub.row_scale) sub.row_scale += r0;
+    switch (job.nrows - r0 < kRows ? job.nrows - r0 : kRows) {
+      case 1: wgrad_cl<1>(sub, plan); break;
+      case 2: wgrad_cl<2>(sub, plan); break;
+      case 3: wgrad_cl<3>(sub, plan); break;
+      case 4: wgrad_cl<4>(sub, plan); break;
+      case 5: wgrad_cl<5>(sub, plan); break;
+      case 6: wgrad_cl<6>(sub, plan); break;
+      case 7: wgrad_cl<7>(sub, plan); break;
+      default: wgrad_cl<8>(sub, plan); break;
+    }
   }
 #else
   (void)job;

@@ -51,13 +51,17 @@ struct Segment {
 };
 
 // out_row[i][p] = row_scale[i] * (bias[i] + sum_seg seg.scale * sum_{c in seg, t}
-//                  w_row[i][c*KK + t] * x[c*L + p + tap_offset[t]])   (padding = 0)
-// for every pixel p and rows i < nrows.  row_scale / bias may be null (1 / 0).
-// x points at channel 0 of the segments' channel numbering, w_row[i] at the
-// weights of that channel 0.
+//                  w_row[i][c*w_cstride + (w_flip ? -t : t)] * x[c*L + p + tap_offset[t]])
+// (padding = 0) for every pixel p and rows i < nrows.  row_scale / bias may be null
+// (1 / 0).  x points at channel 0 of the segments' channel numbering, w_row[i] at the
+// weights of that channel 0 (tap 0, or tap KK-1 when w_flip).  A forward reads
+// weight rows (w_cstride = KK); grad_x reads the same weight tensor transposed and
+// flipped in place (w_cstride = Cin_per_group * KK, w_flip), so no transposed copy.
 struct RowJob {
   const float* x;
   const float* const* w_row;
+  int64_t w_cstride;
+  bool w_flip;
   float* const* out_row;
   const float* row_scale;
   const float* bias;
@@ -82,6 +86,37 @@ struct WgradJob {
 };
 
 void run_wgrad(const WgradJob& job, const PixelPlan& plan);
+
+// Channels-last weight gradient, for many reduction channels with small images
+// (FRN's 3x3 filter-gated convs), where the pixel-vector kernel above spends most
+// of its time reducing across lanes.  x is packed per sample as a zero-bordered
+// channels-last chunk of kChunk channels, xp[(y + pad_h) * Wp + (x + pad_w)][j], and
+// lanes run over channels, so no cross-lane reduction is needed:
+//   acc_row[i][t*kChunk + j] += row_scale[i] * sum_p dy_row[i][p] * xp[q(p) + tap(t)][j]
+constexpr int kChunk = 32;
+
+struct ClPlan {
+  int64_t H = 0, W = 0, Hp = 0, Wp = 0, pad_h = 0, pad_w = 0;
+  int KK = 0;
+  std::vector<int64_t> tap_offset;  // [KK], in padded pixels
+};
+
+ClPlan make_cl_plan(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
+                    int64_t dil_h, int64_t dil_w);
+
+// xp[(y + pad_h) * Wp + x + pad_w][j] = x[j * H * W + y * W + x] for j < kChunk (the
+// border of xp is left as it is: zero it once).
+void pack_cl(const float* x, const ClPlan& plan, float* xp);
+
+struct WgradClJob {
+  const float* xp;
+  const float* const* dy_row;
+  float* const* acc_row;
+  const float* row_scale;
+  int nrows;
+};
+
+void run_wgrad_cl(const WgradClJob& job, const ClPlan& plan);
 
 // sum_j a[j] * b[j], fp32 in 64 lanes.
 float dot(const float* a, const float* b, int64_t n);

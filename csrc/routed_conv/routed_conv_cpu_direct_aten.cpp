@@ -17,6 +17,8 @@ namespace {
 // The jobs of one call.  Each job covers up to direct::kRows output rows of one
 // sample; its pointers index the flat arrays below.
 struct Jobs {
+  int64_t w_cstride = 0;  // see direct::RowJob
+  bool w_flip = false;
   std::vector<const float*> x, w_row;
   std::vector<float*> out_row;
   std::vector<float> row_scale, bias;
@@ -36,6 +38,16 @@ struct Jobs {
   }
   int64_t rows() const { return (int64_t)w_row.size(); }
 
+  // Appends channels [c0, c1) to the segment list that starts at seg0, extending the
+  // last segment when it ends at c0 with the same scale (FRN's one-channel blocks
+  // would otherwise pay the segment overhead per channel).
+  void seg(int64_t seg0, int64_t c0, int64_t c1, float scale) {
+    if ((int64_t)segs.size() > seg0 && segs.back().c1 == c0 && segs.back().scale == scale)
+      segs.back().c1 = c1;
+    else
+      segs.push_back({c0, c1, scale});
+  }
+
   // Rows [r0, r1) of the flat row arrays become jobs of at most kRows rows.
   void add(const float* xp, int64_t r0, int64_t r1, int64_t seg0, int nseg, bool scaled, bool biased) {
     x.push_back(xp);
@@ -49,7 +61,8 @@ struct Jobs {
     at::parallel_for(0, (int64_t)list.size(), 1, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         const Job& jb = list[j];
-        direct::RowJob rj{x[jb.x_idx], w_row.data() + jb.row0, out_row.data() + jb.row0,
+        direct::RowJob rj{x[jb.x_idx], w_row.data() + jb.row0, w_cstride, w_flip,
+                          out_row.data() + jb.row0,
                           jb.scaled ? row_scale.data() + jb.row0 : nullptr,
                           jb.biased ? bias.data() + jb.row0 : nullptr, jb.nrows,
                           segs.data() + jb.seg0, jb.nseg};
@@ -96,6 +109,55 @@ struct WgradJobs {
   }
 };
 
+// grad_weight of a "out" conv by the channels-last kernel: one bucket per chunk of
+// kChunk input channels (it owns those columns of gw), each sample's active rows.
+void wgrad_out_cl(const float* xp, const float* dyp, const float* gp, int64_t N, int64_t Cin,
+                  int64_t Cout, int64_t G, int64_t L, int64_t kh, int64_t kw,
+                  at::IntArrayRef padding, at::IntArrayRef dilation, int64_t H, int64_t W,
+                  bool binary, float* gwp) {
+  constexpr int64_t C = direct::kChunk;
+  const int64_t KK = kh * kw, Cbo = Cout / G;
+  std::vector<std::vector<int64_t>> rows(N);
+  std::vector<std::vector<float>> scales(N);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t b = 0; b < G; ++b)
+      if (gp[n * G + b] != 0.0f)
+        for (int64_t r = b * Cbo; r < (b + 1) * Cbo; ++r) {
+          rows[n].push_back(r);
+          scales[n].push_back(gp[n * G + b]);
+        }
+  const direct::ClPlan cp = direct::make_cl_plan(H, W, kh, kw, padding[0], padding[1],
+                                                 dilation[0], dilation[1]);
+  at::parallel_for(0, Cin / C, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<float> xpk(cp.Hp * cp.Wp * C, 0.0f), buf(Cout * KK * C);
+    std::vector<const float*> dy;
+    std::vector<float*> acc;
+    std::vector<char> touched(Cout);
+    for (int64_t k = k0; k < k1; ++k) {
+      std::fill(buf.begin(), buf.end(), 0.0f);
+      std::fill(touched.begin(), touched.end(), 0);
+      for (int64_t n = 0; n < N; ++n) {
+        if (rows[n].empty()) continue;
+        direct::pack_cl(xp + (n * Cin + k * C) * L, cp, xpk.data());
+        dy.clear();
+        acc.clear();
+        for (int64_t r : rows[n]) {
+          dy.push_back(dyp + (n * Cout + r) * L);
+          acc.push_back(buf.data() + r * KK * C);
+          touched[r] = 1;
+        }
+        direct::run_wgrad_cl({xpk.data(), dy.data(), acc.data(),
+                              binary ? nullptr : scales[n].data(), (int)dy.size()}, cp);
+      }
+      for (int64_t r = 0; r < Cout; ++r)
+        if (touched[r])
+          for (int64_t j = 0; j < C; ++j)
+            for (int64_t t = 0; t < KK; ++t)
+              gwp[(r * Cin + k * C + j) * KK + t] += buf[(r * KK + t) * C + j];
+    }
+  });
+}
+
 // Whether the direct kernels handle this call (same rule for forward and backward).
 bool direct_applies(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                     at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -125,6 +187,7 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const at::Te
   const direct::PixelPlan plan = direct::make_plan(H, W, kh, kw, padding[0], padding[1],
                                                    dilation[0], dilation[1]);
   Jobs jobs;
+  jobs.w_cstride = KK;
   std::vector<int64_t> off_blocks;  // n * G + g of the blocks to zero ("group"/"out")
 
   if (mode == Mode::Group || mode == Mode::Out) {
@@ -159,7 +222,7 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const at::Te
       const int64_t seg0 = (int64_t)jobs.segs.size();
       for (int64_t b = 0; b < G; ++b) {
         const float gv = gp[n * G + b];
-        if (gv != 0.0f) jobs.segs.push_back({b * Cbi, (b + 1) * Cbi, gv});
+        if (gv != 0.0f) jobs.seg(seg0, b * Cbi, (b + 1) * Cbi, gv);
       }
       const int nseg = (int)(jobs.segs.size() - seg0);
       if (nseg == 0) {  // no active block: the output is the bias
@@ -222,20 +285,26 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
   const bool want_dx = need_x || (need_g && mode == Mode::In);
   if (want_dx) {
     const int64_t Co_g = Cout / groups;
-    const at::Tensor wt = w.view({groups, Co_g, Cw, kh, kw}).flip({3, 4}).transpose(1, 2).contiguous();
-    const float* wtp = wt.data_ptr<float>();
+    // Row ci (input channel ci_l of group g) reads W[g*Co_g + r][ci_l][KK-1-t] for the
+    // reduction channel r: base below, stride Cw*KK per r, taps backwards.
+    auto wt_row = [&](int64_t ci) {
+      const int64_t g = ci / Cw;
+      return wp + (g * Co_g * Cw + (ci - g * Cw)) * KK + (KK - 1);
+    };
     gx = at::empty_like(x);
     float* gxp = gx.data_ptr<float>();
     Jobs jobs;
+    jobs.w_cstride = Cw * KK;
+    jobs.w_flip = true;
     if (mode == Mode::Out) {  // every input channel; reduction over the active blocks' rows
       for (int64_t n = 0; n < N; ++n) {
         const int64_t seg0 = (int64_t)jobs.segs.size();
         for (int64_t b = 0; b < G; ++b)
-          if (gp[n * G + b] != 0.0f) jobs.segs.push_back({b * Cbo, (b + 1) * Cbo, gp[n * G + b]});
+          if (gp[n * G + b] != 0.0f) jobs.seg(seg0, b * Cbo, (b + 1) * Cbo, gp[n * G + b]);
         const int nseg = (int)(jobs.segs.size() - seg0);
         if (nseg == 0) { gx[n].zero_(); continue; }
         const int64_t r0 = jobs.rows();
-        for (int64_t c = 0; c < Cin; ++c) jobs.row(wtp + c * Cout * KK, gxp + (n * Cin + c) * L, 1.0f, 0.0f);
+        for (int64_t c = 0; c < Cin; ++c) jobs.row(wt_row(c), gxp + (n * Cin + c) * L, 1.0f, 0.0f);
         jobs.add(dyp + n * Cout * L, r0, r0 + Cin, seg0, nseg, false, false);
       }
     } else {  // "group"/"in": the input channels of active blocks, gate as row scale
@@ -247,7 +316,7 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
           if (gv == 0.0f) continue;
           const int64_t r0 = jobs.rows();
           for (int64_t c = b * Cbi; c < (b + 1) * Cbi; ++c)
-            jobs.row(wtp + c * Co_g * KK, gxp + (n * Cin + c) * L, gv, 0.0f);
+            jobs.row(wt_row(c), gxp + (n * Cin + c) * L, gv, 0.0f);
           jobs.add(dyp + (n * Cout + (grp ? b * Cbo : 0)) * L, r0, jobs.rows(), 0, 1, !binary, false);
         }
       if (!off_blocks.empty()) gx.view({N * G, -1}).index_fill_(0, idx_off, 0);
@@ -260,11 +329,13 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
       at::Tensor scratch = at::empty({Q * Cbi, L}, x.options());
       float* sp = scratch.data_ptr<float>();
       Jobs oj;
+      oj.w_cstride = Cw * KK;
+      oj.w_flip = true;
       oj.segs.push_back({0, Cout, 1.0f});
       for (int64_t q = 0; q < Q; ++q) {
         const int64_t n = off_blocks[q] / G, b = off_blocks[q] % G, r0 = oj.rows();
         for (int64_t c = 0; c < Cbi; ++c)
-          oj.row(wtp + (b * Cbi + c) * Cout * KK, sp + (q * Cbi + c) * L, 1.0f, 0.0f);
+          oj.row(wt_row(b * Cbi + c), sp + (q * Cbi + c) * L, 1.0f, 0.0f);
         oj.add(dyp + n * Cout * L, r0, oj.rows(), 0, 1, false, false);
       }
       oj.run(plan);
@@ -291,6 +362,7 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
       at::Tensor scratch = at::empty({Q * Cbo, L}, x.options());
       float* sp = scratch.data_ptr<float>();
       Jobs oj;
+      oj.w_cstride = KK;
       oj.segs.push_back({0, Cw, 1.0f});
       for (int64_t q = 0; q < Q; ++q) {
         const int64_t n = off_blocks[q] / G, bk = off_blocks[q] % G, r0 = oj.rows();
@@ -319,7 +391,9 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
   if (need_w) {
     float* gwp = gw.data_ptr<float>();
     WgradJobs wj;
-    if (mode == Mode::Out) {  // buckets: chunks of input channels (multiples of 8 for the 1x1 tile)
+    if (mode == Mode::Out && KK > 1 && Cin % direct::kChunk == 0) {
+      wgrad_out_cl(xp, dyp, gp, N, Cin, Cout, G, L, kh, kw, padding, dilation, H, W, binary, gwp);
+    } else if (mode == Mode::Out) {  // buckets: chunks of input channels (multiples of 8 for the 1x1 tile)
       const int64_t chunk = std::max<int64_t>(8, (Cin / 8 + 7) / 8 * 8);
       for (int64_t c0 = 0; c0 < Cin; c0 += chunk) {
         wj.buckets.emplace_back();
