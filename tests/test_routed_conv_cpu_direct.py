@@ -74,3 +74,22 @@ def test_gradients_match_reference(mode, k, dil, kind, router_grad, wide):
             grads.append(torch.autograd.grad(y, leaves, dy.to(dt)))
         for name, got, want in zip(("x", "weight", "gates", "bias"), *grads):
             torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=2e-3, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_group_all_on_matches_reference(soft):
+    # "group" convs run the direct kernels even with every gate on (no block to skip).
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 32, 9, 10, generator=gen, dtype=torch.float64)
+    wt = torch.randn(16, 8, 3, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(16, generator=gen, dtype=torch.float64)
+    g = torch.rand(3, 4, generator=gen, dtype=torch.float64) + 0.5 if soft else torch.ones(3, 4, dtype=torch.float64)
+    dy = torch.randn(3, 16, 9, 10, generator=gen, dtype=torch.float64)
+    kw = dict(padding=1, groups=4, gate_on="group")
+    grads = []
+    for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")), (routed_conv2d_reference, torch.float64, {})):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (x, wt, g, b)]
+        y = fn(*leaves, **kw, **extra)
+        grads.append((y,) + torch.autograd.grad(y, leaves, dy.to(dt)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=2e-3)

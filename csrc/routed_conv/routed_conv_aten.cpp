@@ -205,6 +205,12 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& weight, const at::Ten
   const Plan p = make_plan(gates, x.device());
   const at::Tensor gd = gates.detach().to(x.scalar_type()).contiguous();
 
+  // Grouped convs with few channels per group: the direct kernels beat oneDNN even
+  // with every gate on (measured: benchmarks/results/routed_conv_cpu.md).
+  if (mode == Mode::Group && p.all_on) {
+    at::Tensor y = forward_direct(x, w, gates, bias, stride, padding, dilation, groups, mode);
+    if (y.defined()) return y;
+  }
   if (p.all_on) {  // nothing to skip: one dense conv, gates applied to the (small) side
     if (mode == Mode::In) {
       at::Tensor xin = p.binary ? x : x * gd.repeat_interleave(Cin / G, 1).view({N, Cin, 1, 1});

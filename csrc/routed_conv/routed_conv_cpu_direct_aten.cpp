@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
 namespace fastmod {
@@ -158,6 +160,16 @@ void wgrad_out_cl(const float* xp, const float* dyp, const float* gp, int64_t N,
   });
 }
 
+// Zeroes blocks b (contiguous runs of `len` floats at base + b * len).  ATen's
+// index_fill_ took 10x a memset of the same bytes here.
+void zero_blocks(float* base, const std::vector<int64_t>& blocks, int64_t len) {
+  at::parallel_for(0, (int64_t)blocks.size(), std::max<int64_t>(1, 65536 / std::max<int64_t>(len, 1)),
+                   [&](int64_t b0, int64_t b1) {
+                     for (int64_t b = b0; b < b1; ++b)
+                       std::memset(base + blocks[b] * len, 0, sizeof(float) * len);
+                   });
+}
+
 // Whether the direct kernels handle this call (same rule for forward and backward).
 bool direct_applies(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride,
                     at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -237,10 +249,7 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const at::Te
       jobs.add(xp + n * Cin * L, r0, r0 + Cout, seg0, nseg, false, bp != nullptr);
     }
   }
-  if (!off_blocks.empty()) {
-    const at::Tensor idx = at::tensor(off_blocks, at::TensorOptions().dtype(at::kLong));
-    out.view({N * G, -1}).index_fill_(0, idx, 0);
-  }
+  zero_blocks(op, off_blocks, Cout / G * L);
   jobs.run(plan);
   return out;
 }
@@ -270,13 +279,13 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
     if (gp[j] == 0.0f) off_blocks.push_back(j);
     else if (gp[j] != 1.0f) binary = false;
   }
-  if (off_blocks.empty()) return false;  // all on: the dense vendor backward is faster
+  // All on: the dense vendor backward is faster, except for grouped convs.
+  if (off_blocks.empty() && mode != Mode::Group) return false;
   const direct::PixelPlan plan = direct::make_plan(H, W, kh, kw, padding[0], padding[1],
                                                    dilation[0], dilation[1]);
   // Output channels per gate block ("group"/"out") and input channels per block
   // ("group"/"in"); rows of x per sample that one block's reduction reads.
   const int64_t Cbo = Cout / G, Cbi = Cin / G;
-  const at::Tensor idx_off = at::tensor(off_blocks, at::TensorOptions().dtype(at::kLong));
   gg = at::zeros({N, G}, x.options());
   float* ggp = gg.data_ptr<float>();
 
@@ -319,7 +328,7 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
             jobs.row(wt_row(c), gxp + (n * Cin + c) * L, gv, 0.0f);
           jobs.add(dyp + (n * Cout + (grp ? b * Cbo : 0)) * L, r0, jobs.rows(), 0, 1, !binary, false);
         }
-      if (!off_blocks.empty()) gx.view({N * G, -1}).index_fill_(0, idx_off, 0);
+      zero_blocks(gxp, off_blocks, Cbi * L);
     }
     jobs.run(plan);
 

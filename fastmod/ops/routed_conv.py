@@ -31,12 +31,19 @@ blocks a zero gate gradient and skips them completely (cheaper training step).
 Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
 
 * ``"reference"``: dense conv, then masking; defines the semantics.
-* ``"cpu"`` (``fastmod._C``, csrc/routed_conv/routed_conv_aten.cpp): reads the
-  gates on the host, lists the active pairs and runs oneDNN on compacted
-  sub-problems holding only the active blocks: one grouped convolution with one
-  group per active pair for "group", one convolution per sample over the active
-  weight rows ("out") or input channels ("in").  When no gate is zero it runs the
-  dense conv.
+* ``"cpu"`` (``fastmod._C``): for float32 stride-1 "same" convolutions (output
+  size = input size, e.g. 3x3 with padding 1, or 1x1) on CPUs with AVX-512, direct
+  kernels (csrc/routed_conv/routed_conv_cpu_direct*.cpp) that read x and the weight
+  rows in place and write only the active output rows: the forward and grad_x are
+  implicit GEMMs over register tiles of 8 rows x 32 pixels (grad_x reads the weight
+  transposed and flipped in place), grad_weight sums over the pixels of active
+  pairs only (channels-last for the "out" 3x3 case); no gather or scatter copies.
+  Everything else (other dtypes, strides, CPUs; ``FASTMOD_ROUTED_CONV_DIRECT=0``)
+  runs csrc/routed_conv/routed_conv_aten.cpp: the active pairs are gathered into
+  compacted sub-problems for oneDNN (one grouped convolution with one group per
+  active pair for "group", one convolution per sample over the active weight rows
+  for "out" or input channels for "in").  When no gate is zero both run the dense
+  oneDNN conv.
 * ``"cuda"`` (csrc/routed_conv/routed_conv_cuda.cu): CUDA kernels over a work list
   built on the device (no host synchronisation, CUDA-graph capturable):
   implicit-GEMM forward, grad_x and grad_weight that visit active blocks only,
