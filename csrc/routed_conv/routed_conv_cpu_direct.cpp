@@ -159,7 +159,11 @@ void rows_any(const RowJob& job, const PixelPlan& plan) {
     case 5: return rows<5, KKT>(job, plan);
     case 6: return rows<6, KKT>(job, plan);
     case 7: return rows<7, KKT>(job, plan);
-    default: return rows<8, KKT>(job, plan);
+    case 8: return rows<8, KKT>(job, plan);
+    case 9: return rows<9, KKT>(job, plan);
+    case 10: return rows<10, KKT>(job, plan);
+    case 11: return rows<11, KKT>(job, plan);
+    default: return rows<12, KKT>(job, plan);
   }
 }
 
@@ -331,12 +335,13 @@ void pack_cl(const float* x, const ClPlan& plan, float* xp) {
 
 void run_wgrad_cl(const WgradClJob& job, const ClPlan& plan) {
 #ifdef FM_HAVE_AVX512
-  for (int r0 = 0; r0 < job.nrows; r0 += kRows) {
+  constexpr int kClRows = 8;  // 8 rows x 2 channel vectors = 16 accumulators
+  for (int r0 = 0; r0 < job.nrows; r0 += kClRows) {
     WgradClJob sub = job;
     sub.dy_row += r0;
     sub.acc_row += r0;
     if (sub.row_scale) sub.row_scale += r0;
-    switch (job.nrows - r0 < kRows ? job.nrows - r0 : kRows) {
+    switch (job.nrows - r0 < kClRows ? job.nrows - r0 : kClRows) {
       case 1: wgrad_cl<1>(sub, plan); break;
       case 2: wgrad_cl<2>(sub, plan); break;
       case 3: wgrad_cl<3>(sub, plan); break;
