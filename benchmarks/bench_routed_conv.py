@@ -9,7 +9,8 @@ sample switches on round(rho * G) random blocks (at least one).
 Each case is run for impl in {"routed" (fastmod kernel backend), "dense" (eager
 routed_conv2d_reference: vendor conv + mask), "compiled" (torch.compile of it)};
 "dense"/"compiled" do not depend on rho and run once per shape (rho=1.0).
-pass_ = "fwd" (inference, no grad) or "train" (fwd+bwd, router_grad="active").
+pass_ = "fwd" (inference, no grad), "train" (fwd+bwd, router_grad="active") or
+"train-exact" (routed only, router_grad="exact": also runs the off blocks' forward).
 
 FASTMOD_BENCH_IMPLS (default routed,dense,compiled) picks the implementations.
 GPU: N=64 and every shape.  CPU: N=8 and a subset (FASTMOD_BENCH_FULL=1/0 selects
@@ -65,7 +66,7 @@ def _time(benchmark, fn, extra):
     rho = extra.pop("rho")
     benchmark.group = extra.pop("group")
     extra["impl"] = "dense" if extra["impl"] == "dense" else \
-        ("compiled" if extra["impl"] == "compiled" else f"routed@{rho}")
+        ("compiled" if extra["impl"] == "compiled" else f"{extra['impl']}@{rho}")
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     fn()  # warm-up (and compilation)
@@ -91,19 +92,24 @@ def _reference_fn(impl):
     return _COMPILED["ref"]
 
 
-@pytest.mark.parametrize("pass_", ["fwd", "train"])
+@pytest.mark.parametrize("pass_", ["fwd", "train", "train-exact"])
 @pytest.mark.parametrize("rho", DENSITIES)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: c[0])
 def test_routed_conv(benchmark, case, impl, rho, pass_):
     if not _runs(impl, rho):
         pytest.skip("dense/compiled do not depend on rho: measured at rho=1.0")
+    if pass_ == "train-exact" and (impl != "routed" or rho == 1.0):
+        pytest.skip('router_grad="exact" differs from "active" only for the routed kernels with off gates')
     name, cin, cout, k, groups, gate_on, G, hw = case
     dev = DEVICE
     x = torch.randn(N, cin, hw, hw, device=dev)
     w = torch.randn(cout, cin // groups, k, k, device=dev) / (cin // groups * k * k) ** 0.5
     gates = _gates(N, G, rho, dev)
-    kw = dict(padding=k // 2, groups=groups, gate_on=gate_on, router_grad="active")
+    # "train-exact" is timed beside "train" (same group, labelled routed-exact@rho):
+    # the cost of the off blocks' forward that the exact gate gradient needs.
+    router_grad = "exact" if pass_ == "train-exact" else "active"
+    kw = dict(padding=k // 2, groups=groups, gate_on=gate_on, router_grad=router_grad)
     # The kernel backend explicitly: "auto" keeps the dense path on GPUs (see routed_conv._select).
     kernel = "cuda" if DEVICE == "cuda" else None
     fn = (lambda *a: routed_conv2d(*a, backend=kernel, **kw)) if impl == "routed" else \
@@ -120,8 +126,10 @@ def test_routed_conv(benchmark, case, impl, rho, pass_):
         def run():
             fn(xr, wr, gr).backward(dy)
         flops *= 3
+    label = "routed-exact" if pass_ == "train-exact" else impl
+    group = f"routed_conv {name} hw{hw} {pass_.replace('-exact', '')}"
     _time(benchmark, run, {"density": gates.mean().item(), "N": N, "gflop": flops / 1e9, "rho": rho,
-                           "impl": impl, "group": f"routed_conv {name} hw{hw} {pass_}"})
+                           "impl": label, "group": group})
 
 
 @pytest.mark.parametrize("pass_", ["fwd", "train"])

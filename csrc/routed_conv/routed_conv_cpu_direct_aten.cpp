@@ -373,12 +373,16 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
       Jobs oj;
       oj.w_cstride = KK;
       oj.segs.push_back({0, Cw, 1.0f});
+      int64_t sample_r0 = 0;  // "out": a sample's off rows (n-major) share full-size jobs
       for (int64_t q = 0; q < Q; ++q) {
         const int64_t n = off_blocks[q] / G, bk = off_blocks[q] % G, r0 = oj.rows();
+        if (q == 0 || off_blocks[q - 1] / G != n) sample_r0 = r0;
         for (int64_t c = bk * Cbo; c < (bk + 1) * Cbo; ++c)
           oj.row(wp + c * Cw * KK, sp + (q * Cbo + c - bk * Cbo) * L, 1.0f, bp ? bp[c] : 0.0f);
-        const int64_t xoff = mode == Mode::Group ? (n * Cin + bk * Cbi) * L : n * Cin * L;
-        oj.add(xp + xoff, r0, oj.rows(), 0, 1, false, bp != nullptr);
+        if (mode == Mode::Group)
+          oj.add(xp + (n * Cin + bk * Cbi) * L, r0, oj.rows(), 0, 1, false, bp != nullptr);
+        else if (q + 1 == Q || off_blocks[q + 1] / G != n)
+          oj.add(xp + n * Cin * L, sample_r0, oj.rows(), 0, 1, false, bp != nullptr);
       }
       oj.run(plan);
       at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {
