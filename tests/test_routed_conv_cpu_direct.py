@@ -93,3 +93,33 @@ def test_group_all_on_matches_reference(soft):
         grads.append((y,) + torch.autograd.grad(y, leaves, dy.to(dt)))
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=2e-3)
+
+
+def test_aten_fallback_matches_reference():
+    # FASTMOD_ROUTED_CONV_DIRECT=0 (read once per process) sends float32 to the ATen
+    # path, which CPUs without AVX-512 use: check it in a fresh process.
+    import os
+    import subprocess
+    import sys
+    script = """
+import torch
+from fastmod.ops import routed_conv2d, routed_conv2d_reference
+torch.manual_seed(0)
+for mode, cin, cout, groups in (("group", 16, 16, 4), ("out", 12, 16, 1), ("in", 16, 12, 1)):
+    x = torch.randn(3, cin, 6, 7, dtype=torch.float64)
+    w = torch.randn(cout, cin // groups, 3, 3, dtype=torch.float64)
+    g = (torch.rand(3, 4) < 0.5).double()
+    g[0] = 0.0
+    kw = dict(padding=1, groups=groups, gate_on=mode)
+    outs = []
+    for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")), (routed_conv2d_reference, torch.float64, {})):
+        leaves = [t.to(dt).requires_grad_() for t in (x, w, g)]
+        y = fn(*leaves, **kw, **extra)
+        outs.append((y,) + torch.autograd.grad(y, leaves, torch.ones_like(y)))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=2e-3)
+print("ok")
+"""
+    env = dict(os.environ, FASTMOD_ROUTED_CONV_DIRECT="0")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
