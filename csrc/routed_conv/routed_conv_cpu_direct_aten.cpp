@@ -130,32 +130,43 @@ void wgrad_out_cl(const float* xp, const float* dyp, const float* gp, int64_t N,
         }
   const direct::ClPlan cp = direct::make_cl_plan(H, W, kh, kw, padding[0], padding[1],
                                                  dilation[0], dilation[1]);
-  at::parallel_for(0, Cin / C, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<float> xpk(cp.Hp * cp.Wp * C, 0.0f), buf(Cout * KK * C);
+  // Buckets: (chunk of C input channels) x (range of output rows), each owning its
+  // part of gw; rows are split only when there are fewer chunks than threads.
+  const int64_t chunks = Cin / C;
+  const int64_t parts = std::min<int64_t>(
+      std::max<int64_t>(1, (2 * at::get_num_threads() + chunks - 1) / chunks), std::max<int64_t>(1, Cout / 8));
+  at::parallel_for(0, chunks * parts, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> xpk(cp.Hp * cp.Wp * C, 0.0f), buf;
     std::vector<const float*> dy;
     std::vector<float*> acc;
-    std::vector<char> touched(Cout);
-    for (int64_t k = k0; k < k1; ++k) {
-      std::fill(buf.begin(), buf.end(), 0.0f);
-      std::fill(touched.begin(), touched.end(), 0);
+    std::vector<char> touched;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t k = i / parts, part = i % parts;
+      const int64_t ra = Cout * part / parts, rb = Cout * (part + 1) / parts;
+      buf.assign((rb - ra) * KK * C, 0.0f);
+      touched.assign(rb - ra, 0);
       for (int64_t n = 0; n < N; ++n) {
-        if (rows[n].empty()) continue;
-        direct::pack_cl(xp + (n * Cin + k * C) * L, cp, xpk.data());
         dy.clear();
         acc.clear();
-        for (int64_t r : rows[n]) {
+        std::vector<float> sc;
+        for (size_t j = 0; j < rows[n].size(); ++j) {
+          const int64_t r = rows[n][j];
+          if (r < ra || r >= rb) continue;
           dy.push_back(dyp + (n * Cout + r) * L);
-          acc.push_back(buf.data() + r * KK * C);
-          touched[r] = 1;
+          acc.push_back(buf.data() + (r - ra) * KK * C);
+          sc.push_back(scales[n][j]);
+          touched[r - ra] = 1;
         }
-        direct::run_wgrad_cl({xpk.data(), dy.data(), acc.data(),
-                              binary ? nullptr : scales[n].data(), (int)dy.size()}, cp);
+        if (dy.empty()) continue;
+        direct::pack_cl(xp + (n * Cin + k * C) * L, cp, xpk.data());
+        direct::run_wgrad_cl({xpk.data(), dy.data(), acc.data(), binary ? nullptr : sc.data(),
+                              (int)dy.size()}, cp);
       }
-      for (int64_t r = 0; r < Cout; ++r)
-        if (touched[r])
+      for (int64_t r = ra; r < rb; ++r)
+        if (touched[r - ra])
           for (int64_t j = 0; j < C; ++j)
             for (int64_t t = 0; t < KK; ++t)
-              gwp[(r * Cin + k * C + j) * KK + t] += buf[(r * KK + t) * C + j];
+              gwp[(r * Cin + k * C + j) * KK + t] += buf[((r - ra) * KK + t) * C + j];
     }
   });
 }
