@@ -31,7 +31,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const at::Tens
                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                    c10::string_view gate_on, bool exact);
 
-// The CPU fp32 forward on the direct AVX-512 kernels (routed_conv_cpu_direct_aten.cpp)
+// The CPU fp32 forward on the direct AVX-512/AVX2 kernels (routed_conv_cpu_direct_aten.cpp)
 // for stride-1 "same" convolutions; returns an undefined tensor when the dtype, the
 // geometry or the CPU is not one it handles (the caller then uses the ATen path).
 at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& gates,

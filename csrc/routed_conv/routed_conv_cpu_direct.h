@@ -1,4 +1,4 @@
-// Direct (implicit-GEMM) routed convolution for the CPU, fp32, AVX-512.
+// Direct (implicit-GEMM) routed convolution for the CPU, fp32, AVX-512 or AVX2 + FMA.
 //
 // Why: the ATen path gathers the active blocks into compacted tensors, runs oneDNN
 // on them and scatters the result back; for the shapes of BRN/FRN those copies cost
@@ -8,7 +8,7 @@
 // Scope: stride 1 and "same" spatial size (Ho == H, Wo == W), which makes a run of
 // output pixels p, p+1, ... read the contiguous input run p + off(tap) for every
 // tap; lanes that fall into the zero padding are masked off.  Other geometries,
-// other dtypes and CPUs without AVX-512 use the ATen path.  No torch in here.
+// other dtypes and CPUs without AVX2 use the ATen path.  No torch in here.
 #pragma once
 
 #include <cstdint>
@@ -24,7 +24,8 @@ constexpr int kRows = 12;
 // Output pixels per register tile (two 16-float vectors).
 constexpr int kPixels = 32;
 
-// Runtime check: the CPU has AVX-512F (and FASTMOD_ROUTED_CONV_DIRECT is not "0").
+// Runtime check: the CPU has AVX-512F or AVX2 + FMA (and FASTMOD_ROUTED_CONV_DIRECT
+// is not "0"; "avx2" forces the AVX2 build).
 bool available();
 
 // Per-call pixel plan for one image geometry: tap offsets and per-tile lane masks.

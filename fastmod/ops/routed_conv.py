@@ -32,18 +32,21 @@ Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
 
 * ``"reference"``: dense conv, then masking; defines the semantics.
 * ``"cpu"`` (``fastmod._C``): for float32 stride-1 "same" convolutions (output
-  size = input size, e.g. 3x3 with padding 1, or 1x1) on CPUs with AVX-512, direct
-  kernels (csrc/routed_conv/routed_conv_cpu_direct*.cpp) that read x and the weight
-  rows in place and write only the active output rows: the forward and grad_x are
-  implicit GEMMs over register tiles of 8 rows x 32 pixels (grad_x reads the weight
-  transposed and flipped in place), grad_weight sums over the pixels of active
-  pairs only (channels-last for the "out" 3x3 case); no gather or scatter copies.
-  Everything else (other dtypes, strides, CPUs; ``FASTMOD_ROUTED_CONV_DIRECT=0``)
-  runs csrc/routed_conv/routed_conv_aten.cpp: the active pairs are gathered into
-  compacted sub-problems for oneDNN (one grouped convolution with one group per
+  size = input size, e.g. 3x3 with padding 1, or 1x1) on CPUs with AVX-512 or
+  AVX2 + FMA, direct kernels (csrc/routed_conv/routed_conv_cpu_direct*) that read x
+  and the weight rows in place and write only the active output rows: forward and
+  grad_x are implicit GEMMs over register tiles of 12 rows x 32 pixels (AVX-512;
+  6 x 16 on AVX2; grad_x reads the weight transposed and flipped in place),
+  grad_weight sums over the pixels of active pairs only (channels-last for the
+  "out" 3x3 case); no gather or scatter copies.  ``FASTMOD_ROUTED_CONV_DIRECT=avx2``
+  forces the AVX2 build (measured ~1.3x slower than AVX-512 on the same CPU), ``=0``
+  turns the direct kernels off.  Everything else (other dtypes and strides, older
+  CPUs) runs csrc/routed_conv/routed_conv_aten.cpp: the active pairs are gathered
+  into compacted sub-problems for oneDNN (one grouped convolution with one group per
   active pair for "group", one convolution per sample over the active weight rows
-  for "out" or input channels for "in").  When no gate is zero both run the dense
-  oneDNN conv.
+  for "out" or input channels for "in").  With every gate on, "out"/"in" run the
+  dense oneDNN conv; "group" stays on the direct kernels (faster than oneDNN's
+  grouped conv with few channels per group).
 * ``"cuda"`` (csrc/routed_conv/routed_conv_cuda.cu): CUDA kernels over a work list
   built on the device (no host synchronisation, CUDA-graph capturable):
   implicit-GEMM forward, grad_x and grad_weight that visit active blocks only,

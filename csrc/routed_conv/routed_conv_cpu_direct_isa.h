@@ -1,0 +1,272 @@
+// The direct kernels for one instruction set; included once per ISA by
+// routed_conv_cpu_direct.cpp with FM_NS (namespace), FM_TARGET (target attribute)
+// and FM_VT (vector traits: V, W lanes, register-tile sizes, masked load/store)
+// defined.  Pixel masks come from the plan as 16-lane words per 32-pixel tile;
+// lane_bits() cuts the W lanes a vector needs out of them.
+
+namespace FM_NS {
+
+using VT = FM_VT;
+using V = typename VT::V;
+constexpr int W = VT::W;
+#define FM_KERNEL_INLINE FM_TARGET inline __attribute__((always_inline))
+
+// The mask bits of lanes [lane0, lane0 + W) of a tile (lane0 < 32, multiple of W).
+inline unsigned lane_bits(const uint16_t* tile_words, int64_t lane0) {
+  return (unsigned)(tile_words[lane0 >> 4] >> (lane0 & 15)) & ((1u << W) - 1u);
+}
+
+// acc += the segment's channels [c0, c1) over all taps, for the NV vectors at
+// pixel lanes lane0 ... of the tile whose tap masks are `masks`; SCALED multiplies
+// the input vectors by the segment scale (a template flag: a runtime test per tap
+// costs as much as the FMAs it guards).
+template <int MR, int NV, int KKT, bool SCALED, bool FLIP>
+FM_KERNEL_INLINE void accumulate(V (&acc)[MR][NV], const float* x, const float* const* w,
+                                 int64_t cstride, int64_t c0, int64_t c1, float scale, int64_t L,
+                                 int KK_rt, const int64_t* off, const uint16_t* masks,
+                                 int64_t lane0) {
+  const int KK = KKT ? KKT : KK_rt;
+  const V sc = VT::set1(scale);
+  for (int64_t c = c0; c < c1; ++c) {
+    const float* xc = x + c * L;
+    const int64_t wc = c * cstride;
+    FM_UNROLL for (int t = 0; t < KK; ++t) {
+      V b[NV];
+      FM_UNROLL for (int v = 0; v < NV; ++v) {
+        b[v] = VT::load_mask(lane_bits(masks + t * 2, lane0 + v * W), xc + off[t] + v * W);
+        if (SCALED) b[v] = VT::mul(b[v], sc);
+      }
+      FM_UNROLL for (int i = 0; i < MR; ++i) {
+        const V a = VT::set1(w[i][wc + (FLIP ? -t : t)]);
+        FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = VT::fmadd(a, b[v], acc[i][v]);
+      }
+    }
+  }
+}
+
+// One register tile: MR rows x NV vectors of pixels starting at lane0 of 32-pixel
+// tile tile_idx, all segments and taps.  KKT is the tap count when known at compile
+// time (1 or 9), else 0 (runtime kk).
+template <int MR, int NV, int KKT, bool FLIP>
+FM_TARGET void tile(const RowJob& job, const PixelPlan& plan, int64_t tile_idx, int64_t lane0) {
+  const int64_t p0 = tile_idx * kPixels + lane0;
+  const uint16_t* masks = plan.tap_mask.data() + tile_idx * plan.KK * 2;
+  V acc[MR][NV];
+  FM_UNROLL for (int i = 0; i < MR; ++i)
+    FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = VT::zero();
+  const float* x = job.x + p0;
+  for (int s = 0; s < job.nseg; ++s) {
+    const Segment seg = job.segs[s];
+    if (seg.scale == 1.0f)
+      accumulate<MR, NV, KKT, false, FLIP>(acc, x, job.w_row, job.w_cstride, seg.c0, seg.c1, 1.0f,
+                                           plan.L, plan.KK, plan.tap_offset.data(), masks, lane0);
+    else
+      accumulate<MR, NV, KKT, true, FLIP>(acc, x, job.w_row, job.w_cstride, seg.c0, seg.c1,
+                                          seg.scale, plan.L, plan.KK, plan.tap_offset.data(), masks,
+                                          lane0);
+  }
+  const uint16_t* sm = plan.store_mask.data() + tile_idx * 2;
+  FM_UNROLL for (int i = 0; i < MR; ++i) {
+    const V bias = VT::set1(job.bias ? job.bias[i] : 0.0f);
+    const V rs = VT::set1(job.row_scale ? job.row_scale[i] : 1.0f);
+    FM_UNROLL for (int v = 0; v < NV; ++v) {
+      V r = VT::add(acc[i][v], bias);
+      if (job.row_scale) r = VT::mul(r, rs);
+      VT::store_mask(job.out_row[i] + p0 + v * W, lane_bits(sm, lane0 + v * W), r);
+    }
+  }
+}
+
+// A 32-pixel tile is processed in parts of 2 vectors (one part for 16 lanes, two
+// for 8); a part with at most W pixels left uses one vector.
+template <int MR, int KKT, bool FLIP>
+FM_TARGET void rows_flip(const RowJob& job, const PixelPlan& plan) {
+  const int64_t T = plan.tiles();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t lane0 = 0; lane0 < kPixels; lane0 += 2 * W) {
+      const int64_t left = plan.L - t * kPixels - lane0;
+      if (left <= 0) break;
+      if (left > W) tile<MR, 2, KKT, FLIP>(job, plan, t, lane0);
+      else tile<MR, 1, KKT, FLIP>(job, plan, t, lane0);
+    }
+}
+
+template <int MR, int KKT>
+void rows_mr(const RowJob& job, const PixelPlan& plan) {
+  if (job.w_flip) rows_flip<MR, KKT, true>(job, plan);
+  else rows_flip<MR, KKT, false>(job, plan);
+}
+
+// nrows (1 ... M) -> the MR = nrows instantiation.
+template <int KKT, int M = VT::kTileRows>
+void rows_any(const RowJob& job, const PixelPlan& plan) {
+  if constexpr (M == 1) {
+    rows_mr<1, KKT>(job, plan);
+  } else {
+    if (job.nrows >= M) rows_mr<M, KKT>(job, plan);
+    else rows_any<KKT, M - 1>(job, plan);
+  }
+}
+
+void run_rows(const RowJob& job, const PixelPlan& plan) {
+  for (int r0 = 0; r0 < job.nrows; r0 += VT::kTileRows) {
+    RowJob sub = job;
+    sub.w_row += r0;
+    sub.out_row += r0;
+    if (sub.row_scale) sub.row_scale += r0;
+    if (sub.bias) sub.bias += r0;
+    sub.nrows = job.nrows - r0 < VT::kTileRows ? job.nrows - r0 : VT::kTileRows;
+    if (plan.KK == 9) rows_any<9>(sub, plan);
+    else if (plan.KK == 1) rows_any<1>(sub, plan);
+    else rows_any<0>(sub, plan);
+  }
+}
+
+// Weight-gradient tile: MR dy rows x NT taps (t0 ...) of channel c, summed over
+// every pixel in W-lane vectors, then reduced across lanes once.
+template <int MR, int NT>
+FM_TARGET void wgrad_taps(const WgradJob& job, const PixelPlan& plan, int64_t c, int t0) {
+  const int64_t L = plan.L;
+  const int KK = plan.KK;
+  const float* xc = job.x + c * L;
+  const int64_t* off = plan.tap_offset.data() + t0;
+  V acc[MR][NT];
+  FM_UNROLL for (int i = 0; i < MR; ++i)
+    FM_UNROLL for (int t = 0; t < NT; ++t) acc[i][t] = VT::zero();
+  for (int64_t p = 0; p < L; p += W) {
+    const int64_t tile = p / kPixels, lane = p % kPixels;
+    const uint16_t* tm = plan.tap_mask.data() + (tile * KK + t0) * 2;
+    const unsigned sm = lane_bits(plan.store_mask.data() + tile * 2, lane);
+    V a[MR];
+    FM_UNROLL for (int i = 0; i < MR; ++i) a[i] = VT::load_mask(sm, job.dy_row[i] + p);
+    FM_UNROLL for (int t = 0; t < NT; ++t) {
+      const V b = VT::load_mask(lane_bits(tm + t * 2, lane), xc + p + off[t]);
+      FM_UNROLL for (int i = 0; i < MR; ++i) acc[i][t] = VT::fmadd(a[i], b, acc[i][t]);
+    }
+  }
+  FM_UNROLL for (int i = 0; i < MR; ++i) {
+    const float s = job.row_scale ? job.row_scale[i] : 1.0f;
+    float* dw = job.dw_row[i] + c * KK + t0;
+    FM_UNROLL for (int t = 0; t < NT; ++t) dw[t] += s * VT::reduce(acc[i][t]);
+  }
+}
+
+// 1x1 weight-gradient tile: MR dy rows x CT channels (c0 ...).
+template <int MR, int CT>
+FM_TARGET void wgrad_1x1(const WgradJob& job, const PixelPlan& plan, int64_t c0) {
+  const int64_t L = plan.L;
+  V acc[MR][CT];
+  FM_UNROLL for (int i = 0; i < MR; ++i)
+    FM_UNROLL for (int j = 0; j < CT; ++j) acc[i][j] = VT::zero();
+  for (int64_t p = 0; p < L; p += W) {
+    const unsigned sm = lane_bits(plan.store_mask.data() + (p / kPixels) * 2, p % kPixels);
+    V a[MR];
+    FM_UNROLL for (int i = 0; i < MR; ++i) a[i] = VT::load_mask(sm, job.dy_row[i] + p);
+    FM_UNROLL for (int j = 0; j < CT; ++j) {
+      const V b = VT::load_mask(sm, job.x + (c0 + j) * L + p);
+      FM_UNROLL for (int i = 0; i < MR; ++i) acc[i][j] = VT::fmadd(a[i], b, acc[i][j]);
+    }
+  }
+  FM_UNROLL for (int i = 0; i < MR; ++i) {
+    const float s = job.row_scale ? job.row_scale[i] : 1.0f;
+    FM_UNROLL for (int j = 0; j < CT; ++j) job.dw_row[i][c0 + j] += s * VT::reduce(acc[i][j]);
+  }
+}
+
+template <int MR>
+void wgrad_rows(const WgradJob& job, const PixelPlan& plan) {
+  constexpr int CT = VT::k1x1Channels;
+  if (plan.KK == 9 && VT::kTapRows >= MR) {
+    for (int64_t c = job.c0; c < job.c1; ++c) wgrad_taps<MR, 9>(job, plan, c, 0);
+  } else if (plan.KK == 1) {
+    int64_t c = job.c0;
+    for (; c + CT <= job.c1; c += CT) wgrad_1x1<MR, CT>(job, plan, c);
+    for (; c < job.c1; ++c) wgrad_1x1<MR, 1>(job, plan, c);
+  } else {
+    for (int64_t c = job.c0; c < job.c1; ++c)
+      for (int t = 0; t < plan.KK; ++t) wgrad_taps<MR, 1>(job, plan, c, t);
+  }
+}
+
+void run_wgrad(const WgradJob& job, const PixelPlan& plan) {
+  // Rows in pairs when the ISA's registers hold 2 x 9 tap accumulators (and always
+  // for 1x1); otherwise one row at a time for 3x3.
+  constexpr int R = 2;
+  const int step = (plan.KK == 9 && VT::kTapRows < R) ? 1 : R;
+  for (int r0 = 0; r0 < job.nrows; r0 += step) {
+    WgradJob sub = job;
+    sub.dy_row += r0;
+    sub.dw_row += r0;
+    if (sub.row_scale) sub.row_scale += r0;
+    if (step == R && job.nrows - r0 >= R) wgrad_rows<R>(sub, plan);
+    else wgrad_rows<1>(sub, plan);
+  }
+}
+
+// Channels-last weight-gradient tile: MR rows x kChunk channels, one tap at a time.
+template <int MR>
+FM_TARGET void wgrad_cl(const WgradClJob& job, const ClPlan& plan) {
+  constexpr int NC = kChunk / W;
+  const int64_t H = plan.H, Wd = plan.W, Wp = plan.Wp;
+  for (int t = 0; t < plan.KK; ++t) {
+    V acc[MR][NC];
+    FM_UNROLL for (int i = 0; i < MR; ++i)
+      FM_UNROLL for (int j = 0; j < NC; ++j) acc[i][j] = VT::zero();
+    for (int64_t y = 0; y < H; ++y) {
+      const float* xr = job.xp + (y * Wp + plan.tap_offset[t]) * kChunk;
+      const int64_t p0 = y * Wd;
+      for (int64_t x = 0; x < Wd; ++x) {
+        V b[NC];
+        FM_UNROLL for (int j = 0; j < NC; ++j) b[j] = VT::loadu(xr + x * kChunk + W * j);
+        FM_UNROLL for (int i = 0; i < MR; ++i) {
+          const V a = VT::set1(job.dy_row[i][p0 + x]);
+          FM_UNROLL for (int j = 0; j < NC; ++j) acc[i][j] = VT::fmadd(a, b[j], acc[i][j]);
+        }
+      }
+    }
+    FM_UNROLL for (int i = 0; i < MR; ++i) {
+      const V s = VT::set1(job.row_scale ? job.row_scale[i] : 1.0f);
+      float* dst = job.acc_row[i] + t * kChunk;
+      FM_UNROLL for (int j = 0; j < NC; ++j)
+        VT::storeu(dst + W * j, VT::fmadd(s, acc[i][j], VT::loadu(dst + W * j)));
+    }
+  }
+}
+
+template <int M = VT::kClRows>
+void cl_any(const WgradClJob& job, const ClPlan& plan) {
+  if constexpr (M == 1) {
+    wgrad_cl<1>(job, plan);
+  } else {
+    if (job.nrows >= M) wgrad_cl<M>(job, plan);
+    else cl_any<M - 1>(job, plan);
+  }
+}
+
+void run_wgrad_cl(const WgradClJob& job, const ClPlan& plan) {
+  for (int r0 = 0; r0 < job.nrows; r0 += VT::kClRows) {
+    WgradClJob sub = job;
+    sub.dy_row += r0;
+    sub.acc_row += r0;
+    if (sub.row_scale) sub.row_scale += r0;
+    sub.nrows = job.nrows - r0 < VT::kClRows ? job.nrows - r0 : VT::kClRows;
+    cl_any(sub, plan);
+  }
+}
+
+FM_TARGET float dot(const float* a, const float* b, int64_t n) {
+  V acc[4] = {VT::zero(), VT::zero(), VT::zero(), VT::zero()};
+  int64_t j = 0;
+  for (; j + 4 * W <= n; j += 4 * W)
+    FM_UNROLL for (int u = 0; u < 4; ++u)
+      acc[u] = VT::fmadd(VT::loadu(a + j + W * u), VT::loadu(b + j + W * u), acc[u]);
+  for (; j < n; j += W) {
+    const unsigned m = n - j >= W ? (1u << W) - 1u : (1u << (n - j)) - 1u;
+    acc[0] = VT::fmadd(VT::load_mask(m, a + j), VT::load_mask(m, b + j), acc[0]);
+  }
+  return VT::reduce(VT::add(VT::add(acc[0], acc[1]), VT::add(acc[2], acc[3])));
+}
+
+#undef FM_KERNEL_INLINE
+
+}  // namespace FM_NS
