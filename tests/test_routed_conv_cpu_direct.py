@@ -95,9 +95,11 @@ def test_group_all_on_matches_reference(soft):
         torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=2e-3)
 
 
-def test_aten_fallback_matches_reference():
-    # FASTMOD_ROUTED_CONV_DIRECT=0 (read once per process) sends float32 to the ATen
-    # path, which CPUs without AVX-512 use: check it in a fresh process.
+@pytest.mark.parametrize("direct", ["0", "avx2"])
+def test_other_cpu_paths_match_reference(direct):
+    # FASTMOD_ROUTED_CONV_DIRECT is read once per process: "0" sends float32 to the
+    # ATen path (CPUs without AVX2), "avx2" forces the AVX2 build of the direct
+    # kernels (CPUs without AVX-512).  Each is checked in a fresh process.
     import os
     import subprocess
     import sys
@@ -105,21 +107,26 @@ def test_aten_fallback_matches_reference():
 import torch
 from fastmod.ops import routed_conv2d, routed_conv2d_reference
 torch.manual_seed(0)
-for mode, cin, cout, groups in (("group", 16, 16, 4), ("out", 12, 16, 1), ("in", 16, 12, 1)):
-    x = torch.randn(3, cin, 6, 7, dtype=torch.float64)
-    w = torch.randn(cout, cin // groups, 3, 3, dtype=torch.float64)
-    g = (torch.rand(3, 4) < 0.5).double()
-    g[0] = 0.0
-    kw = dict(padding=1, groups=groups, gate_on=mode)
-    outs = []
-    for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")), (routed_conv2d_reference, torch.float64, {})):
-        leaves = [t.to(dt).requires_grad_() for t in (x, w, g)]
-        y = fn(*leaves, **kw, **extra)
-        outs.append((y,) + torch.autograd.grad(y, leaves, torch.ones_like(y)))
-    for got, want in zip(*outs):
-        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=2e-3)
+cases = [("group", 16, 16, 4, 3), ("out", 12, 16, 1, 3), ("in", 16, 12, 1, 3), ("out", 64, 8, 1, 3),
+         ("out", 20, 16, 1, 1), ("in", 16, 20, 1, 1), ("group", 8, 8, 4, 5)]
+for mode, cin, cout, groups, k in cases:
+    for h, w in ((6, 7), (1, 1), (9, 13)):
+        x = torch.randn(3, cin, h, w, dtype=torch.float64)
+        wt = torch.randn(cout, cin // groups, k, k, dtype=torch.float64)
+        b = torch.randn(cout, dtype=torch.float64)
+        g = (torch.rand(3, 4) < 0.5).double() * (torch.rand(3, 4) + 0.5)
+        g[0] = 0.0
+        kw = dict(padding=k // 2, groups=groups, gate_on=mode)
+        outs = []
+        for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")),
+                              (routed_conv2d_reference, torch.float64, {})):
+            leaves = [t.to(dt).requires_grad_() for t in (x, wt, g, b)]
+            y = fn(*leaves, **kw, **extra)
+            outs.append((y,) + torch.autograd.grad(y, leaves, torch.ones_like(y)))
+        for got, want in zip(*outs):
+            torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=2e-3)
 print("ok")
 """
-    env = dict(os.environ, FASTMOD_ROUTED_CONV_DIRECT="0")
+    env = dict(os.environ, FASTMOD_ROUTED_CONV_DIRECT=direct)
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
