@@ -1,9 +1,12 @@
 // Block-sparse routed convolution: shared declarations.
 //
-// The ATen implementation (routed_conv_aten.cpp, registered for CPU in
-// routed_conv_cpu.cpp) reads the gates on the host, builds the list of active
-// (sample, block) pairs and runs oneDNN convolutions on compacted sub-problems that
-// contain the active blocks only.  The CUDA registration (routed_conv_cuda.cu) has
+// The CPU registration (routed_conv_cpu.cpp) runs forward()/backward() below
+// (routed_conv_aten.cpp).  They first try the direct kernels
+// (routed_conv_cpu_direct*: float32 stride-1 "same" convs on AVX-512/AVX2 CPUs,
+// reading and writing the active blocks in place); otherwise they read the gates on
+// the host, build the list of active (sample, block) pairs and run oneDNN
+// convolutions on compacted sub-problems that contain the active blocks only.  The
+// CUDA registration (routed_conv_cuda.cu) has
 // its own kernels over a device-built work list and shares only the argument checks
 // below.  Semantics: see fastmod/ops/routed_conv.py.
 #pragma once

@@ -1,5 +1,6 @@
-// Routed convolution on compacted sub-problems, written against ATen only so the
-// CPU and CUDA registrations share it (see routed_conv.h).
+// Routed convolution on compacted sub-problems, written against ATen only (see
+// routed_conv.h).  forward()/backward() hand float32 stride-1 "same" convs to the
+// direct kernels first (forward_direct/backward_direct); the rest runs here.
 //
 // Strategy, per gate mode (G blocks, P active (n, g) pairs):
 //   group: every active pair becomes one group of a single grouped convolution with

@@ -1,5 +1,5 @@
-// CPU registration: the ATen implementation in routed_conv_aten.cpp, which runs
-// oneDNN convolutions on the compacted active blocks only.
+// CPU registration: forward()/backward() of routed_conv_aten.cpp (the direct kernels
+// where they apply, oneDNN on the compacted active blocks otherwise).
 #include <torch/library.h>
 
 #include "routed_conv/routed_conv.h"

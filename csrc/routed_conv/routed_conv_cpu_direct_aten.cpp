@@ -1,6 +1,6 @@
-// The CPU fp32 forward on the direct kernels: builds the per-call row jobs from the
-// gates (which rows of which sample, which reduction channels, what scale) and runs
-// them with at::parallel_for.  The kernels themselves are in routed_conv_cpu_direct.cpp.
+// The CPU fp32 forward and backward on the direct kernels: builds the per-call jobs
+// from the gates (which rows of which sample, which reduction channels, what scale)
+// and runs them with at::parallel_for.  The kernels are in routed_conv_cpu_direct*.
 #include "routed_conv/routed_conv.h"
 #include "routed_conv/routed_conv_cpu_direct.h"
 
