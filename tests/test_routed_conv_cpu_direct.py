@@ -76,16 +76,19 @@ def test_gradients_match_reference(mode, k, dil, kind, router_grad, wide):
             torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=2e-3, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("mode", ["group", "in", "out"])
 @pytest.mark.parametrize("soft", [False, True])
-def test_group_all_on_matches_reference(soft):
-    # "group" convs run the direct kernels even with every gate on (no block to skip).
+def test_all_on_matches_reference(mode, soft):
+    # With every gate on, "group" and "in" convs stay on the direct kernels and "out"
+    # ones run the dense oneDNN conv: all three against the reference.
     gen = torch.Generator().manual_seed(5)
+    cout = 16 if mode != "in" else 12
     x = torch.randn(3, 32, 9, 10, generator=gen, dtype=torch.float64)
-    wt = torch.randn(16, 8, 3, 3, generator=gen, dtype=torch.float64)
-    b = torch.randn(16, generator=gen, dtype=torch.float64)
+    wt = torch.randn(cout, 8 if mode == "group" else 32, 3, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(cout, generator=gen, dtype=torch.float64)
     g = torch.rand(3, 4, generator=gen, dtype=torch.float64) + 0.5 if soft else torch.ones(3, 4, dtype=torch.float64)
-    dy = torch.randn(3, 16, 9, 10, generator=gen, dtype=torch.float64)
-    kw = dict(padding=1, groups=4, gate_on="group")
+    dy = torch.randn(3, cout, 9, 10, generator=gen, dtype=torch.float64)
+    kw = dict(padding=1, groups=4 if mode == "group" else 1, gate_on=mode)
     grads = []
     for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")), (routed_conv2d_reference, torch.float64, {})):
         leaves = [t.detach().to(dt).requires_grad_() for t in (x, wt, g, b)]

@@ -206,9 +206,10 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& weight, const at::Ten
   const Plan p = make_plan(gates, x.device());
   const at::Tensor gd = gates.detach().to(x.scalar_type()).contiguous();
 
-  // Grouped convs with few channels per group: the direct kernels beat oneDNN even
-  // with every gate on (measured: benchmarks/results/routed_conv_cpu.md).
-  if (mode == Mode::Group && p.all_on) {
+  // With every gate on, "group" (few channels per group) and "in" convs still run
+  // faster on the direct kernels than on oneDNN; "out" ones (FRN 3x3) do not
+  // (measured side by side: benchmarks/results/routed_conv_cpu.md, Run 4 notes).
+  if (mode != Mode::Out && p.all_on) {
     at::Tensor y = forward_direct(x, w, gates, bias, stride, padding, dilation, groups, mode);
     if (y.defined()) return y;
   }

@@ -290,8 +290,8 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
     if (gp[j] == 0.0f) off_blocks.push_back(j);
     else if (gp[j] != 1.0f) binary = false;
   }
-  // All on: the dense vendor backward is faster, except for grouped convs.
-  if (off_blocks.empty() && mode != Mode::Group) return false;
+  // All on: the dense vendor backward is faster for "out" convs only (see forward()).
+  if (off_blocks.empty() && mode == Mode::Out) return false;
   const direct::PixelPlan plan = direct::make_plan(H, W, kh, kw, padding[0], padding[1],
                                                    dilation[0], dilation[1]);
   // Output channels per gate block ("group"/"out") and input channels per block

@@ -44,9 +44,9 @@ Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
   CPUs) runs csrc/routed_conv/routed_conv_aten.cpp: the active pairs are gathered
   into compacted sub-problems for oneDNN (one grouped convolution with one group per
   active pair for "group", one convolution per sample over the active weight rows
-  for "out" or input channels for "in").  With every gate on, "out"/"in" run the
-  dense oneDNN conv; "group" stays on the direct kernels (faster than oneDNN's
-  grouped conv with few channels per group).
+  for "out" or input channels for "in").  With every gate on, "out" convs run the
+  dense oneDNN conv; "group" and "in" stay on the direct kernels (measured faster
+  than oneDNN there).
 * ``"cuda"`` (csrc/routed_conv/routed_conv_cuda.cu): CUDA kernels over a work list
   built on the device (no host synchronisation, CUDA-graph capturable):
   implicit-GEMM forward, grad_x and grad_weight that visit active blocks only,
