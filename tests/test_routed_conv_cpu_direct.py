@@ -8,6 +8,8 @@ kernel (runtime tap count), non-binary gates, samples with every block off.
 """
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastmod.ops import routed_conv2d, routed_conv2d_reference
 
@@ -133,3 +135,32 @@ print("ok")
     env = dict(os.environ, FASTMOD_ROUTED_CONV_DIRECT=direct)
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+@settings(max_examples=150, deadline=None)
+@given(mode=st.sampled_from(["group", "out", "in"]), n=st.integers(1, 4), blocks=st.sampled_from([1, 2, 3, 5]),
+       per_in=st.integers(1, 9), per_out=st.integers(1, 15), h=st.integers(1, 20), w=st.integers(1, 20),
+       k=st.sampled_from([1, 3, 5]), dil=st.integers(1, 2), density=st.sampled_from([0.0, 0.4, 0.8, 1.0]),
+       soft=st.booleans(), bias=st.booleans(), exact=st.booleans(), seed=st.integers(0, 2**16))
+def test_hypothesis_direct_shapes(mode, n, blocks, per_in, per_out, h, w, k, dil, density, soft, bias, exact, seed):
+    # float32 stride-1 "same" convs: the geometry the direct kernels take.
+    gen = torch.Generator().manual_seed(seed)
+    groups = blocks if mode == "group" else 1
+    cin = blocks * per_in
+    cout = blocks * per_out if mode != "in" else per_out
+    x = torch.randn(n, cin, h, w, generator=gen, dtype=torch.float64)
+    wt = torch.randn(cout, cin // groups, k, k, generator=gen, dtype=torch.float64)
+    b = torch.randn(cout, generator=gen, dtype=torch.float64) if bias else None
+    g = (torch.rand(n, blocks, generator=gen) < density).double()
+    if soft:
+        g = g * (torch.rand(n, blocks, generator=gen, dtype=torch.float64) + 0.25)
+    dy = torch.randn(n, cout, h, w, generator=gen, dtype=torch.float64)
+    kw = dict(padding=dil * (k // 2), dilation=dil, groups=groups, gate_on=mode,
+              router_grad="exact" if exact else "active")
+    results = []
+    for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")), (routed_conv2d_reference, torch.float64, {})):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (x, wt, g) + ((b,) if bias else ())]
+        y = fn(leaves[0], leaves[1], leaves[2], leaves[3] if bias else None, **kw, **extra)
+        results.append((y,) + torch.autograd.grad(y, leaves, dy.to(dt)))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=3e-3)
