@@ -70,6 +70,11 @@ struct RowJob {
   int nrows;
   const Segment* segs;
   int nseg;
+  // Rows [r0, r0 + n): the register tiles' share of the job.
+  RowJob slice(int r0, int n) const {
+    return {x, w_row + r0, w_cstride, w_flip, out_row + r0, row_scale ? row_scale + r0 : nullptr,
+            bias ? bias + r0 : nullptr, n, segs, nseg};
+  }
 };
 
 void run_rows(const RowJob& job, const PixelPlan& plan);
@@ -85,6 +90,9 @@ struct WgradJob {
   const float* row_scale;
   int nrows;
   int64_t c0, c1;
+  WgradJob slice(int r0, int n) const {
+    return {x, dy_row + r0, dw_row + r0, row_scale ? row_scale + r0 : nullptr, n, c0, c1};
+  }
 };
 
 void run_wgrad(const WgradJob& job, const PixelPlan& plan);
@@ -116,6 +124,9 @@ struct WgradClJob {
   float* const* acc_row;
   const float* row_scale;
   int nrows;
+  WgradClJob slice(int r0, int n) const {
+    return {xp, dy_row + r0, acc_row + r0, row_scale ? row_scale + r0 : nullptr, n};
+  }
 };
 
 void run_wgrad_cl(const WgradClJob& job, const ClPlan& plan);

@@ -110,12 +110,7 @@ void rows_any(const RowJob& job, const PixelPlan& plan) {
 
 void run_rows(const RowJob& job, const PixelPlan& plan) {
   for (int r0 = 0; r0 < job.nrows; r0 += VT::kTileRows) {
-    RowJob sub = job;
-    sub.w_row += r0;
-    sub.out_row += r0;
-    if (sub.row_scale) sub.row_scale += r0;
-    if (sub.bias) sub.bias += r0;
-    sub.nrows = job.nrows - r0 < VT::kTileRows ? job.nrows - r0 : VT::kTileRows;
+    const RowJob sub = job.slice(r0, job.nrows - r0 < VT::kTileRows ? job.nrows - r0 : VT::kTileRows);
     if (plan.KK == 9) rows_any<9>(sub, plan);
     else if (plan.KK == 1) rows_any<1>(sub, plan);
     else rows_any<0>(sub, plan);
@@ -194,12 +189,8 @@ void run_wgrad(const WgradJob& job, const PixelPlan& plan) {
   constexpr int R = 2;
   const int step = (plan.KK == 9 && VT::kTapRows < R) ? 1 : R;
   for (int r0 = 0; r0 < job.nrows; r0 += step) {
-    WgradJob sub = job;
-    sub.dy_row += r0;
-    sub.dw_row += r0;
-    if (sub.row_scale) sub.row_scale += r0;
-    if (step == R && job.nrows - r0 >= R) wgrad_rows<R>(sub, plan);
-    else wgrad_rows<1>(sub, plan);
+    if (step == R && job.nrows - r0 >= R) wgrad_rows<R>(job.slice(r0, R), plan);
+    else wgrad_rows<1>(job.slice(r0, 1), plan);
   }
 }
 
@@ -245,12 +236,7 @@ void cl_any(const WgradClJob& job, const ClPlan& plan) {
 
 void run_wgrad_cl(const WgradClJob& job, const ClPlan& plan) {
   for (int r0 = 0; r0 < job.nrows; r0 += VT::kClRows) {
-    WgradClJob sub = job;
-    sub.dy_row += r0;
-    sub.acc_row += r0;
-    if (sub.row_scale) sub.row_scale += r0;
-    sub.nrows = job.nrows - r0 < VT::kClRows ? job.nrows - r0 : VT::kClRows;
-    cl_any(sub, plan);
+    cl_any(job.slice(r0, job.nrows - r0 < VT::kClRows ? job.nrows - r0 : VT::kClRows), plan);
   }
 }
 
