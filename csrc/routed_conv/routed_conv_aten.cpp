@@ -325,19 +325,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     TORCH_CHECK(out_.has_value() && out_->defined(),
                 "routed_conv2d_backward: grad_gates needs the forward output");
   const at::Tensor out = (need_g && mode != Mode::In && N > 0) ? out_->detach().contiguous() : at::Tensor();
+  // Gradients not produced below are zeros, allocated only then: the dense path
+  // otherwise paid a memset of x's size it then threw away.
   at::Tensor gx, gw, gb, gg;
   auto finish = [&]() {
+    if (!gx.defined()) gx = at::zeros_like(x);
+    if (!gw.defined()) gw = at::zeros(w.sizes(), acc_opts);
+    if (!gb.defined()) gb = at::zeros({Cout}, acc_opts);
+    if (!gg.defined()) gg = at::zeros({N, G}, acc_opts);
     return std::make_tuple(gx, gw.to(w.scalar_type()), gb.to(w.scalar_type()),
                            gg.to(gates.scalar_type()));
   };
-  if (N > 0 && backward_direct(dout, x, w, gates, bias, out, stride, padding, dilation, groups,
-                               mode, output_mask, exact, gx, gw, gb, gg))
-    return finish();
-  gx = at::zeros_like(x);
-  gw = at::zeros(w.sizes(), acc_opts);
-  gb = at::zeros({Cout}, acc_opts);
-  gg = at::zeros({N, G}, acc_opts);
   if (N == 0) return finish();
+  if (backward_direct(dout, x, w, gates, bias, out, stride, padding, dilation, groups, mode,
+                      output_mask, exact, gx, gw, gb, gg))
+    return finish();
 
   const Plan p = make_plan(gates, x.device());
   const at::Tensor gd = gates.detach().to(x.scalar_type()).contiguous();
@@ -369,6 +371,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     return finish();
   }
 
+  // The compacted paths below add into these.
+  gx = at::zeros_like(x);
+  gw = at::zeros(w.sizes(), acc_opts);
+  gb = at::zeros({Cout}, acc_opts);
+  gg = at::zeros({N, G}, acc_opts);
   const bool need_any = need_x || need_w || need_b;
   if (mode == Mode::Group) {
     const int64_t Cgi = Cin / G, Cgo = Cout / G;
