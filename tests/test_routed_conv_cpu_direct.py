@@ -1,8 +1,8 @@
 """The CPU fp32 direct kernels of routed_conv2d (csrc/routed_conv/routed_conv_cpu_direct*).
 
-They run for stride-1 "same" convolutions in float32 on CPUs with AVX-512 (other
-cases use the ATen path, which test_routed_conv.py covers too).  These shapes aim at
-the kernels' edges: more than 8 rows per job (row tails), pixel counts around the
+They run for stride-1 "same" convolutions in float32 on CPUs with AVX-512 or AVX2
+(other cases use the ATen path, which test_routed_conv.py covers too).  These shapes
+aim at the kernels' edges: more than 12 rows per job (row tails), pixel counts around the
 16/32-lane tiles, tall and wide images (tap masks at the borders), dilation, a 5x5
 kernel (runtime tap count), non-binary gates, samples with every block off.
 """
@@ -11,7 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastmod import _extension
 from fastmod.ops import routed_conv2d, routed_conv2d_reference
+
+pytestmark = pytest.mark.skipif(not _extension.has_op("routed_conv2d"), reason="fastmod._C not built")
 
 SHAPES = [(1, 1), (4, 4), (5, 7), (7, 7), (3, 11), (17, 2), (6, 6), (9, 13)]
 
