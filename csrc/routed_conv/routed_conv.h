@@ -42,9 +42,9 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& weight, const a
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                           Mode mode);
 
-// The backward on the direct kernels (same file, same conditions): fills gx, gw,
-// gb, gg (float32, zeros where not requested) and returns true, or returns false
-// and leaves them alone.
+// The backward on the direct kernels (same file, same conditions): fills the
+// requested ones of gx, gw, gb (float32; the others stay undefined) and gg, and
+// returns true, or returns false and leaves them alone.
 bool backward_direct(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
                      const at::Tensor& gates, const c10::optional<at::Tensor>& bias,
                      const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding,

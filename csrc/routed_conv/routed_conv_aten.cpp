@@ -202,17 +202,14 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& weight, const at::Ten
   const int64_t N = geo.N, G = gates.size(1), Cin = geo.Cin, Cout = geo.Cout;
   const int64_t H = geo.H, W = geo.W, Ho = geo.Ho, Wo = geo.Wo, kh = geo.kh, kw = geo.kw;
   if (N == 0) return at::zeros({N, Cout, Ho, Wo}, x.options());
+  {
+    at::Tensor y = forward_direct(x, w, gates, bias, stride, padding, dilation, groups, mode);
+    if (y.defined()) return y;
+  }
 
   const Plan p = make_plan(gates, x.device());
   const at::Tensor gd = gates.detach().to(x.scalar_type()).contiguous();
 
-  // With every gate on, "group" (few channels per group) and "in" convs still run
-  // faster on the direct kernels than on oneDNN; "out" ones (FRN 3x3) do not
-  // (measured side by side: benchmarks/results/routed_conv_cpu.md, Run 4 notes).
-  if (mode != Mode::Out && p.all_on) {
-    at::Tensor y = forward_direct(x, w, gates, bias, stride, padding, dilation, groups, mode);
-    if (y.defined()) return y;
-  }
   if (p.all_on) {  // nothing to skip: one dense conv, gates applied to the (small) side
     if (mode == Mode::In) {
       at::Tensor xin = p.binary ? x : x * gd.repeat_interleave(Cin / G, 1).view({N, Cin, 1, 1});
@@ -221,10 +218,6 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& weight, const at::Ten
     at::Tensor y = conv(x, w, bias, geo, groups).contiguous();
     if (!p.binary) y.mul_(gd.repeat_interleave(Cout / G, 1).view({N, Cout, 1, 1}));
     return y;
-  }
-  {
-    at::Tensor y = forward_direct(x, w, gates, bias, stride, padding, dilation, groups, mode);
-    if (y.defined()) return y;
   }
 
   if (mode == Mode::Group) {

@@ -201,6 +201,9 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const at::Te
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   const at::Tensor g = gates.detach().to(at::kCPU, at::kFloat).contiguous();
   const float* gp = g.data_ptr<float>();
+  // With every gate on, "out" convs (FRN 3x3) run faster as one dense oneDNN conv;
+  // "group" and "in" ones do not (benchmarks/results/routed_conv_cpu.md, Run 4 notes).
+  if (mode == Mode::Out && std::find(gp, gp + N * G, 0.0f) == gp + N * G) return at::Tensor();
   const float* xp = xc.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();
   const float* bp = (bias.has_value() && bias->defined()) ? bias->data_ptr<float>() : nullptr;
@@ -402,17 +405,15 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
       });
     }
   }
-  if (!need_x) gx = at::zeros_like(x);
+  if (!need_x) gx = at::Tensor();  // computed for grad_gates only
 
   if (need_b) {
     if (mode == Mode::In) gb = dout.sum({0, 2, 3});
     else gb = (dout.sum({2, 3}) * gf.repeat_interleave(Cbo, 1)).sum(0);
-  } else {
-    gb = at::zeros({Cout}, x.options());
   }
 
-  gw = at::zeros({Cout, Cw, kh, kw}, x.options());
   if (need_w) {
+    gw = at::zeros({Cout, Cw, kh, kw}, x.options());
     float* gwp = gw.data_ptr<float>();
     WgradJobs wj;
     if (mode == Mode::Out && KK > 1 && Cin % direct::kChunk == 0) {
