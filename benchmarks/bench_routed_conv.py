@@ -153,8 +153,11 @@ def test_routed_bottleneck(benchmark, stage, impl, rho, pass_):
                 block(x, gates)
     else:
         xr, gr = x.clone().requires_grad_(True), gates.clone().requires_grad_(True)
+        # A dense upstream gradient, as a block inside a network gets (sum().backward()
+        # would hand it a broadcast scalar).
+        dy = torch.randn(N, 2 * width, hw, hw, device=DEVICE)
 
         def run():
-            block(xr, gr).sum().backward()
+            block(xr, gr).backward(dy)
     _time(benchmark, run, {"density": gates.mean().item(), "N": N, "rho": rho, "impl": impl,
                            "group": f"RoutedBottleneck w{width} hw{hw} {pass_}"})

@@ -16,6 +16,7 @@ def test_tour_runs():
     assert scope["gates"].shape == (64, 16, 32)
     assert set(scope["gates"].unique().tolist()) <= {0.0, 1.0}
     assert scope["out"].shape == (8, 256, 28, 28)
+    assert scope["h"].shape == (8, 128, 28, 28) and scope["z"].shape == (8, 256, 28, 28)
 
 
 def test_commands_are_marked_for_ci():

@@ -20,14 +20,7 @@
 #include <tuple>
 #include <type_traits>
 
-#define FM_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define FM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(__x86_64__) && defined(__GNUC__)
-#define FM_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define FM_CLONES
-#endif
+#include "common/cpu_clones.h"
 
 // The selects below only vectorise when FP ops may be assumed not to trap
 // (GCC's default -ftrapping-math blocks if-conversion); results are unchanged.

@@ -13,7 +13,9 @@ import math
 import torch
 from torch import nn
 
+from fastmod.nn._norm_args import batch_norm_args
 from fastmod.nn._switch import KernelSwitch
+from fastmod.ops import fused_norm
 from fastmod.ops.routed_conv import GATE_MODES, ROUTER_GRADS, routed_conv2d
 from fastmod import _checks
 
@@ -99,6 +101,15 @@ class RoutedBottleneck(_RoutedBlock):
     ``forward(x [N, in_ch, H, W], gates [N, cardinality])`` -> [N, out_ch, H/stride, W/stride].
     A branch whose gate is 0 adds nothing to the sum (its 3x3 output is zero and the
     closing conv skips its channels); the kernel path does not compute it at all.
+
+    Where the fused norm kernels run (``fastmod.ops.fused_norm``: CPU, float32), the
+    kernel path also fuses the epilogues: BN + ReLU over the gated-on branches only
+    (``routed_batch_norm_relu``) and GroupNorm + shortcut + ReLU in one pass
+    (``group_norm_add_relu``, ``norm3="gn"``).  The routed BN leaves the off
+    branches' activations at zero instead of relu(BN(0)), which nothing downstream
+    reads except the exact router gradient of off branches, so it is used only when
+    that gradient is not needed: ``router_grad="active"``, or gates that do not
+    require grad, or no autograd.
     """
 
     def __init__(self, in_ch: int, width: int, out_ch: int, cardinality: int, stride: int = 1,
@@ -122,10 +133,23 @@ class RoutedBottleneck(_RoutedBlock):
         self.use_kernels = use_kernels
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x, gates)))
-        y = torch.relu(self.bn2(self.conv2(y, gates)))
-        y = self.bn3(self.conv3(y, gates))
-        return torch.relu(y + self.shortcut(x))
+        fused = self.backend != "reference" and fused_norm.has_kernel(x)
+        exact = self.conv1.router_grad != "active" and gates.requires_grad and torch.is_grad_enabled()
+        routed_bn = fused and not exact
+        y = self._bn_relu(self.bn1, self.conv1(x, gates), gates, routed_bn)
+        y = self._bn_relu(self.bn2, self.conv2(y, gates), gates, routed_bn)
+        y = self.conv3(y, gates)
+        if fused and isinstance(self.bn3, nn.GroupNorm):
+            gn = self.bn3
+            return fused_norm.group_norm_add_relu(y, self.shortcut(x), gn.num_groups, gn.weight, gn.bias,
+                                                  gn.eps)
+        return torch.relu(self.bn3(y) + self.shortcut(x))
+
+    @staticmethod
+    def _bn_relu(bn: nn.BatchNorm2d, y: torch.Tensor, gates: torch.Tensor, routed: bool) -> torch.Tensor:
+        if routed:
+            return fused_norm.routed_batch_norm_relu(y, gates, **batch_norm_args(bn))
+        return torch.relu(bn(y))
 
 
 class RoutedBasicBlock(_RoutedBlock):

@@ -1,0 +1,269 @@
+"""Fused normalisation epilogues of a routed block (RoutedBottleneck's fast path).
+
+In a routed ResNeXt bottleneck the BatchNorm/ReLU after the first two convs and
+the GroupNorm + shortcut + ReLU after the last one are separate full-size passes
+in PyTorch (three to four tensors written per norm, forward and backward).  At low
+gate density they cost more than the routed convolutions themselves.  These ops
+fuse each epilogue into one kernel, and the routed one touches active blocks only.
+
+``routed_batch_norm_relu(x, gates, running_mean, running_var, weight=None,
+bias=None, training=False, momentum=0.1, eps=1e-5, *, backend=None)``
+    ``x`` [N, C, H, W]; ``gates`` [N, G] with G | C (block g = channels
+    [g C/G, (g+1) C/G), the layout of ``routed_conv2d``'s "out"/"group" outputs);
+    ``running_mean``/``running_var`` [C] or None; ``weight``/``bias`` [C] or None.
+    Returns ``mask * relu(F.batch_norm(mask * x, ...))`` with ``mask[n, c] =
+    gates[n, g(c)] != 0``: off blocks are treated as zeros on the way in (they
+    count in the batch statistics as zeros) and come out as zeros; no gradient
+    flows to the gates (the mask is a comparison) or to off blocks of ``x``.
+    Arguments and the running-statistics update (in place, when ``training`` and
+    running statistics are given) follow ``F.batch_norm``.  On a routed conv's
+    output, whose off blocks are zero already, this equals ``relu(batch_norm(x))``
+    except on the off blocks, which the next routed conv never reads; the block's
+    result and every gradient except the exact router gradient of off blocks are
+    unchanged (RoutedBottleneck uses it when that gradient is not asked for).
+``group_norm_add_relu(x, residual, num_groups, weight=None, bias=None, eps=1e-5,
+*, backend=None)``
+    ``relu(F.group_norm(x, num_groups, weight, bias, eps) + residual)``; ``x`` and
+    ``residual`` [N, C, H, W] of one shape; gradients for all four tensors.
+
+dtypes: anything ``F.batch_norm``/``F.group_norm`` takes; output dtype = x's.
+
+Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
+
+* ``"reference"``: the PyTorch expressions above.
+* ``"cpu"`` (``fastmod._C``, csrc/fused_norm/fused_norm_cpu.cpp): float32 tensors
+  (x, residual, weight, bias, running statistics).  One kernel per direction;
+  backward saves x and the per-channel (per-group) statistics, plus the output for
+  ``group_norm_add_relu`` (its ReLU mask).  Other dtypes and CUDA tensors run the
+  reference (no Triton/CUDA kernels for these yet).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastmod import _checks, _extension, backends
+
+_IMPLEMENTED = ("cpu",)
+
+
+# ---- argument checks ---------------------------------------------------------------
+
+def _check_x4d(name: str, x) -> None:
+    _checks.tensor(name, x)
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D [N, C, H, W], got shape {tuple(x.shape)}")
+
+
+def _check_channel_vectors(x: torch.Tensor, **vectors) -> None:
+    C = x.shape[1]
+    for name, v in vectors.items():
+        if v is None:
+            continue
+        _checks.tensor(name, v)
+        if tuple(v.shape) != (C,):
+            raise ValueError(f"{name} must have shape ({C},) for x with {C} channels, got {tuple(v.shape)}")
+    _checks.same_device(x=x, **{k: v for k, v in vectors.items() if v is not None})
+
+
+def _kernel_ok(backend: str | None, op: str, x: torch.Tensor, *tensors) -> bool:
+    """Whether to run the C++ kernel: the backend resolves to "cpu" and every tensor
+    is float32 (the kernel's only dtype); an explicit "cpu" with others raises."""
+    chosen = backends.select(op, backend, x.device, _IMPLEMENTED, cpp_op=op)
+    if chosen != "cpu":
+        return False
+    if all(t is None or t.dtype == torch.float32 for t in (x, *tensors)):
+        return True
+    if backend == "cpu":
+        raise TypeError(f"{op}: backend 'cpu' takes float32 tensors only, got x of dtype {x.dtype}; "
+                        "use backend=None to run the reference for other dtypes")
+    return False
+
+
+def has_kernel(x: torch.Tensor, backend: str | None = None) -> bool:
+    """Whether these ops would run a kernel (not the reference) on tensors like ``x``;
+    modules use it to keep their plain path where fusing would only add masking."""
+    chosen = backends.select("routed_batch_norm_relu", backend, x.device, _IMPLEMENTED,
+                             cpp_op="routed_batch_norm_relu")
+    return chosen == "cpu" and x.dtype == torch.float32
+
+
+# ---- routed_batch_norm_relu -----------------------------------------------------------
+
+def _block_mask(gates: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """gates [N, G] -> 0/1 mask [N, channels, 1, 1] (gate != 0), repeated over each block."""
+    on = (gates != 0).to(dtype)
+    return on.repeat_interleave(channels // gates.shape[1], dim=1)[:, :, None, None]
+
+
+def _check_routed_bn(x, gates, running_mean, running_var, weight, bias, training, momentum, eps):
+    _check_x4d("x", x)
+    _checks.tensor("gates", gates)
+    N, C = x.shape[:2]
+    if gates.dim() != 2 or gates.shape[0] != N or gates.shape[1] < 1 or C % gates.shape[1]:
+        raise ValueError(f"gates must be [N, G] with N = {N} and G dividing the {C} channels of x, "
+                         f"got shape {tuple(gates.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if not training and running_mean is None:
+        raise ValueError("training=False needs running_mean and running_var")
+    _check_channel_vectors(x, running_mean=running_mean, running_var=running_var,
+                           weight=weight, bias=bias)
+    _checks.same_device(x=x, gates=gates)
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
+    return _checks.positive_finite("eps", eps)
+
+
+def routed_batch_norm_relu_reference(x: torch.Tensor, gates: torch.Tensor, running_mean: torch.Tensor | None,
+                                     running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
+                                     bias: torch.Tensor | None = None, training: bool = False,
+                                     momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """Plain PyTorch ``mask * relu(F.batch_norm(mask * x, ...))``; see the module docstring."""
+    eps = _check_routed_bn(x, gates, running_mean, running_var, weight, bias, training, momentum, eps)
+    mask = _block_mask(gates, x.shape[1], x.dtype)
+    y = F.batch_norm(x * mask, running_mean, running_var, weight, bias, training, momentum, eps)
+    return torch.relu(y) * mask
+
+
+def _affine_or_default(x: torch.Tensor, weight, bias):
+    """Missing affine parameters as the constants they stand for (no gradient)."""
+    C = x.shape[1]
+    w = weight if weight is not None else x.new_ones(C)
+    b = bias if bias is not None else x.new_zeros(C)
+    return w, b
+
+
+def routed_batch_norm_relu(x: torch.Tensor, gates: torch.Tensor, running_mean: torch.Tensor | None,
+                           running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
+                           bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
+                           eps: float = 1e-5, *, backend: str | None = None) -> torch.Tensor:
+    """BatchNorm + ReLU over the gated-on blocks only; see the module docstring.
+
+    Shapes: x [N, C, H, W], gates [N, G] (G | C), the rest [C] or None.
+    Raises ValueError/TypeError naming the bad argument.
+    """
+    eps = _check_routed_bn(x, gates, running_mean, running_var, weight, bias, training, momentum, eps)
+    op = "routed_batch_norm_relu"
+    if x.numel() == 0 or not _kernel_ok(backend, op, x, running_mean, running_var, weight, bias):
+        return routed_batch_norm_relu_reference(x, gates, running_mean, running_var, weight, bias,
+                                                training, momentum, eps)
+    if training and x.numel() == x.shape[1]:
+        raise ValueError(f"Expected more than 1 value per channel when training, got x of shape "
+                         f"{tuple(x.shape)}")
+    w, b = _affine_or_default(x, weight, bias)
+    out, mean, var = torch.ops.fastmod.routed_batch_norm_relu(x, gates, w, b, running_mean, running_var,
+                                                              training, eps)
+    if training and running_mean is not None:
+        n = x.numel() // x.shape[1]
+        with torch.no_grad():  # F.batch_norm's update: unbiased variance, lerp by momentum
+            running_mean.lerp_(mean, momentum)
+            running_var.lerp_(var * (n / (n - 1)), momentum)
+    return out
+
+
+def _bn_setup(ctx, inputs, output):
+    x, gates, weight, bias, _rm, _rv, training, eps = inputs
+    _out, mean, var = output
+    ctx.save_for_backward(x, gates, weight, bias, mean, var)
+    ctx.training, ctx.eps = training, eps
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _bn_backward(ctx, grad_out, _grad_mean, _grad_var):
+    x, gates, weight, bias, mean, var = ctx.saved_tensors
+    gx, gw, gb = torch.ops.fastmod.routed_batch_norm_relu_backward(
+        grad_out, x, gates, weight, bias, mean, var, ctx.training, ctx.eps)
+    need = ctx.needs_input_grad
+    return (gx if need[0] else None, None, gw if need[2] else None, gb if need[3] else None,
+            None, None, None, None)
+
+
+# ---- group_norm_add_relu --------------------------------------------------------------
+
+def _check_gn_add_relu(x, residual, num_groups, weight, bias, eps):
+    _check_x4d("x", x)
+    _check_x4d("residual", residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    _checks.same_dtype(x=x, residual=residual)
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
+    if num_groups < 1 or x.shape[1] % num_groups:
+        raise ValueError(f"num_groups={num_groups} must be >= 1 and divide the {x.shape[1]} channels of x")
+    _check_channel_vectors(x, weight=weight, bias=bias)
+    _checks.same_device(x=x, residual=residual)
+    return _checks.positive_finite("eps", eps)
+
+
+def group_norm_add_relu_reference(x: torch.Tensor, residual: torch.Tensor, num_groups: int,
+                                  weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                                  eps: float = 1e-5) -> torch.Tensor:
+    """Plain PyTorch ``relu(F.group_norm(x, num_groups, weight, bias, eps) + residual)``."""
+    eps = _check_gn_add_relu(x, residual, num_groups, weight, bias, eps)
+    return torch.relu(F.group_norm(x, num_groups, weight, bias, eps) + residual)
+
+
+def group_norm_add_relu(x: torch.Tensor, residual: torch.Tensor, num_groups: int,
+                        weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                        eps: float = 1e-5, *, backend: str | None = None) -> torch.Tensor:
+    """GroupNorm, + residual, ReLU in one pass; see the module docstring.
+
+    Shapes: x, residual [N, C, H, W]; weight, bias [C] or None; num_groups | C.
+    Raises ValueError/TypeError naming the bad argument.
+    """
+    eps = _check_gn_add_relu(x, residual, num_groups, weight, bias, eps)
+    op = "group_norm_add_relu"
+    if x.numel() == 0 or not _kernel_ok(backend, op, x, residual, weight, bias):
+        return group_norm_add_relu_reference(x, residual, num_groups, weight, bias, eps)
+    w, b = _affine_or_default(x, weight, bias)
+    return torch.ops.fastmod.group_norm_add_relu(x, residual, w, b, num_groups, eps)[0]
+
+
+def _gn_setup(ctx, inputs, output):
+    x, _residual, weight, _bias, num_groups, _eps = inputs
+    out, mean, rstd = output
+    ctx.save_for_backward(out, x, weight, mean, rstd)
+    ctx.num_groups = num_groups
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _gn_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    out, x, weight, mean, rstd = ctx.saved_tensors
+    gx, gr, gw, gb = torch.ops.fastmod.group_norm_add_relu_backward(
+        grad_out, out, x, weight, mean, rstd, ctx.num_groups)
+    need = ctx.needs_input_grad
+    return (gx if need[0] else None, gr if need[1] else None, gw if need[2] else None,
+            gb if need[3] else None, None, None)
+
+
+# ---- registration ------------------------------------------------------------------------
+
+if _extension.has_op("routed_batch_norm_relu"):
+
+    @torch.library.register_fake("fastmod::routed_batch_norm_relu")
+    def _bn_fake(x, gates, weight, bias, running_mean, running_var, training, eps):
+        C = x.shape[1]
+        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(C), x.new_empty(C)
+
+    @torch.library.register_fake("fastmod::routed_batch_norm_relu_backward")
+    def _bn_bwd_fake(grad_out, x, gates, weight, bias, mean, var, training, eps):
+        C = x.shape[1]
+        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(C), x.new_empty(C)
+
+    @torch.library.register_fake("fastmod::group_norm_add_relu")
+    def _gn_fake(x, residual, weight, bias, num_groups, eps):
+        N = x.shape[0]
+        return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(N, num_groups),
+                x.new_empty(N, num_groups))
+
+    @torch.library.register_fake("fastmod::group_norm_add_relu_backward")
+    def _gn_bwd_fake(grad_out, out, x, weight, mean, rstd, num_groups):
+        C = x.shape[1]
+        full = torch.empty_like(x, memory_format=torch.contiguous_format)
+        return full, torch.empty_like(full), x.new_empty(C), x.new_empty(C)
+
+    torch.library.register_autograd("fastmod::routed_batch_norm_relu", _bn_backward, setup_context=_bn_setup)
+    torch.library.register_autograd("fastmod::group_norm_add_relu", _gn_backward, setup_context=_gn_setup)
