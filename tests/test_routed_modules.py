@@ -160,3 +160,19 @@ def test_bottleneck_exact_router_grad_keeps_plain_bn(monkeypatch):
     with torch.no_grad():  # no autograd: the routed BN is fine again
         monkeypatch.undo()
         block(x, g)
+
+
+@needs_ext
+def test_bottleneck_compiles_fullgraph():
+    """The fused-norm kernel path (running-stat updates included) traces with no graph break."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = RoutedBottleneck(32, 16, 32, cardinality=4, router_grad="active")
+    ref = copy.deepcopy(block)
+    x, g = torch.randn(4, 32, 8, 8), gates_for(4, 4)
+    xs = x.clone().requires_grad_(True)
+    y = torch.compile(block, fullgraph=True)(xs, g)
+    y.sum().backward()
+    torch.testing.assert_close(y.detach(), ref(x, g), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block.bn1.running_var, ref.bn1.running_var)
+    assert xs.grad is not None and block.bn1.weight.grad is not None
