@@ -170,6 +170,50 @@ def test_gn_add_relu_noncontiguous_and_zero_batch():
     assert group_norm_add_relu(e, e, 4).shape == e.shape
 
 
+# ---- inplace=True (inference) ------------------------------------------------------------
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_inplace_matches_out_of_place(backend, layout):
+    gen = torch.Generator().manual_seed(6)
+    gates = _gates(4, 4, "random", gen)
+    x = _masked_input(4, 8, 5, 6, gates, gen)
+    r = torch.randn(4, 8, 5, 6, generator=gen)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    rm, rv = torch.randn(8, generator=gen) * 0.1, torch.rand(8, generator=gen) + 0.5
+    for training in (True, False):
+        stats = [(rm.clone(), rv.clone()) for _ in range(2)]
+        want = routed_batch_norm_relu(x, gates, *stats[0], training=training, backend=backend)
+        xi = x.clone()
+        got = routed_batch_norm_relu(xi, gates, *stats[1], training=training, inplace=True, backend=backend)
+        assert got is xi
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(stats[1], stats[0], rtol=0, atol=0)
+    want = group_norm_add_relu(x, r, 4, backend=backend)
+    xi = x.clone()
+    got = group_norm_add_relu(xi, r, 4, inplace=True, backend=backend)
+    assert got is xi
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_ext
+def test_inplace_refuses_tensors_autograd_needs():
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    g = torch.ones(2, 2)
+    with pytest.raises(ValueError, match="inplace"):
+        routed_batch_norm_relu(x, g, None, None, training=True, inplace=True)
+    with pytest.raises(ValueError, match="inplace"):
+        group_norm_add_relu(x, x.detach(), 2, inplace=True)
+    with pytest.raises(ValueError, match="inplace"):
+        group_norm_add_relu(x.detach().clone(), x.detach(), 2, torch.ones(4, requires_grad=True), inplace=True)
+    with pytest.raises(TypeError, match="inplace"):
+        group_norm_add_relu(x.detach(), x.detach(), 2, inplace=1)
+    with torch.no_grad():  # fine without autograd
+        group_norm_add_relu(x.detach().clone(), x.detach(), 2, inplace=True)
+
+
 # ---- registration, compile, bad input ---------------------------------------------------
 
 @needs_ext
@@ -184,6 +228,10 @@ def test_opcheck():
                               (x, gates, w, b, rm, rv, training, 1e-5))
     r = torch.randn(3, 4, 5, 5, generator=gen).requires_grad_(True)
     torch.library.opcheck(torch.ops.fastmod.group_norm_add_relu.default, (x, r, w, b, 2, 1e-5))
+    xd, rd, wd, bd = (t.detach() for t in (x, r, w, b))
+    torch.library.opcheck(torch.ops.fastmod.routed_batch_norm_relu_.default,
+                          (xd.clone(), gates, wd, bd, rm, rv, False, 1e-5))
+    torch.library.opcheck(torch.ops.fastmod.group_norm_add_relu_.default, (xd.clone(), rd, wd, bd, 2, 1e-5))
 
 
 @needs_ext

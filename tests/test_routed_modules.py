@@ -176,3 +176,21 @@ def test_bottleneck_compiles_fullgraph():
     torch.testing.assert_close(y.detach(), ref(x, g), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(block.bn1.running_var, ref.bn1.running_var)
     assert xs.grad is not None and block.bn1.weight.grad is not None
+
+
+@needs_ext
+@pytest.mark.parametrize("train", [True, False])
+def test_bottleneck_no_grad_in_place_epilogues(train):
+    """Under no_grad the fused epilogues overwrite the conv outputs: same result."""
+    torch.manual_seed(2)
+    block = RoutedBottleneck(32, 16, 32, cardinality=4).train(train)
+    ref = copy.deepcopy(block)
+    ref.use_kernels = False
+    x, g = torch.randn(4, 32, 8, 8), gates_for(4, 4)
+    x0 = x.clone()
+    with torch.no_grad():
+        y, yr = block(x, g), ref(x, g)
+    torch.testing.assert_close(y, yr, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x, x0, rtol=0, atol=0)  # the block's input is untouched
+    for (k, b), br in zip(block.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, br, atol=1e-5, rtol=1e-5, msg=lambda m: f"{k}: {m}")

@@ -16,6 +16,13 @@ TORCH_LIBRARY_FRAGMENT(fastmod, m) {
   m.def(
       "group_norm_add_relu(Tensor x, Tensor residual, Tensor weight, Tensor bias, int num_groups, "
       "float eps) -> (Tensor, Tensor, Tensor)");
+  // In place on x (contiguous float32), for inference: -> (mean, var) / (mean, rstd).
+  m.def(
+      "routed_batch_norm_relu_(Tensor(a!) x, Tensor gates, Tensor weight, Tensor bias, "
+      "Tensor? running_mean, Tensor? running_var, bool training, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "group_norm_add_relu_(Tensor(a!) x, Tensor residual, Tensor weight, Tensor bias, int num_groups, "
+      "float eps) -> (Tensor, Tensor)");
   // -> (grad_x, grad_residual, grad_weight, grad_bias)
   m.def(
       "group_norm_add_relu_backward(Tensor grad_out, Tensor out, Tensor x, Tensor weight, Tensor mean, "

@@ -12,6 +12,7 @@
 // float32 only (other dtypes take the PyTorch reference); inputs are made
 // contiguous NCHW.  Statistics are accumulated in double across rows.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -56,7 +57,8 @@ FM_CLONES float row_sq_dev(const float* __restrict x, int64_t n, float mean) {
 }
 
 // y = relu(x * a + b [+ r]).  `v < 0 ? 0 : v` keeps NaN, as torch.relu does.
-FM_CLONES void row_affine_relu(const float* __restrict x, const float* __restrict r, float* __restrict y,
+// y may be x (the in-place ops): no __restrict on them.
+FM_CLONES void row_affine_relu(const float* x, const float* __restrict r, float* y,
                                int64_t n, float a, float b) {
   if (r) {
 #pragma omp simd
@@ -163,16 +165,16 @@ RoutedLayout routed_layout(const Tensor& x, const Tensor& gates) {
   return l;
 }
 
-std::tuple<Tensor, Tensor, Tensor> routed_bn_relu_forward(const Tensor& x_, const Tensor& gates,
-                                                          const Tensor& weight, const Tensor& bias,
-                                                          const std::optional<Tensor>& running_mean,
-                                                          const std::optional<Tensor>& running_var,
-                                                          bool training, double eps) {
-  const RoutedLayout l = routed_layout(x_, gates);
+// Writes `out` (contiguous, x's shape; may be x itself: each channel's statistics are
+// taken before its rows are written); returns (mean, var).
+std::tuple<Tensor, Tensor> routed_bn_relu_into(const Tensor& x, const Tensor& gates, const Tensor& weight,
+                                               const Tensor& bias, const std::optional<Tensor>& running_mean,
+                                               const std::optional<Tensor>& running_var, bool training,
+                                               double eps, Tensor& out) {
+  const RoutedLayout l = routed_layout(x, gates);
   check_vec(weight, l.C, "weight");
   check_vec(bias, l.C, "bias");
-  const Tensor x = x_.contiguous();
-  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && out.sizes() == x.sizes(), "x and out must be contiguous");
   Tensor mean = at::empty({l.C}, x.options().dtype(at::kFloat));
   Tensor var = at::empty({l.C}, x.options().dtype(at::kFloat));
   const double count = static_cast<double>(l.N) * l.HW;
@@ -184,7 +186,7 @@ std::tuple<Tensor, Tensor, Tensor> routed_bn_relu_forward(const Tensor& x_, cons
     mean.copy_(*running_mean);
     var.copy_(*running_var);
   }
-  if (x.numel() == 0) return {out, mean, var};
+  if (x.numel() == 0) return {mean, var};
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   float* mp = mean.data_ptr<float>();
@@ -222,7 +224,26 @@ std::tuple<Tensor, Tensor, Tensor> routed_bn_relu_forward(const Tensor& x_, cons
       }
     }
   });
+  return {mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> routed_bn_relu_forward(const Tensor& x_, const Tensor& gates,
+                                                          const Tensor& weight, const Tensor& bias,
+                                                          const std::optional<Tensor>& running_mean,
+                                                          const std::optional<Tensor>& running_var,
+                                                          bool training, double eps) {
+  const Tensor x = x_.contiguous();
+  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto [mean, var] = routed_bn_relu_into(x, gates, weight, bias, running_mean, running_var, training, eps, out);
   return {out, mean, var};
+}
+
+// In place (inference: no allocation, no first-touch page faults for the output).
+std::tuple<Tensor, Tensor> routed_bn_relu_inplace(Tensor& x, const Tensor& gates, const Tensor& weight,
+                                                  const Tensor& bias, const std::optional<Tensor>& running_mean,
+                                                  const std::optional<Tensor>& running_var, bool training,
+                                                  double eps) {
+  return routed_bn_relu_into(x, gates, weight, bias, running_mean, running_var, training, eps, x);
 }
 
 std::tuple<Tensor, Tensor, Tensor> routed_bn_relu_backward(const Tensor& grad_out, const Tensor& x_,
@@ -298,20 +319,20 @@ GroupLayout group_layout(const Tensor& x, int64_t num_groups) {
   return {x.size(0), x.size(1), x.size(2) * x.size(3), num_groups, x.size(1) / num_groups};
 }
 
-std::tuple<Tensor, Tensor, Tensor> gn_add_relu_forward(const Tensor& x_, const Tensor& residual_,
-                                                       const Tensor& weight, const Tensor& bias,
-                                                       int64_t num_groups, double eps) {
-  const GroupLayout l = group_layout(x_, num_groups);
+// Writes `out` (contiguous, x's shape; may be x itself: a block's statistics are taken
+// before it is written); returns (mean, rstd).
+std::tuple<Tensor, Tensor> gn_add_relu_into(const Tensor& x, const Tensor& residual_, const Tensor& weight,
+                                            const Tensor& bias, int64_t num_groups, double eps, Tensor& out) {
+  const GroupLayout l = group_layout(x, num_groups);
   check_float4d(residual_, "residual");
-  TORCH_CHECK(residual_.sizes() == x_.sizes(), "residual must have x's shape");
+  TORCH_CHECK(residual_.sizes() == x.sizes(), "residual must have x's shape");
   check_vec(weight, l.C, "weight");
   check_vec(bias, l.C, "bias");
-  const Tensor x = x_.contiguous();
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && out.sizes() == x.sizes(), "x and out must be contiguous");
   const Tensor r = residual_.contiguous();
-  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
   Tensor mean = at::empty({l.N, l.G}, x.options());
   Tensor rstd = at::empty({l.N, l.G}, x.options());
-  if (x.numel() == 0) return {out, mean, rstd};
+  if (x.numel() == 0) return {mean, rstd};
   const float* xp = x.data_ptr<float>();
   const float* rp = r.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -341,7 +362,22 @@ std::tuple<Tensor, Tensor, Tensor> gn_add_relu_forward(const Tensor& x_, const T
       }
     }
   });
+  return {mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gn_add_relu_forward(const Tensor& x_, const Tensor& residual,
+                                                       const Tensor& weight, const Tensor& bias,
+                                                       int64_t num_groups, double eps) {
+  const Tensor x = x_.contiguous();
+  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto [mean, rstd] = gn_add_relu_into(x, residual, weight, bias, num_groups, eps, out);
   return {out, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor> gn_add_relu_inplace(Tensor& x, const Tensor& residual, const Tensor& weight,
+                                               const Tensor& bias, int64_t num_groups, double eps) {
+  at::assert_no_overlap(x, residual);  // residual is read after x's blocks are written
+  return gn_add_relu_into(x, residual, weight, bias, num_groups, eps, x);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gn_add_relu_backward(const Tensor& grad_out, const Tensor& out_,
@@ -421,6 +457,8 @@ TORCH_LIBRARY_IMPL(fastmod, CPU, m) {
   m.impl("routed_batch_norm_relu_backward", &routed_bn_relu_backward);
   m.impl("group_norm_add_relu", &gn_add_relu_forward);
   m.impl("group_norm_add_relu_backward", &gn_add_relu_backward);
+  m.impl("routed_batch_norm_relu_", &routed_bn_relu_inplace);
+  m.impl("group_norm_add_relu_", &gn_add_relu_inplace);
 }
 
 }  // namespace fastmod::fused_norm

@@ -134,21 +134,24 @@ class RoutedBottleneck(_RoutedBlock):
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         fused = self.backend != "reference" and fused_norm.has_kernel(x)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, *self.parameters()))
         exact = self.conv1.router_grad != "active" and gates.requires_grad and torch.is_grad_enabled()
         routed_bn = fused and not exact
-        y = self._bn_relu(self.bn1, self.conv1(x, gates), gates, routed_bn)
-        y = self._bn_relu(self.bn2, self.conv2(y, gates), gates, routed_bn)
+        # Without autograd the epilogues overwrite the conv outputs (fresh temporaries).
+        y = self._bn_relu(self.bn1, self.conv1(x, gates), gates, routed_bn, not grad)
+        y = self._bn_relu(self.bn2, self.conv2(y, gates), gates, routed_bn, not grad)
         y = self.conv3(y, gates)
         if fused and isinstance(self.bn3, nn.GroupNorm):
             gn = self.bn3
             return fused_norm.group_norm_add_relu(y, self.shortcut(x), gn.num_groups, gn.weight, gn.bias,
-                                                  gn.eps)
+                                                  gn.eps, inplace=not grad)
         return torch.relu(self.bn3(y) + self.shortcut(x))
 
     @staticmethod
-    def _bn_relu(bn: nn.BatchNorm2d, y: torch.Tensor, gates: torch.Tensor, routed: bool) -> torch.Tensor:
+    def _bn_relu(bn: nn.BatchNorm2d, y: torch.Tensor, gates: torch.Tensor, routed: bool,
+                 inplace: bool) -> torch.Tensor:
         if routed:
-            return fused_norm.routed_batch_norm_relu(y, gates, **batch_norm_args(bn))
+            return fused_norm.routed_batch_norm_relu(y, gates, **batch_norm_args(bn), inplace=inplace)
         return torch.relu(bn(y))
 
 

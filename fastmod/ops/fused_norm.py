@@ -26,6 +26,11 @@ bias=None, training=False, momentum=0.1, eps=1e-5, *, backend=None)``
     ``relu(F.group_norm(x, num_groups, weight, bias, eps) + residual)``; ``x`` and
     ``residual`` [N, C, H, W] of one shape; gradients for all four tensors.
 
+Both take ``inplace=True`` for inference: the result overwrites ``x`` (returned),
+which saves allocating the output (on CPU, its first-touch page faults cost about
+as much as the kernel).  Not allowed while autograd would need ``x`` (grad mode on
+and x, weight or bias requiring grad): ValueError.
+
 dtypes: anything ``F.batch_norm``/``F.group_norm`` takes; output dtype = x's.
 
 Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
@@ -64,6 +69,19 @@ def _check_channel_vectors(x: torch.Tensor, **vectors) -> None:
         if tuple(v.shape) != (C,):
             raise ValueError(f"{name} must have shape ({C},) for x with {C} channels, got {tuple(v.shape)}")
     _checks.same_device(x=x, **{k: v for k, v in vectors.items() if v is not None})
+
+
+def _check_inplace(inplace, *tensors) -> bool:
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if inplace and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError("inplace=True overwrites x, which autograd needs here (grad mode is on and x, "
+                         "weight or bias requires grad); use inplace=False, or torch.no_grad()")
+    return inplace
+
+
+def _into(x: torch.Tensor, result: torch.Tensor, inplace: bool) -> torch.Tensor:
+    return x.copy_(result) if inplace else result
 
 
 def _kernel_ok(backend: str | None, op: str, x: torch.Tensor, *tensors) -> bool:
@@ -120,12 +138,14 @@ def _check_routed_bn(x, gates, running_mean, running_var, weight, bias, training
 def routed_batch_norm_relu_reference(x: torch.Tensor, gates: torch.Tensor, running_mean: torch.Tensor | None,
                                      running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
                                      bias: torch.Tensor | None = None, training: bool = False,
-                                     momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+                                     momentum: float = 0.1, eps: float = 1e-5, *, inplace: bool = False
+                                     ) -> torch.Tensor:
     """Plain PyTorch ``mask * relu(F.batch_norm(mask * x, ...))``; see the module docstring."""
     eps = _check_routed_bn(x, gates, running_mean, running_var, weight, bias, training, momentum, eps)
+    inplace = _check_inplace(inplace, x, weight, bias)
     mask = _block_mask(gates, x.shape[1], x.dtype)
     y = F.batch_norm(x * mask, running_mean, running_var, weight, bias, training, momentum, eps)
-    return torch.relu(y) * mask
+    return _into(x, torch.relu(y) * mask, inplace)
 
 
 def _affine_or_default(x: torch.Tensor, weight, bias):
@@ -139,23 +159,31 @@ def _affine_or_default(x: torch.Tensor, weight, bias):
 def routed_batch_norm_relu(x: torch.Tensor, gates: torch.Tensor, running_mean: torch.Tensor | None,
                            running_var: torch.Tensor | None, weight: torch.Tensor | None = None,
                            bias: torch.Tensor | None = None, training: bool = False, momentum: float = 0.1,
-                           eps: float = 1e-5, *, backend: str | None = None) -> torch.Tensor:
+                           eps: float = 1e-5, *, inplace: bool = False, backend: str | None = None
+                           ) -> torch.Tensor:
     """BatchNorm + ReLU over the gated-on blocks only; see the module docstring.
 
     Shapes: x [N, C, H, W], gates [N, G] (G | C), the rest [C] or None.
     Raises ValueError/TypeError naming the bad argument.
     """
     eps = _check_routed_bn(x, gates, running_mean, running_var, weight, bias, training, momentum, eps)
+    inplace = _check_inplace(inplace, x, weight, bias)
     op = "routed_batch_norm_relu"
     if x.numel() == 0 or not _kernel_ok(backend, op, x, running_mean, running_var, weight, bias):
         return routed_batch_norm_relu_reference(x, gates, running_mean, running_var, weight, bias,
-                                                training, momentum, eps)
+                                                training, momentum, eps, inplace=inplace)
     if training and x.numel() == x.shape[1]:
         raise ValueError(f"Expected more than 1 value per channel when training, got x of shape "
                          f"{tuple(x.shape)}")
     w, b = _affine_or_default(x, weight, bias)
-    out, mean, var = torch.ops.fastmod.routed_batch_norm_relu(x, gates, w, b, running_mean, running_var,
+    if inplace and x.is_contiguous():
+        out = x
+        mean, var = torch.ops.fastmod.routed_batch_norm_relu_(x, gates, w, b, running_mean, running_var,
                                                               training, eps)
+    else:
+        out, mean, var = torch.ops.fastmod.routed_batch_norm_relu(x, gates, w, b, running_mean, running_var,
+                                                                  training, eps)
+        out = _into(x, out, inplace)
     if training and running_mean is not None:
         n = x.numel() // x.shape[1]
         with torch.no_grad():  # F.batch_norm's update: unbiased variance, lerp by momentum
@@ -200,26 +228,31 @@ def _check_gn_add_relu(x, residual, num_groups, weight, bias, eps):
 
 def group_norm_add_relu_reference(x: torch.Tensor, residual: torch.Tensor, num_groups: int,
                                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                                  eps: float = 1e-5) -> torch.Tensor:
+                                  eps: float = 1e-5, *, inplace: bool = False) -> torch.Tensor:
     """Plain PyTorch ``relu(F.group_norm(x, num_groups, weight, bias, eps) + residual)``."""
     eps = _check_gn_add_relu(x, residual, num_groups, weight, bias, eps)
-    return torch.relu(F.group_norm(x, num_groups, weight, bias, eps) + residual)
+    inplace = _check_inplace(inplace, x, weight, bias)
+    return _into(x, torch.relu(F.group_norm(x, num_groups, weight, bias, eps) + residual), inplace)
 
 
 def group_norm_add_relu(x: torch.Tensor, residual: torch.Tensor, num_groups: int,
                         weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                        eps: float = 1e-5, *, backend: str | None = None) -> torch.Tensor:
+                        eps: float = 1e-5, *, inplace: bool = False, backend: str | None = None) -> torch.Tensor:
     """GroupNorm, + residual, ReLU in one pass; see the module docstring.
 
     Shapes: x, residual [N, C, H, W]; weight, bias [C] or None; num_groups | C.
     Raises ValueError/TypeError naming the bad argument.
     """
     eps = _check_gn_add_relu(x, residual, num_groups, weight, bias, eps)
+    inplace = _check_inplace(inplace, x, weight, bias)
     op = "group_norm_add_relu"
     if x.numel() == 0 or not _kernel_ok(backend, op, x, residual, weight, bias):
-        return group_norm_add_relu_reference(x, residual, num_groups, weight, bias, eps)
+        return group_norm_add_relu_reference(x, residual, num_groups, weight, bias, eps, inplace=inplace)
     w, b = _affine_or_default(x, weight, bias)
-    return torch.ops.fastmod.group_norm_add_relu(x, residual, w, b, num_groups, eps)[0]
+    if inplace and x.is_contiguous() and residual is not x:
+        torch.ops.fastmod.group_norm_add_relu_(x, residual, w, b, num_groups, eps)
+        return x
+    return _into(x, torch.ops.fastmod.group_norm_add_relu(x, residual, w, b, num_groups, eps)[0], inplace)
 
 
 def _gn_setup(ctx, inputs, output):
@@ -264,6 +297,14 @@ if _extension.has_op("routed_batch_norm_relu"):
         C = x.shape[1]
         full = torch.empty_like(x, memory_format=torch.contiguous_format)
         return full, torch.empty_like(full), x.new_empty(C), x.new_empty(C)
+
+    @torch.library.register_fake("fastmod::routed_batch_norm_relu_")
+    def _bn_inplace_fake(x, gates, weight, bias, running_mean, running_var, training, eps):
+        return x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+
+    @torch.library.register_fake("fastmod::group_norm_add_relu_")
+    def _gn_inplace_fake(x, residual, weight, bias, num_groups, eps):
+        return x.new_empty(x.shape[0], num_groups), x.new_empty(x.shape[0], num_groups)
 
     torch.library.register_autograd("fastmod::routed_batch_norm_relu", _bn_backward, setup_context=_bn_setup)
     torch.library.register_autograd("fastmod::group_norm_add_relu", _gn_backward, setup_context=_gn_setup)
