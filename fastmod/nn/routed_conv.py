@@ -145,14 +145,15 @@ class RoutedBottleneck(_RoutedBlock):
             gn = self.bn3
             return fused_norm.group_norm_add_relu(y, self.shortcut(x), gn.num_groups, gn.weight, gn.bias,
                                                   gn.eps, inplace=not grad)
-        return torch.relu(self.bn3(y) + self.shortcut(x))
+        return torch.relu_(self.bn3(y) + self.shortcut(x))
 
     @staticmethod
     def _bn_relu(bn: nn.BatchNorm2d, y: torch.Tensor, gates: torch.Tensor, routed: bool,
                  inplace: bool) -> torch.Tensor:
         if routed:
             return fused_norm.routed_batch_norm_relu(y, gates, **batch_norm_args(bn), inplace=inplace)
-        return torch.relu(bn(y))
+        # ReLUs in place, as torchvision's blocks do (BN's backward does not need its output).
+        return torch.relu_(bn(y))
 
 
 class RoutedBasicBlock(_RoutedBlock):
@@ -174,6 +175,6 @@ class RoutedBasicBlock(_RoutedBlock):
         self.use_kernels = use_kernels
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu_(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y, gates))
-        return torch.relu(y + self.shortcut(x))
+        return torch.relu_(y + self.shortcut(x))
