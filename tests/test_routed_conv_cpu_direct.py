@@ -167,3 +167,31 @@ def test_hypothesis_direct_shapes(mode, n, blocks, per_in, per_out, h, w, k, dil
         results.append((y,) + torch.autograd.grad(y, leaves, dy.to(dt)))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=3e-3)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("kind", ["binary", "runs"])
+def test_in_mode_weight_gradient_channel_lists(k, kind):
+    # "in" grad_weight: buckets of 16 output rows (40 rows: three buckets, one partial),
+    # one job per sample over its scattered active channels (4-channel blocks: the half
+    # tile), split where the gate value changes ("runs": equal values across off blocks
+    # merge, different ones split).
+    gen = torch.Generator().manual_seed(k)
+    n, blocks, per_in, cout = 3, 8, 4, 40
+    x = torch.randn(n, blocks * per_in, 6, 7, generator=gen)
+    wt = torch.randn(cout, blocks * per_in, k, k, generator=gen)
+    if kind == "binary":
+        g = (torch.rand(n, blocks, generator=gen) < 0.5).float()
+    else:
+        g = torch.tensor([[0.5, 0.5, 0.0, 0.5, 1.0, 1.0, 0.0, 0.25],
+                          [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0],
+                          [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]])
+    dy = torch.randn(n, cout, 6, 7, generator=gen)
+    kw = dict(padding=k // 2, gate_on="in")
+    grads = []
+    for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")),
+                          (routed_conv2d_reference, torch.float64, {})):
+        wl = wt.to(dt).requires_grad_()
+        y = fn(x.to(dt), wl, g.to(dt), **kw, **extra)
+        grads.append(torch.autograd.grad(y, wl, dy.to(dt))[0])
+    torch.testing.assert_close(grads[0], grads[1].float(), rtol=1e-4, atol=1e-3)

@@ -79,7 +79,8 @@ struct RowJob {
 
 void run_rows(const RowJob& job, const PixelPlan& plan);
 
-// Weight gradient of one sample's rows over the channels [c0, c1):
+// Weight gradient of one sample's rows over the channels c = k for k in [c0, c1), or
+// c = chan[k] when chan is set (the scattered active channels of a gated-input conv):
 //   dw_row[i][c*KK + t] += row_scale[i] * sum_p dy_row[i][p] * x[c*L + p + tap_offset[t]]
 // (padding = 0).  row_scale may be null (1).  Jobs that add into the same dw rows
 // and channels must not run concurrently.
@@ -90,8 +91,10 @@ struct WgradJob {
   const float* row_scale;
   int nrows;
   int64_t c0, c1;
+  const int64_t* chan = nullptr;
+  int64_t channel(int64_t k) const { return chan ? chan[k] : k; }
   WgradJob slice(int r0, int n) const {
-    return {x, dy_row + r0, dw_row + r0, row_scale ? row_scale + r0 : nullptr, n, c0, c1};
+    return {x, dy_row + r0, dw_row + r0, row_scale ? row_scale + r0 : nullptr, n, c0, c1, chan};
   }
 };
 

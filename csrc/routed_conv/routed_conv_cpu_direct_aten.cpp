@@ -80,17 +80,20 @@ struct WgradJobs {
   std::vector<const float*> x, dy_row;
   std::vector<float*> dw_row;
   std::vector<float> scale;
+  std::vector<int64_t> chans;  // channel lists (direct::WgradJob::chan), by offset
   struct Job {
     int64_t x_idx, row0, c0, c1;
     int nrows;
+    int64_t chan0;  // offset of the job's channel list in chans, or -1 (channels c0 ... c1)
   };
   std::vector<std::vector<Job>> buckets;
 
-  // Rows [r0, r1) of the flat arrays, channels [c0, c1), into the last bucket.
-  void add(const float* xp, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  // Rows [r0, r1) of the flat arrays, channels [c0, c1) (or chans[chan0 + c0 ...
+  // chan0 + c1) when chan0 >= 0), into the last bucket.
+  void add(const float* xp, int64_t r0, int64_t r1, int64_t c0, int64_t c1, int64_t chan0 = -1) {
     x.push_back(xp);
     for (int64_t r = r0; r < r1; r += 2)
-      buckets.back().push_back({(int64_t)x.size() - 1, r, c0, c1, (int)std::min<int64_t>(2, r1 - r)});
+      buckets.back().push_back({(int64_t)x.size() - 1, r, c0, c1, (int)std::min<int64_t>(2, r1 - r), chan0});
   }
   void row(const float* dy, float* dw, float s) {
     dy_row.push_back(dy);
@@ -104,7 +107,8 @@ struct WgradJobs {
       for (int64_t b = b0; b < b1; ++b)
         for (const Job& jb : buckets[b]) {
           direct::WgradJob wj{x[jb.x_idx], dy_row.data() + jb.row0, dw_row.data() + jb.row0,
-                              scaled ? scale.data() + jb.row0 : nullptr, jb.nrows, jb.c0, jb.c1};
+                              scaled ? scale.data() + jb.row0 : nullptr, jb.nrows, jb.c0, jb.c1,
+                              jb.chan0 >= 0 ? chans.data() + jb.chan0 : nullptr};
           direct::run_wgrad(wj, plan);
         }
     });
@@ -333,15 +337,22 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
     } else {  // "group"/"in": the input channels of active blocks, gate as row scale
       const bool grp = mode == Mode::Group;
       jobs.segs.push_back({0, grp ? Cbo : Cout, 1.0f});
-      for (int64_t n = 0; n < N; ++n)
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t sample_r0 = jobs.rows();
         for (int64_t b = 0; b < G; ++b) {
           const float gv = gp[n * G + b];
           if (gv == 0.0f) continue;
           const int64_t r0 = jobs.rows();
           for (int64_t c = b * Cbi; c < (b + 1) * Cbi; ++c)
             jobs.row(wt_row(c), gxp + (n * Cin + c) * L, gv, 0.0f);
-          jobs.add(dyp + (n * Cout + (grp ? b * Cbo : 0)) * L, r0, jobs.rows(), 0, 1, !binary, false);
+          // "group": a block reads its own grad_out channels, one job per block.
+          if (grp) jobs.add(dyp + (n * Cout + b * Cbo) * L, r0, jobs.rows(), 0, 1, !binary, false);
         }
+        // "in": every block reads all of grad_out, so the sample's active rows fill whole
+        // kRows jobs (ResNeXt's 4-channel blocks alone would run 4-row tiles).
+        if (!grp && jobs.rows() > sample_r0)
+          jobs.add(dyp + n * Cout * L, sample_r0, jobs.rows(), 0, 1, !binary, false);
+      }
       zero_blocks(gxp, off_blocks, Cbi * L);
     }
     jobs.run(plan);
@@ -433,18 +444,47 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
           if (wj.rows() > r0) wj.add(xp + n * Cin * L, r0, wj.rows(), c0, std::min(Cin, c0 + chunk));
         }
       }
-    } else {  // buckets: gate blocks
-      const bool grp = mode == Mode::Group;
+    } else if (mode == Mode::In) {
+      // Buckets: ranges of output rows (each owns those rows of gw).  A job covers a
+      // sample's active input channels as one list, whatever their blocks (a block
+      // alone is as narrow as 4 channels in ResNeXt), split only where the gate value
+      // changes, since it scales the job's rows.
+      const int64_t rows_per_bucket = 16;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t b = 0; b < G; ++b)
+          if (gp[n * G + b] != 0.0f)
+            for (int64_t c = b * Cbi; c < (b + 1) * Cbi; ++c) wj.chans.push_back(c);
+      for (int64_t ra = 0; ra < Cout; ra += rows_per_bucket) {
+        const int64_t rb = std::min(Cout, ra + rows_per_bucket);
+        wj.buckets.emplace_back();
+        int64_t k = 0;  // position in chans
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t n_k0 = k;
+          for (int64_t b = 0; b < G;) {
+            const float gv = gp[n * G + b];
+            if (gv == 0.0f) { ++b; continue; }
+            int64_t e = b + 1;  // extend over active blocks of the same gate value
+            while (e < G && (gp[n * G + e] == gv || gp[n * G + e] == 0.0f)) ++e;
+            int64_t nch = 0;
+            for (int64_t q = b; q < e; ++q) nch += gp[n * G + q] != 0.0f ? Cbi : 0;
+            const int64_t r0 = wj.rows();
+            for (int64_t r = ra; r < rb; ++r) wj.row(dyp + (n * Cout + r) * L, gwp + r * Cw * KK, gv);
+            wj.add(xp + n * Cin * L, r0, wj.rows(), k - n_k0, k - n_k0 + nch, n_k0);
+            k += nch;
+            b = e;
+          }
+        }
+      }
+    } else {  // "group": buckets are gate blocks (each owns its rows and channels of gw)
       for (int64_t b = 0; b < G; ++b) {
         wj.buckets.emplace_back();
         for (int64_t n = 0; n < N; ++n) {
           const float gv = gp[n * G + b];
           if (gv == 0.0f) continue;
           const int64_t r0 = wj.rows();
-          for (int64_t r = grp ? b * Cbo : 0; r < (grp ? (b + 1) * Cbo : Cout); ++r)
+          for (int64_t r = b * Cbo; r < (b + 1) * Cbo; ++r)
             wj.row(dyp + (n * Cout + r) * L, gwp + r * Cw * KK, gv);
-          if (grp) wj.add(xp + (n * Cin + b * Cbi) * L, r0, wj.rows(), 0, Cbi);
-          else wj.add(xp + n * Cin * L, r0, wj.rows(), b * Cbi, (b + 1) * Cbi);
+          wj.add(xp + (n * Cin + b * Cbi) * L, r0, wj.rows(), 0, Cbi);
         }
       }
     }

@@ -146,10 +146,12 @@ FM_TARGET void wgrad_taps(const WgradJob& job, const PixelPlan& plan, int64_t c,
   }
 }
 
-// 1x1 weight-gradient tile: MR dy rows x CT channels (c0 ...).
+// 1x1 weight-gradient tile: MR dy rows x CT channels (job.channel(k0) ...).
 template <int MR, int CT>
-FM_TARGET void wgrad_1x1(const WgradJob& job, const PixelPlan& plan, int64_t c0) {
+FM_TARGET void wgrad_1x1(const WgradJob& job, const PixelPlan& plan, int64_t k0) {
   const int64_t L = plan.L;
+  const float* xc[CT];
+  FM_UNROLL for (int j = 0; j < CT; ++j) xc[j] = job.x + job.channel(k0 + j) * L;
   V acc[MR][CT];
   FM_UNROLL for (int i = 0; i < MR; ++i)
     FM_UNROLL for (int j = 0; j < CT; ++j) acc[i][j] = VT::zero();
@@ -158,13 +160,13 @@ FM_TARGET void wgrad_1x1(const WgradJob& job, const PixelPlan& plan, int64_t c0)
     V a[MR];
     FM_UNROLL for (int i = 0; i < MR; ++i) a[i] = VT::load_mask(sm, job.dy_row[i] + p);
     FM_UNROLL for (int j = 0; j < CT; ++j) {
-      const V b = VT::load_mask(sm, job.x + (c0 + j) * L + p);
+      const V b = VT::load_mask(sm, xc[j] + p);
       FM_UNROLL for (int i = 0; i < MR; ++i) acc[i][j] = VT::fmadd(a[i], b, acc[i][j]);
     }
   }
   FM_UNROLL for (int i = 0; i < MR; ++i) {
     const float s = job.row_scale ? job.row_scale[i] : 1.0f;
-    FM_UNROLL for (int j = 0; j < CT; ++j) job.dw_row[i][c0 + j] += s * VT::reduce(acc[i][j]);
+    FM_UNROLL for (int j = 0; j < CT; ++j) job.dw_row[i][job.channel(k0 + j)] += s * VT::reduce(acc[i][j]);
   }
 }
 
@@ -172,14 +174,16 @@ template <int MR>
 void wgrad_rows(const WgradJob& job, const PixelPlan& plan) {
   constexpr int CT = VT::k1x1Channels;
   if (plan.KK == 9 && VT::kTapRows >= MR) {
-    for (int64_t c = job.c0; c < job.c1; ++c) wgrad_taps<MR, 9>(job, plan, c, 0);
+    for (int64_t k = job.c0; k < job.c1; ++k) wgrad_taps<MR, 9>(job, plan, job.channel(k), 0);
   } else if (plan.KK == 1) {
-    int64_t c = job.c0;
-    for (; c + CT <= job.c1; c += CT) wgrad_1x1<MR, CT>(job, plan, c);
-    for (; c < job.c1; ++c) wgrad_1x1<MR, 1>(job, plan, c);
+    // Full CT-channel tiles, then a half tile (ResNeXt's 4-channel branches), then singles.
+    int64_t k = job.c0;
+    for (; k + CT <= job.c1; k += CT) wgrad_1x1<MR, CT>(job, plan, k);
+    for (; k + CT / 2 <= job.c1; k += CT / 2) wgrad_1x1<MR, CT / 2>(job, plan, k);
+    for (; k < job.c1; ++k) wgrad_1x1<MR, 1>(job, plan, k);
   } else {
-    for (int64_t c = job.c0; c < job.c1; ++c)
-      for (int t = 0; t < plan.KK; ++t) wgrad_taps<MR, 1>(job, plan, c, t);
+    for (int64_t k = job.c0; k < job.c1; ++k)
+      for (int t = 0; t < plan.KK; ++t) wgrad_taps<MR, 1>(job, plan, job.channel(k), t);
   }
 }
 
