@@ -93,8 +93,10 @@ def _kernel_ok(backend: str | None, op: str, x: torch.Tensor, *tensors) -> bool:
     if all(t is None or t.dtype == torch.float32 for t in (x, *tensors)):
         return True
     if backend == "cpu":
-        raise TypeError(f"{op}: backend 'cpu' takes float32 tensors only, got x of dtype {x.dtype}; "
-                        "use backend=None to run the reference for other dtypes")
+        dtypes = sorted({str(t.dtype) for t in (x, *tensors) if t is not None})
+        raise TypeError(f"{op}: backend 'cpu' takes float32 tensors only (x, residual, weight, bias, "
+                        f"running statistics), got {', '.join(dtypes)}; use backend=None to run the "
+                        "reference for other dtypes")
     return False
 
 
