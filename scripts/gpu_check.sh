@@ -70,7 +70,8 @@ FASTMOD_BENCH_FULL=${FASTMOD_BENCH_FULL:-0} FASTMOD_BENCH_IMPLS=${FASTMOD_BENCH_
 
 echo "== other tests"
 stage tests "${TEST_LIMIT:-90}" "${PYTEST[@]}" tests/test_mixed_node.py tests/test_gumbel_gate.py \
-    tests/test_load_balancing.py tests/test_router.py tests/test_fused_norm.py > "$OUT/tests.log" 2>&1
+    tests/test_load_balancing.py tests/test_router.py tests/test_fused_norm.py tests/test_routed_modules.py \
+    > "$OUT/tests.log" 2>&1
 tail -25 "$OUT/tests.log"
 
 echo "== mixed-node and Gumbel benchmarks"

@@ -29,7 +29,7 @@ def compare(fast, x, gates, train):
     for m in (fast, ref):
         xx, gg = x.clone().requires_grad_(True), gates.clone().requires_grad_(True)
         y = m(xx, gg)
-        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.device))
         outs.append((y.detach(), xx.grad, gg.grad, {k: p.grad for k, p in m.named_parameters()}))
     (y, gx, gg, gp), (yr, gxr, ggr, gpr) = outs
     def close(a, b, what):  # float32 rounding grows with the tensor's magnitude
@@ -146,6 +146,19 @@ def test_bottleneck_fused_norms(monkeypatch, train, norm3, momentum):
     compare(block, torch.randn(4, 32, 8, 8), gates_for(4, 4, "nonbinary"), train)
     assert calls["bn"] == 2 * (1 + (not train))  # the warm-up pass above also ran fused
     assert calls["gn"] == (norm3 == "gn") * (1 + (not train))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("norm3", ["gn", "bn"])
+def test_bottleneck_cuda_fused_norms(train, norm3):
+    """On CUDA the fused epilogues are Triton kernels; same check as above."""
+    from fastmod.ops import fused_norm
+    torch.manual_seed(1)
+    block = RoutedBottleneck(32, 16, 32, cardinality=4, norm3=norm3, router_grad="active").cuda()
+    x = torch.randn(4, 32, 8, 8, device="cuda")
+    assert fused_norm.has_kernel(x)
+    compare(block, x, gates_for(4, 4, "nonbinary").cuda(), train)
 
 
 @needs_ext

@@ -102,8 +102,9 @@ class RoutedBottleneck(_RoutedBlock):
     A branch whose gate is 0 adds nothing to the sum (its 3x3 output is zero and the
     closing conv skips its channels); the kernel path does not compute it at all.
 
-    Where the fused norm kernels run (``fastmod.ops.fused_norm``: CPU, float32), the
-    kernel path also fuses the epilogues: BN + ReLU over the gated-on branches only
+    Where the fused norm kernels run (``fastmod.ops.fused_norm``: C++ on the CPU
+    for float32, Triton on CUDA for float32/float16/bfloat16), the kernel path
+    also fuses the epilogues: BN + ReLU over the gated-on branches only
     (``routed_batch_norm_relu``) and GroupNorm + shortcut + ReLU in one pass
     (``group_norm_add_relu``, ``norm3="gn"``).  The routed BN leaves the off
     branches' activations at zero instead of relu(BN(0)), which nothing downstream

@@ -39,8 +39,13 @@ Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
 * ``"cpu"`` (``fastmod._C``, csrc/fused_norm/fused_norm_cpu.cpp): float32 tensors
   (x, residual, weight, bias, running statistics).  One kernel per direction;
   backward saves x and the per-channel (per-group) statistics, plus the output for
-  ``group_norm_add_relu`` (its ReLU mask).  Other dtypes and CUDA tensors run the
-  reference (no Triton/CUDA kernels for these yet).
+  ``group_norm_add_relu`` (its ReLU mask).
+* ``"triton"`` (``fastmod.kernels.fused_norm``; CUDA tensors, or CPU ones under
+  ``TRITON_INTERPRET=1``): float32, float16 and bfloat16, float32 arithmetic; the
+  same saved tensors.  The routed BN takes a statistics pass and an apply pass,
+  each loading gated-on rows only; the GroupNorm one program per (sample, group).
+
+Other dtypes (float64; float16/bfloat16 on the CPU) run the reference.
 """
 from __future__ import annotations
 
@@ -49,7 +54,7 @@ import torch.nn.functional as F
 
 from fastmod import _checks, _extension, backends
 
-_IMPLEMENTED = ("cpu",)
+_IMPLEMENTED = ("triton", "cpu")
 
 
 # ---- argument checks ---------------------------------------------------------------
@@ -84,28 +89,39 @@ def _into(x: torch.Tensor, result: torch.Tensor, inplace: bool) -> torch.Tensor:
     return x.copy_(result) if inplace else result
 
 
-def _kernel_ok(backend: str | None, op: str, x: torch.Tensor, *tensors) -> bool:
-    """Whether to run the C++ kernel: the backend resolves to "cpu" and every tensor
-    is float32 (the kernel's only dtype); an explicit "cpu" with others raises."""
+# Tensor dtypes each kernel backend takes; others run the reference.
+_DTYPES = {"triton": (torch.float32, torch.float16, torch.bfloat16), "cpu": (torch.float32,)}
+
+
+def _kernel(backend: str | None, op: str, x: torch.Tensor, *tensors) -> str | None:
+    """The kernel backend to run ("triton"/"cpu"), or None for the reference: the
+    backend resolves to a kernel whose dtypes every tensor has.  An explicit
+    kernel backend with other dtypes raises TypeError."""
     chosen = backends.select(op, backend, x.device, _IMPLEMENTED, cpp_op=op)
-    if chosen != "cpu":
-        return False
-    if all(t is None or t.dtype == torch.float32 for t in (x, *tensors)):
-        return True
-    if backend == "cpu":
+    if chosen == "reference":
+        return None
+    ok = _DTYPES[chosen]
+    if all(t is None or t.dtype in ok for t in (x, *tensors)):
+        return chosen
+    if backend == chosen:
         dtypes = sorted({str(t.dtype) for t in (x, *tensors) if t is not None})
-        raise TypeError(f"{op}: backend 'cpu' takes float32 tensors only (x, residual, weight, bias, "
+        names = ", ".join(str(d).replace("torch.", "") for d in ok)
+        raise TypeError(f"{op}: backend {chosen!r} takes {names} tensors only (x, residual, weight, bias, "
                         f"running statistics), got {', '.join(dtypes)}; use backend=None to run the "
                         "reference for other dtypes")
-    return False
+    return None
+
+
+def _op(kernel: str, name: str, inplace: bool = False):
+    """torch.ops.fastmod entry of ``name`` for a kernel backend (the Triton ops carry
+    a ``_triton`` suffix; in-place ops end in ``_``)."""
+    return getattr(torch.ops.fastmod, name + ("_triton" if kernel == "triton" else "") + ("_" if inplace else ""))
 
 
 def has_kernel(x: torch.Tensor, backend: str | None = None) -> bool:
     """Whether these ops would run a kernel (not the reference) on tensors like ``x``;
     modules use it to keep their plain path where fusing would only add masking."""
-    chosen = backends.select("routed_batch_norm_relu", backend, x.device, _IMPLEMENTED,
-                             cpp_op="routed_batch_norm_relu")
-    return chosen == "cpu" and x.dtype == torch.float32
+    return _kernel(backend, "routed_batch_norm_relu", x) is not None
 
 
 # ---- routed_batch_norm_relu -----------------------------------------------------------
@@ -171,7 +187,8 @@ def routed_batch_norm_relu(x: torch.Tensor, gates: torch.Tensor, running_mean: t
     eps = _check_routed_bn(x, gates, running_mean, running_var, weight, bias, training, momentum, eps)
     inplace = _check_inplace(inplace, x, weight, bias)
     op = "routed_batch_norm_relu"
-    if x.numel() == 0 or not _kernel_ok(backend, op, x, running_mean, running_var, weight, bias):
+    kernel = _kernel(backend, op, x, running_mean, running_var, weight, bias)
+    if x.numel() == 0 or kernel is None:
         return routed_batch_norm_relu_reference(x, gates, running_mean, running_var, weight, bias,
                                                 training, momentum, eps, inplace=inplace)
     if training and x.numel() == x.shape[1]:
@@ -180,17 +197,15 @@ def routed_batch_norm_relu(x: torch.Tensor, gates: torch.Tensor, running_mean: t
     w, b = _affine_or_default(x, weight, bias)
     if inplace and x.is_contiguous():
         out = x
-        mean, var = torch.ops.fastmod.routed_batch_norm_relu_(x, gates, w, b, running_mean, running_var,
-                                                              training, eps)
+        mean, var = _op(kernel, op, inplace=True)(x, gates, w, b, running_mean, running_var, training, eps)
     else:
-        out, mean, var = torch.ops.fastmod.routed_batch_norm_relu(x, gates, w, b, running_mean, running_var,
-                                                                  training, eps)
+        out, mean, var = _op(kernel, op)(x, gates, w, b, running_mean, running_var, training, eps)
         out = _into(x, out, inplace)
     if training and running_mean is not None:
         n = x.numel() // x.shape[1]
         with torch.no_grad():  # F.batch_norm's update: unbiased variance, lerp by momentum
-            running_mean.lerp_(mean, momentum)
-            running_var.lerp_(var * (n / (n - 1)), momentum)
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            running_var.lerp_((var * (n / (n - 1))).to(running_var.dtype), momentum)
     return out
 
 
@@ -202,13 +217,15 @@ def _bn_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, var)
 
 
-def _bn_backward(ctx, grad_out, _grad_mean, _grad_var):
-    x, gates, weight, bias, mean, var = ctx.saved_tensors
-    gx, gw, gb = torch.ops.fastmod.routed_batch_norm_relu_backward(
-        grad_out, x, gates, weight, bias, mean, var, ctx.training, ctx.eps)
-    need = ctx.needs_input_grad
-    return (gx if need[0] else None, None, gw if need[2] else None, gb if need[3] else None,
-            None, None, None, None)
+def _bn_backward(kernel: str):
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
+        x, gates, weight, bias, mean, var = ctx.saved_tensors
+        gx, gw, gb = _op(kernel, "routed_batch_norm_relu_backward")(
+            grad_out, x, gates, weight, bias, mean, var, ctx.training, ctx.eps)
+        need = ctx.needs_input_grad
+        return (gx if need[0] else None, None, gw if need[2] else None, gb if need[3] else None,
+                None, None, None, None)
+    return backward
 
 
 # ---- group_norm_add_relu --------------------------------------------------------------
@@ -248,13 +265,14 @@ def group_norm_add_relu(x: torch.Tensor, residual: torch.Tensor, num_groups: int
     eps = _check_gn_add_relu(x, residual, num_groups, weight, bias, eps)
     inplace = _check_inplace(inplace, x, weight, bias)
     op = "group_norm_add_relu"
-    if x.numel() == 0 or not _kernel_ok(backend, op, x, residual, weight, bias):
+    kernel = _kernel(backend, op, x, residual, weight, bias)
+    if x.numel() == 0 or kernel is None:
         return group_norm_add_relu_reference(x, residual, num_groups, weight, bias, eps, inplace=inplace)
     w, b = _affine_or_default(x, weight, bias)
     if inplace and x.is_contiguous() and residual is not x:
-        torch.ops.fastmod.group_norm_add_relu_(x, residual, w, b, num_groups, eps)
+        _op(kernel, op, inplace=True)(x, residual, w, b, num_groups, eps)
         return x
-    return _into(x, torch.ops.fastmod.group_norm_add_relu(x, residual, w, b, num_groups, eps)[0], inplace)
+    return _into(x, _op(kernel, op)(x, residual, w, b, num_groups, eps)[0], inplace)
 
 
 def _gn_setup(ctx, inputs, output):
@@ -265,13 +283,15 @@ def _gn_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _gn_backward(ctx, grad_out, _grad_mean, _grad_rstd):
-    out, x, weight, mean, rstd = ctx.saved_tensors
-    gx, gr, gw, gb = torch.ops.fastmod.group_norm_add_relu_backward(
-        grad_out, out, x, weight, mean, rstd, ctx.num_groups)
-    need = ctx.needs_input_grad
-    return (gx if need[0] else None, gr if need[1] else None, gw if need[2] else None,
-            gb if need[3] else None, None, None)
+def _gn_backward(kernel: str):
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        out, x, weight, mean, rstd = ctx.saved_tensors
+        gx, gr, gw, gb = _op(kernel, "group_norm_add_relu_backward")(
+            grad_out, out, x, weight, mean, rstd, ctx.num_groups)
+        need = ctx.needs_input_grad
+        return (gx if need[0] else None, gr if need[1] else None, gw if need[2] else None,
+                gb if need[3] else None, None, None)
+    return backward
 
 
 # ---- registration ------------------------------------------------------------------------
@@ -308,5 +328,11 @@ if _extension.has_op("routed_batch_norm_relu"):
     def _gn_inplace_fake(x, residual, weight, bias, num_groups, eps):
         return x.new_empty(x.shape[0], num_groups), x.new_empty(x.shape[0], num_groups)
 
-    torch.library.register_autograd("fastmod::routed_batch_norm_relu", _bn_backward, setup_context=_bn_setup)
-    torch.library.register_autograd("fastmod::group_norm_add_relu", _gn_backward, setup_context=_gn_setup)
+    torch.library.register_autograd("fastmod::routed_batch_norm_relu", _bn_backward("cpu"), setup_context=_bn_setup)
+    torch.library.register_autograd("fastmod::group_norm_add_relu", _gn_backward("cpu"), setup_context=_gn_setup)
+
+if backends.triton_installed():
+    from fastmod.ops import _fused_norm_triton as _triton
+
+    _triton.routed_batch_norm_relu_triton.register_autograd(_bn_backward("triton"), setup_context=_bn_setup)
+    _triton.group_norm_add_relu_triton.register_autograd(_gn_backward("triton"), setup_context=_gn_setup)

@@ -1,0 +1,164 @@
+"""Triton backend of the fused normalisation epilogues, registered with
+``torch.library.triton_op`` so ``torch.compile`` traces into the kernels.
+
+Same schemas and results as the C++ ops of csrc/fused_norm (the ``_triton``
+suffix names them); float32, float16 and bfloat16 tensors, float32 arithmetic.
+The [N, C]-sized reductions between kernels (statistics over samples, gradient
+coefficients) are plain torch ops: they are tiny and keep the kernels free of atomics.
+"""
+from __future__ import annotations
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+from fastmod.kernels import fused_norm as k
+
+# Elements per program tile, and warps per program.
+TILE = 2048
+NUM_WARPS = 4
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def _row_plan(n_rows: int, hw: int):
+    """(ROWS, BLOCK, grid) for the row kernels: BLOCK pixels of ROWS rows per program."""
+    block = min(_pow2(hw), 1024)
+    rows = max(1, min(_pow2(n_rows), TILE // block))
+    return rows, block, (-(-n_rows // rows),)
+
+
+def _group_plan(cg: int, hw: int):
+    block = min(_pow2(hw), 512)
+    return max(1, min(_pow2(cg), TILE // block)), block
+
+
+def _bn_affine(weight, bias, mean, var, eps):
+    """y = x * a + b, float32; the forward and the backward share it so the
+    backward's recomputed ReLU mask is the forward's exactly."""
+    invstd = torch.rsqrt(var + eps)
+    a = weight.float() * invstd
+    return a, bias.float() - mean * a, invstd
+
+
+def _rows(x):
+    N, C, H, W = x.shape
+    return N, C, H * W, N * C
+
+
+def _routed_bn_into(x, gates, weight, bias, running_mean, running_var, training, eps, out):
+    N, C, HW, n_rows = _rows(x)
+    G = gates.shape[1]
+    gates = gates.contiguous()
+    rows, block, grid = _row_plan(n_rows, HW)
+    if training:
+        row_mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+        row_m2 = torch.empty_like(row_mean)
+        wrap_triton(k.routed_bn_row_stats_kernel)[grid](x, gates, row_mean, row_m2, C, HW, G, C // G, n_rows,
+                                                        ROWS=rows, BLOCK=block, num_warps=NUM_WARPS)
+        # Chan's combination of per-row (mean, M2); off rows are HW zeros: (0, 0).
+        row_mean, row_m2 = row_mean.view(N, C), row_m2.view(N, C)
+        mean = row_mean.mean(0)
+        var = (row_m2.sum(0) + HW * (row_mean - mean).square().sum(0)) / (N * HW)
+    else:
+        mean = running_mean.to(torch.float32, copy=True)
+        var = running_var.to(torch.float32, copy=True)
+    a, b, _ = _bn_affine(weight, bias, mean, var, eps)
+    wrap_triton(k.routed_bn_relu_apply_kernel)[grid](x, gates, a, b, out, C, HW, G, C // G, n_rows,
+                                                     ROWS=rows, BLOCK=block, num_warps=NUM_WARPS)
+    return mean, var
+
+
+@triton_op("fastmod::routed_batch_norm_relu_triton", mutates_args=())
+def routed_batch_norm_relu_triton(x: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                  running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                                  training: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    mean, var = _routed_bn_into(x, gates, weight, bias, running_mean, running_var, training, eps, out)
+    return out, mean, var
+
+
+@triton_op("fastmod::routed_batch_norm_relu_triton_", mutates_args={"x"})
+def routed_batch_norm_relu_triton_(x: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor,
+                                   bias: torch.Tensor, running_mean: torch.Tensor | None,
+                                   running_var: torch.Tensor | None, training: bool,
+                                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place on x (contiguous), for inference."""
+    return _routed_bn_into(x, gates, weight, bias, running_mean, running_var, training, eps, x)
+
+
+@triton_op("fastmod::routed_batch_norm_relu_backward_triton", mutates_args=())
+def routed_batch_norm_relu_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, gates: torch.Tensor,
+                                           weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+                                           var: torch.Tensor, training: bool, eps: float
+                                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, dy, gates = x.contiguous(), grad_out.contiguous(), gates.contiguous()
+    N, C, HW, n_rows = _rows(x)
+    G = gates.shape[1]
+    rows, block, grid = _row_plan(n_rows, HW)
+    a, b, invstd = _bn_affine(weight, bias, mean, var, eps)
+    s0 = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    s1 = torch.empty_like(s0)
+    wrap_triton(k.routed_bn_relu_bwd_sums_kernel)[grid](dy, x, gates, a, b, mean, s0, s1, C, HW, G, C // G,
+                                                        n_rows, ROWS=rows, BLOCK=block, num_warps=NUM_WARPS)
+    sdz, sdzx = s0.view(N, C).sum(0), s1.view(N, C).sum(0)
+    # dx = w invstd (dz - mean(dz) - xhat mean(dz xhat)); the batch terms exist only
+    # when the statistics came from the batch.
+    k1 = weight.float() * invstd
+    count = N * HW
+    k2 = -k1 * sdz / count if training else torch.zeros_like(k1)
+    k3 = -k1 * invstd * invstd * sdzx / count if training else torch.zeros_like(k1)
+    dx = torch.empty_like(x)
+    wrap_triton(k.routed_bn_relu_bwd_apply_kernel)[grid](dy, x, gates, a, b, mean, k1, k2, k3, dx, C, HW, G,
+                                                         C // G, n_rows, ROWS=rows, BLOCK=block,
+                                                         num_warps=NUM_WARPS)
+    return dx, (sdzx * invstd).to(weight.dtype), sdz.to(bias.dtype)
+
+
+def _gn_into(x, residual, weight, bias, num_groups, eps, out):
+    N, C, HW, _ = _rows(x)
+    mean = torch.empty(N, num_groups, dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    block_c, block = _group_plan(C // num_groups, HW)
+    wrap_triton(k.gn_add_relu_fwd_kernel)[(N * num_groups,)](
+        x, residual.contiguous(), weight, bias, out, mean, rstd, C, HW, num_groups, C // num_groups, eps,
+        BLOCK_C=block_c, BLOCK=block, num_warps=NUM_WARPS)
+    return mean, rstd
+
+
+@triton_op("fastmod::group_norm_add_relu_triton", mutates_args=())
+def group_norm_add_relu_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                               num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    mean, rstd = _gn_into(x, residual, weight, bias, num_groups, eps, out)
+    return out, mean, rstd
+
+
+@triton_op("fastmod::group_norm_add_relu_triton_", mutates_args={"x"})
+def group_norm_add_relu_triton_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                bias: torch.Tensor, num_groups: int, eps: float
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place on x (contiguous, not overlapping residual), for inference."""
+    return _gn_into(x, residual, weight, bias, num_groups, eps, x)
+
+
+@triton_op("fastmod::group_norm_add_relu_backward_triton", mutates_args=())
+def group_norm_add_relu_backward_triton(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
+                                        weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                                        num_groups: int
+                                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, out, dy = x.contiguous(), out.contiguous(), grad_out.contiguous()
+    N, C, HW, _ = _rows(x)
+    cg = C // num_groups
+    dx, dres = torch.empty_like(x), torch.empty_like(x)
+    s0 = torch.empty(N, C, dtype=torch.float32, device=x.device)
+    s1 = torch.empty_like(s0)
+    block_c, block = _group_plan(cg, HW)
+    wrap_triton(k.gn_add_relu_bwd_kernel)[(N * num_groups,)](
+        dy, out, x, weight, mean.contiguous(), rstd.contiguous(), dx, dres, s0, s1, C, HW, num_groups, cg,
+        BLOCK_C=block_c, BLOCK=block, num_warps=NUM_WARPS)
+    dw = (rstd.repeat_interleave(cg, dim=1) * s1).sum(0)
+    return dx, dres, dw.to(weight.dtype), s0.sum(0).to(weight.dtype)
