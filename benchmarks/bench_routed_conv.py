@@ -21,39 +21,14 @@ import os
 import pytest
 import torch
 
+from _routed_cases import DENSITIES, STAGES, bottleneck_runner, conv_cases, conv_runner
 from conftest import DEVICE, sync
-from fastmod.nn import RoutedBottleneck
-from fastmod.ops import routed_conv2d, routed_conv2d_reference
+from fastmod.ops import routed_conv2d_reference
 
 FULL = os.environ.get("FASTMOD_BENCH_FULL", "1" if DEVICE == "cuda" else "0") == "1"
 N = int(os.environ.get("FASTMOD_BENCH_N", 64 if DEVICE == "cuda" else 8))
-DENSITIES = (1.0, 0.57, 0.3, 0.1)
 # FASTMOD_BENCH_IMPLS=routed,dense skips the torch.compile baseline (slow to compile per shape).
 IMPLS = tuple(os.environ.get("FASTMOD_BENCH_IMPLS", "routed,dense,compiled").split(","))
-STAGES = ((64, 56), (128, 28), (256, 14), (256, 7))
-
-
-def _cases():
-    """(name, cin, cout, k, groups, gate_on, G, hw)."""
-    cases = []
-    for width, hw in STAGES:
-        for c in (8, 16, 32):
-            cases.append((f"brn3x3-w{width}-hw{hw}-c{c}", width, width, 3, c, "group", c, hw))
-            cases.append((f"brn1x1out-w{width}-hw{hw}-c{c}", 2 * width, width, 1, 1, "out", c, hw))
-            cases.append((f"brn1x1in-w{width}-hw{hw}-c{c}", width, 2 * width, 1, 1, "in", c, hw))
-    for planes, hw in ((64, 56), (128, 28), (256, 14), (512, 7)):
-        cases.append((f"frn3x3-{planes}", planes, planes, 3, 1, "out", planes, hw))
-    if FULL:
-        return cases
-    keep = {"brn3x3-w64-hw56-c8", "brn3x3-w128-hw28-c16", "brn3x3-w256-hw14-c32", "brn1x1out-w128-hw28-c16",
-            "brn1x1in-w128-hw28-c16", "frn3x3-64", "frn3x3-128", "frn3x3-256", "frn3x3-512"}
-    return [c for c in cases if c[0] in keep]
-
-
-def _gates(n, g, rho, device):
-    k = max(1, round(rho * g))
-    order = torch.rand(n, g, device=device).argsort(dim=1)
-    return (order < k).float()
 
 
 def _runs(impl, rho):
@@ -85,7 +60,7 @@ _COMPILED = {}
 
 
 def _reference_fn(impl):
-    if impl == "dense":
+    if impl != "compiled":
         return routed_conv2d_reference
     if "ref" not in _COMPILED:
         _COMPILED["ref"] = torch.compile(routed_conv2d_reference)
@@ -95,40 +70,19 @@ def _reference_fn(impl):
 @pytest.mark.parametrize("pass_", ["fwd", "train", "train-exact"])
 @pytest.mark.parametrize("rho", DENSITIES)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", _cases(), ids=lambda c: c[0])
+@pytest.mark.parametrize("case", conv_cases(FULL), ids=lambda c: c[0])
 def test_routed_conv(benchmark, case, impl, rho, pass_):
     if not _runs(impl, rho):
         pytest.skip("dense/compiled do not depend on rho: measured at rho=1.0")
     if pass_ == "train-exact" and (impl != "routed" or rho == 1.0):
         pytest.skip('router_grad="exact" differs from "active" only for the routed kernels with off gates')
-    name, cin, cout, k, groups, gate_on, G, hw = case
-    dev = DEVICE
-    x = torch.randn(N, cin, hw, hw, device=dev)
-    w = torch.randn(cout, cin // groups, k, k, device=dev) / (cin // groups * k * k) ** 0.5
-    gates = _gates(N, G, rho, dev)
+    name, hw = case[0], case[-1]
     # "train-exact" is timed beside "train" (same group, labelled routed-exact@rho):
     # the cost of the off blocks' forward that the exact gate gradient needs.
-    router_grad = "exact" if pass_ == "train-exact" else "active"
-    kw = dict(padding=k // 2, groups=groups, gate_on=gate_on, router_grad=router_grad)
-    # The kernel backend explicitly: "auto" keeps the dense path on GPUs (see routed_conv._select).
-    kernel = "cuda" if DEVICE == "cuda" else None
-    fn = (lambda *a: routed_conv2d(*a, backend=kernel, **kw)) if impl == "routed" else \
-        (lambda *a, f=_reference_fn(impl): f(*a, **kw))
-    flops = 2 * N * cout * (cin // groups) * k * k * hw * hw * (1 if impl != "routed" else gates.mean().item())
-    if pass_ == "fwd":
-        def run():
-            with torch.no_grad():
-                fn(x, w, gates)
-    else:
-        xr, wr, gr = (t.clone().requires_grad_(True) for t in (x, w, gates))
-        dy = torch.randn(N, cout, hw, hw, device=dev)
-
-        def run():
-            fn(xr, wr, gr).backward(dy)
-        flops *= 3
+    run, gflop, density = conv_runner(case, impl, rho, pass_, N, DEVICE, reference=_reference_fn(impl))
     label = "routed-exact" if pass_ == "train-exact" else impl
     group = f"routed_conv {name} hw{hw} {pass_.replace('-exact', '')}"
-    _time(benchmark, run, {"density": gates.mean().item(), "N": N, "gflop": flops / 1e9, "rho": rho,
+    _time(benchmark, run, {"density": density, "N": N, "gflop": gflop, "rho": rho,
                            "impl": label, "group": group})
 
 
@@ -140,24 +94,6 @@ def test_routed_bottleneck(benchmark, stage, impl, rho, pass_):
     if not _runs(impl, rho):
         pytest.skip("dense does not depend on rho: measured at rho=1.0")
     width, hw = stage
-    c = 32
-    block = RoutedBottleneck(2 * width, width, 2 * width, c, router_grad="active").to(DEVICE)
-    block.use_kernels = impl == "routed"
-    x = torch.randn(N, 2 * width, hw, hw, device=DEVICE)
-    gates = _gates(N, c, rho, DEVICE)
-    if pass_ == "fwd":
-        block.eval()
-
-        def run():
-            with torch.no_grad():
-                block(x, gates)
-    else:
-        xr, gr = x.clone().requires_grad_(True), gates.clone().requires_grad_(True)
-        # A dense upstream gradient, as a block inside a network gets (sum().backward()
-        # would hand it a broadcast scalar).
-        dy = torch.randn(N, 2 * width, hw, hw, device=DEVICE)
-
-        def run():
-            block(xr, gr).backward(dy)
-    _time(benchmark, run, {"density": gates.mean().item(), "N": N, "rho": rho, "impl": impl,
+    run, density = bottleneck_runner(stage, impl, rho, pass_, N, DEVICE)
+    _time(benchmark, run, {"density": density, "N": N, "rho": rho, "impl": impl,
                            "group": f"RoutedBottleneck w{width} hw{hw} {pass_}"})

@@ -3,6 +3,7 @@
 // for AVX2 + FMA; the CPU picks one at run time.
 #include "routed_conv/routed_conv_cpu_direct.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -55,7 +56,9 @@ bool same_size(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t stride_h, i
 
 PixelPlan make_plan(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
                     int64_t dil_h, int64_t dil_w) {
+  static std::atomic<uint64_t> next_id{1};
   PixelPlan p;
+  p.id = next_id.fetch_add(1, std::memory_order_relaxed);
   p.H = H;
   p.W = W;
   p.L = H * W;

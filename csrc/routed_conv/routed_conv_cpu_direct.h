@@ -32,6 +32,7 @@ bool available();
 struct PixelPlan {
   int64_t H = 0, W = 0, L = 0;  // L = H * W output (= input) pixels per channel
   int KK = 0;                    // taps per channel (kh * kw)
+  uint64_t id = 0;               // unique per make_plan() call (keys per-call caches)
   std::vector<int64_t> tap_offset;   // [KK]: flat input offset of tap t from pixel p
   std::vector<uint16_t> tap_mask;    // [tiles][KK][2]: lanes whose tap is inside the image
   std::vector<uint16_t> store_mask;  // [tiles][2]: lanes with p < L
