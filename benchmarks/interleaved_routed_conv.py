@@ -90,7 +90,7 @@ def main(argv=None):
         if q not in ("fwd", "train"):
             p.error(f"--passes takes fwd and/or train, got {q!r}")
     jobs = []
-    for case in conv_cases(args.full):
+    for case in conv_cases(args.full or bool(wanted - {"bottleneck"})):
         if not wanted or case[0] in wanted:
             jobs.append((case[0], lambda impl, rho, q, c=case: conv_runner(c, impl, rho, q, n, args.device)[0]))
     if not wanted or "bottleneck" in wanted:

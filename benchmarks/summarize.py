@@ -1,25 +1,68 @@
 """Print a side-by-side table from `pytest benchmarks --benchmark-json=FILE`.
 
-    python benchmarks/summarize.py FILE [--markdown]
+    python benchmarks/summarize.py FILE [--markdown] [--routed]
 
 One row per benchmark group: median time of each implementation, the
-speed-ups of fastmod over the others, and fastmod's extra_info.
+speed-ups of fastmod over the others, and fastmod's extra_info.  --routed (for
+bench_routed_conv.py's output) prints one row per routed-conv case and pass instead:
+dense and compiled times, routed time and routed/dense per density, whether issue
+4's targets are met at rho = 0.57 / 0.3 / 0.1, and the router_grad="exact" ratios.
 """
 import argparse
 import json
+import os
+import sys
 from collections import defaultdict
+
+RHOS = ("1.0", "0.57", "0.3", "0.1")
+
+
+def routed_rows(groups):
+    """Rows of the --routed table from {group: {impl: benchmark}}."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _routed_cases import target
+    rows = []
+    for name, g in groups.items():
+        med = {i: b["stats"]["median"] * 1e3 for i, b in g.items()}
+        if "dense" not in med:
+            continue
+        words = name.split()
+        case, pass_ = words[1] if words[0] == "routed_conv" else f"bottleneck-{words[1]}-{words[2]}", words[-1]
+
+        def ms(key):
+            return f"{med[key]:.2f}" if key in med else "-"
+
+        def ratio(key):
+            return med[key] / med["dense"] if key in med else None
+        ratios = [ratio(f"routed@{r}") for r in RHOS]
+        met = ["-" if x is None else ("yes" if x <= target(float(r), pass_) else "no")
+               for r, x in zip(RHOS[1:], ratios[1:])]
+        exact = [ratio(f"routed-exact@{r}") for r in RHOS[1:]]
+        rows.append([case, pass_, ms("dense"), ms("compiled"),
+                     " / ".join(ms(f"routed@{r}") for r in RHOS),
+                     " / ".join("-" if x is None else f"{x:.2f}" for x in ratios),
+                     " / ".join(met),
+                     " / ".join("-" if x is None else f"{x:.2f}" for x in exact) if any(exact) else "-"])
+    head = ["case", "pass", "dense ms", "compiled ms", "routed ms rho=1.0 / 0.57 / 0.3 / 0.1",
+            "routed/dense rho=1.0 / 0.57 / 0.3 / 0.1", "target met at rho = 0.57 / 0.3 / 0.1",
+            "exact/dense rho=0.57 / 0.3 / 0.1"]
+    return head, rows
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json_file", help="output of pytest --benchmark-json")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument("--routed", action="store_true", help="the routed-conv table (see above)")
     args = p.parse_args(argv)
     data = json.load(open(args.json_file))
     groups = defaultdict(dict)
     for b in data["benchmarks"]:
         impl = b["extra_info"].get("impl", b["param"])
         groups[b["group"]][impl] = b
+    if args.routed:
+        _print(*routed_rows(groups), args.markdown)
+        return
     impls = sorted({i for g in groups.values() for i in g}, key=lambda i: (i != "fastmod", i))
     # Ratios are taken against fastmod where a group has it, else against "dense".
     base = "fastmod" if "fastmod" in impls else "dense"
@@ -32,7 +75,11 @@ def main(argv=None):
         info = g.get(base, {}).get("extra_info", {})
         row.append(", ".join(f"{k}={v}" for k, v in info.items() if k not in ("impl", "bytes")))
         rows.append(row)
-    if args.markdown:
+    _print(head, rows, args.markdown)
+
+
+def _print(head, rows, markdown):
+    if markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
         for r in rows:
