@@ -91,15 +91,15 @@ FM_TARGET float dot(const float* a, const float* b, int64_t n) {
 }
 
 // How many of the last pixels go to tail_pixels() instead of a vector pass: the
-// L % W left over after whole vectors, when at most W / 8.  A vector pass over
-// them costs as much as W pixels; a dot product per row and pixel costs about a
-// tenth of that.  Measured at N = 8: 512 -> 512 3x3 on 7x7 (49 = 3 x 16 + 1) runs
-// ~11% faster; at 14x14 (196 = 12 x 16 + 4) it gained nothing, hence W / 8.
+// L % W left over after whole vectors, when at most W / 4.  A vector pass over them
+// costs as much as W pixels; a dot product per row and pixel about a tenth of that.
+// Measured at N = 8, "out" 3x3, G = Cout, forward, A/B in one process: 512 -> 512 at
+// 7x7 (49 = 3 x 16 + 1) ~11% faster; 256 -> 256 at 14x14 (196 = 12 x 16 + 4) 0-6%.
 // Forward layout only: contiguous, unflipped weight rows.
 inline int64_t dot_tail(const RowJob& job, const PixelPlan& plan) {
   if (job.w_flip || job.w_cstride != plan.KK) return 0;
   const int64_t tail = plan.L % W;
-  return tail <= W / 8 ? tail : 0;
+  return tail <= W / 4 ? tail : 0;
 }
 
 // The input columns of the tail pixels of one sample: [pixel][channel][tap], zero
