@@ -322,6 +322,27 @@ def test_triton_half_dtypes(dtype, tol):
 
 
 @needs_triton
+@pytest.mark.parametrize("hw", [(40, 40), (33, 17)])
+def test_triton_loops_over_blocks(hw):
+    """Images wider than one program block (1024 pixels for the routed BN, 512 and
+    4 channels per tile for the GroupNorm here): every kernel loop takes several turns."""
+    dev = DEVICE["triton"]
+    gen = torch.Generator().manual_seed(8)
+    gates = _gates(3, 2, "random", gen)
+    x = _masked_input(3, 8, *hw, gates, gen)
+    r = torch.randn(x.shape, generator=gen)
+    dy = torch.randn(x.shape, generator=gen)
+    got = _run(lambda x_: routed_batch_norm_relu(x_, gates.to(dev), None, None, training=True,
+                                                 backend="triton"), [x], dy, dev)
+    want = _run(lambda x_: routed_batch_norm_relu_reference(x_, gates.double(), None, None, training=True),
+                [x.double()], dy)
+    _assert_same(got, want)
+    got = _run(lambda x_, r_: group_norm_add_relu(x_, r_, 1, backend="triton"), [x, r], dy, dev)
+    want = _run(lambda x_, r_: group_norm_add_relu_reference(x_, r_, 1), [x.double(), r.double()], dy)
+    _assert_same(got, want)
+
+
+@needs_triton
 def test_triton_float64_runs_the_reference():
     dev = DEVICE["triton"]
     gates = torch.tensor([[1.0, 0.0], [0.0, 1.0]], device=dev)
