@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _routed_cases import (DENSITIES, STAGES, bottleneck_runner, conv_cases, conv_runner,  # noqa: E402
                            target)
+from summarize import print_table  # noqa: E402
 
 
 def _sync(device):
@@ -125,14 +126,7 @@ def main(argv=None):
                      " / ".join(f"{r['ratio'][k]:.2f}" for k in rhos),
                      " / ".join(f"{r['ratio_iqr'][k][0]:.2f}-{r['ratio_iqr'][k][1]:.2f}" for k in rhos[1:]),
                      " / ".join("yes" if r["met"][k] else "no" for k in rhos)])
-    if args.markdown:
-        print("| " + " | ".join(head) + " |")
-        print("|" + "---|" * len(head))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-    else:
-        for row in [head] + rows:
-            print("  ".join(row))
+    print_table(head, rows, args.markdown)
 
 
 if __name__ == "__main__":

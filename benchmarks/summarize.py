@@ -61,7 +61,7 @@ def main(argv=None):
         impl = b["extra_info"].get("impl", b["param"])
         groups[b["group"]][impl] = b
     if args.routed:
-        _print(*routed_rows(groups), args.markdown)
+        print_table(*routed_rows(groups), args.markdown)
         return
     impls = sorted({i for g in groups.values() for i in g}, key=lambda i: (i != "fastmod", i))
     # Ratios are taken against fastmod where a group has it, else against "dense".
@@ -75,10 +75,11 @@ def main(argv=None):
         info = g.get(base, {}).get("extra_info", {})
         row.append(", ".join(f"{k}={v}" for k, v in info.items() if k not in ("impl", "bytes")))
         rows.append(row)
-    _print(head, rows, args.markdown)
+    print_table(head, rows, args.markdown)
 
 
-def _print(head, rows, markdown):
+def print_table(head, rows, markdown):
+    """Rows as a Markdown table, or as plain space-separated columns."""
     if markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
