@@ -1,0 +1,45 @@
+"""The benchmark helper scripts still run: summarize.py (both tables) on a small
+pytest-benchmark JSON, and interleaved_routed_conv.py on one tiny case."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastmod import _extension
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _bench(group, impl, median, **extra):
+    return {"group": group, "param": impl, "stats": {"median": median},
+            "extra_info": {"impl": impl, **extra}}
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, check=True).stdout
+
+
+def test_summarize_tables(tmp_path):
+    g = "routed_conv frn3x3-64 hw56 fwd"
+    data = {"benchmarks": [_bench(g, "dense", 0.010, density=1.0), _bench(g, "compiled", 0.011),
+                           _bench(g, "routed@1.0", 0.010), _bench(g, "routed@0.57", 0.0066),
+                           _bench(g, "routed@0.3", 0.0041), _bench(g, "routed@0.1", 0.0025)]}
+    f = tmp_path / "b.json"
+    f.write_text(json.dumps(data))
+    plain = _run(os.path.join(BENCH, "summarize.py"), str(f), "--markdown")
+    assert "0.66x" in plain
+    routed = _run(os.path.join(BENCH, "summarize.py"), str(f), "--markdown", "--routed")
+    # 0.66 <= 0.67 (met), 0.41 > 0.40 (missed), 0.25 > 0.20 (missed)
+    assert "| frn3x3-64 | fwd | 10.00 | 11.00 |" in routed and "yes / no / no" in routed
+
+
+@pytest.mark.skipif(not _extension.has_op("routed_conv2d"), reason="fastmod._C not built")
+def test_interleaved_script_runs(tmp_path):
+    out = tmp_path / "r.json"
+    _run(os.path.join(BENCH, "interleaved_routed_conv.py"), "--cases", "brn3x3-w256-hw7-c8", "--rounds", "2",
+         "--n", "2", "--passes", "fwd,train", "--json", str(out))
+    res = json.loads(out.read_text())["results"]
+    assert [(r["case"], r["pass"]) for r in res] == [("brn3x3-w256-hw7-c8", "fwd"), ("brn3x3-w256-hw7-c8", "train")]
+    assert all(r["dense_ms"] > 0 and set(r["ratio"]) == {"1.0", "0.57", "0.3", "0.1"} for r in res)
