@@ -103,7 +103,7 @@ def main(argv=None):
         p.error(f"unknown case(s) {sorted(unknown)}; known: {[c[0] for c in conv_cases(True)]} and bottleneck")
     results = []
     total = len(jobs) * len(passes)
-    for i, (name, make) in enumerate(jobs):
+    for name, make in jobs:
         for q in passes:
             print(f"[{len(results) + 1}/{total}] {name} {q}", file=sys.stderr, flush=True)
             torch.manual_seed(0)

@@ -15,7 +15,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS: tl.constexpr):
     """Rows of this program, whether each is gated on, and the loop end (0 when no
     row is on, so the loops below do nothing)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -31,7 +31,7 @@ def _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS: tl.constexpr, BLOCK: tl.con
 def routed_bn_row_stats_kernel(x_ptr, gates_ptr, mean_ptr, m2_ptr, C, HW, G, Cb, n_rows,
                                ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """Per row: mean and centred sum of squares (0, 0 for off rows: they are zeros)."""
-    rows, on, end = _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS, BLOCK)
+    rows, on, end = _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS)
     base = rows[:, None] * HW
     s = tl.zeros((ROWS,), dtype=tl.float32)
     for start in range(0, end, BLOCK):
@@ -55,7 +55,7 @@ def routed_bn_row_stats_kernel(x_ptr, gates_ptr, mean_ptr, m2_ptr, C, HW, G, Cb,
 def routed_bn_relu_apply_kernel(x_ptr, gates_ptr, a_ptr, b_ptr, out_ptr, C, HW, G, Cb, n_rows,
                                 ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """out = relu(x * a[c] + b[c]) on rows gated on, 0 on the others (out may be x)."""
-    rows, on, _end = _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS, BLOCK)
+    rows, on, _end = _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS)
     valid = rows < n_rows
     c = rows % C
     a = tl.load(a_ptr + c, mask=valid, other=0.0)
@@ -75,7 +75,7 @@ def routed_bn_relu_apply_kernel(x_ptr, gates_ptr, a_ptr, b_ptr, out_ptr, C, HW, 
 def routed_bn_relu_bwd_sums_kernel(dy_ptr, x_ptr, gates_ptr, a_ptr, b_ptr, mean_ptr, s0_ptr, s1_ptr,
                                    C, HW, G, Cb, n_rows, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """Per row: sum(dz) and sum(dz * (x - mean)), dz = dy where the ReLU passed."""
-    rows, on, end = _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS, BLOCK)
+    rows, on, end = _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS)
     valid = rows < n_rows
     c = rows % C
     a = tl.load(a_ptr + c, mask=valid, other=0.0)
@@ -101,7 +101,7 @@ def routed_bn_relu_bwd_sums_kernel(dy_ptr, x_ptr, gates_ptr, a_ptr, b_ptr, mean_
 def routed_bn_relu_bwd_apply_kernel(dy_ptr, x_ptr, gates_ptr, a_ptr, b_ptr, mean_ptr, k1_ptr, k2_ptr, k3_ptr,
                                     dx_ptr, C, HW, G, Cb, n_rows, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """dx = k1 * dz + k2 + k3 * (x - mean) on rows gated on, 0 on the others."""
-    rows, on, _end = _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS, BLOCK)
+    rows, on, _end = _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS)
     valid = rows < n_rows
     c = rows % C
     a = tl.load(a_ptr + c, mask=valid, other=0.0)[:, None]
@@ -124,11 +124,11 @@ def routed_bn_relu_bwd_apply_kernel(dy_ptr, x_ptr, gates_ptr, a_ptr, b_ptr, mean
 
 @triton.jit
 def _group_tile(c0, start, Cg, HW, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr):
-    """Channel indices (within the group) and offsets (within the block) of one tile."""
+    """Offsets (within the block) and mask of one tile of channels c0 ... (within the group)."""
     ch = c0 + tl.arange(0, BLOCK_C)
     cols = start + tl.arange(0, BLOCK)
     m = (ch[:, None] < Cg) & (cols[None, :] < HW)
-    return ch, ch[:, None] * HW + cols[None, :], m
+    return ch[:, None] * HW + cols[None, :], m
 
 
 @triton.jit
@@ -141,14 +141,14 @@ def gn_add_relu_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_p
     s = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for c0 in range(0, Cg, BLOCK_C):
         for start in range(0, HW, BLOCK):
-            _ch, offs, m = _group_tile(c0, start, Cg, HW, BLOCK_C, BLOCK)
+            offs, m = _group_tile(c0, start, Cg, HW, BLOCK_C, BLOCK)
             s += tl.sum(tl.load(x_ptr + base + offs, mask=m, other=0.0).to(tl.float32), axis=1)
     size = Cg * HW
     mean = tl.sum(s, axis=0) / size
     q = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for c0 in range(0, Cg, BLOCK_C):
         for start in range(0, HW, BLOCK):
-            _ch, offs, m = _group_tile(c0, start, Cg, HW, BLOCK_C, BLOCK)
+            offs, m = _group_tile(c0, start, Cg, HW, BLOCK_C, BLOCK)
             v = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
             d = tl.where(m, v - mean, 0.0)
             q += tl.sum(d * d, axis=1)
@@ -162,7 +162,7 @@ def gn_add_relu_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_p
         a = (w * rstd)[:, None]
         sh = (bb - mean * w * rstd)[:, None]
         for start in range(0, HW, BLOCK):
-            _ch, offs, m = _group_tile(c0, start, Cg, HW, BLOCK_C, BLOCK)
+            offs, m = _group_tile(c0, start, Cg, HW, BLOCK_C, BLOCK)
             v = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
             r = tl.load(r_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
             y = v * a + sh + r
@@ -191,7 +191,7 @@ def gn_add_relu_bwd_kernel(dy_ptr, out_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx
         a0 = tl.zeros((BLOCK_C,), dtype=tl.float32)
         a1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for start in range(0, HW, BLOCK):
-            _ch, offs, m = _group_tile(c0, start, Cg, HW, BLOCK_C, BLOCK)
+            offs, m = _group_tile(c0, start, Cg, HW, BLOCK_C, BLOCK)
             o = tl.load(out_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
             g = tl.load(dy_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
             v = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
@@ -210,7 +210,7 @@ def gn_add_relu_bwd_kernel(dy_ptr, out_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx
         ch = c0 + tl.arange(0, BLOCK_C)
         k1 = (rstd * tl.load(w_ptr + c_first + ch, mask=ch < Cg, other=0.0).to(tl.float32))[:, None]
         for start in range(0, HW, BLOCK):
-            _ch, offs, m = _group_tile(c0, start, Cg, HW, BLOCK_C, BLOCK)
+            offs, m = _group_tile(c0, start, Cg, HW, BLOCK_C, BLOCK)
             o = tl.load(out_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
             g = tl.load(dy_ptr + base + offs, mask=m, other=0.0).to(tl.float32)
             v = tl.load(x_ptr + base + offs, mask=m, other=0.0).to(tl.float32)

@@ -9,6 +9,7 @@ coefficients) are plain torch ops: they are tiny and keep the kernels free of at
 from __future__ import annotations
 
 import torch
+import triton
 from torch.library import triton_op, wrap_triton
 
 from fastmod.kernels import fused_norm as k
@@ -18,20 +19,16 @@ TILE = 2048
 NUM_WARPS = 4
 
 
-def _pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
 def _row_plan(n_rows: int, hw: int):
     """(ROWS, BLOCK, grid) for the row kernels: BLOCK pixels of ROWS rows per program."""
-    block = min(_pow2(hw), 1024)
-    rows = max(1, min(_pow2(n_rows), TILE // block))
+    block = min(triton.next_power_of_2(hw), 1024)
+    rows = max(1, min(triton.next_power_of_2(n_rows), TILE // block))
     return rows, block, (-(-n_rows // rows),)
 
 
 def _group_plan(cg: int, hw: int):
-    block = min(_pow2(hw), 512)
-    return max(1, min(_pow2(cg), TILE // block)), block
+    block = min(triton.next_power_of_2(hw), 512)
+    return max(1, min(triton.next_power_of_2(cg), TILE // block)), block
 
 
 def _bn_affine(weight, bias, mean, var, eps):
