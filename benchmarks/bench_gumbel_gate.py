@@ -50,5 +50,5 @@ def test_gumbel_gate(benchmark, impl, shape, pass_):
     big = x.numel() >= 1 << 22
     saved = saved_bytes(lambda: fn(x))
     run(benchmark, step, group=f"gumbel_gate {pass_} {shape}", impl=impl, nbytes=nbytes,
-        n_rounds=rounds(cpu=3 if big else 50, gpu=100), graph=pass_ == "fwd", warmup=1 if big and DEVICE == "cpu" else 2,
+        n_rounds=rounds(cpu=3 if big else 50, gpu=100), warmup=1 if big and DEVICE == "cpu" else 2,
         saved_for_backward_mb=round(saved / 2**20, 3))

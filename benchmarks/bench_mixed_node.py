@@ -58,4 +58,4 @@ def test_mixed_node(benchmark, impl, case, pass_):
         nbytes = io + grad.nbytes + x1.nbytes + x2.nbytes + x1.nbytes + x2.nbytes  # + read g,x1,x2; write dx1,dx2
     saved = saved_bytes(lambda: fn(x1, x2, alpha))
     run(benchmark, step, group=f"mixed_node {pass_} {case} {tuple(out.shape)}", impl=impl, nbytes=nbytes,
-        n_rounds=rounds(cpu=30, gpu=100), warmup=5, graph=pass_ == "fwd", saved_for_backward_mb=round(saved / 2**20, 2))
+        n_rounds=rounds(cpu=30, gpu=100), warmup=5, saved_for_backward_mb=round(saved / 2**20, 2))

@@ -43,3 +43,48 @@ def test_interleaved_script_runs(tmp_path):
     res = json.loads(out.read_text())["results"]
     assert [(r["case"], r["pass"]) for r in res] == [("brn3x3-w256-hw7-c8", "fwd"), ("brn3x3-w256-hw7-c8", "train")]
     assert all(r["dense_ms"] > 0 and set(r["ratio"]) == {"1.0", "0.57", "0.3", "0.1"} for r in res)
+
+
+def test_graph_target_spreads_replays(monkeypatch):
+    """The GPU timing target: one replay of a reps-step graph per pytest-benchmark
+    round of reps calls, reps sized from a one-step replay and capped by memory.
+    (CUDA itself is faked: this checks the bookkeeping, which no CPU run exercises.)"""
+    import importlib.util
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, name + ".py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    # _harness imports the benchmarks' conftest, a name the tests' conftest holds here.
+    monkeypatch.setitem(sys.modules, "conftest", load("conftest"))
+    _harness = load("_harness")
+    captured, replays = [], []
+
+    class FakeGraph:
+        def __init__(self, reps):
+            self.reps = reps
+
+        def replay(self):
+            replays.append(self.reps)
+
+    def fake_graph(step, reps=1):
+        captured.append(reps)
+        return FakeGraph(reps)
+
+    monkeypatch.setattr(_harness, "cuda_graph", fake_graph)
+    monkeypatch.setattr(_harness, "_median_wall", lambda step, n: 50e-6)  # a 50 us step
+    target, reps = _harness.graph_target(lambda: None)
+    assert reps == 20 and captured == [1, 20]  # 20 x 50 us = the 1 ms aimed at
+    replays.clear()
+    for _ in range(3 * reps):  # three pytest-benchmark rounds of `reps` calls
+        target()
+    assert replays == [20, 20, 20]
+    # Memory cap: 3 GiB per step leaves room for 2 steps under 8 GiB.
+    _, reps = _harness.graph_target(lambda: None, peak_bytes=3 << 30)
+    assert reps == 2
+    # A step slower than the aim is captured once and replayed every call.
+    monkeypatch.setattr(_harness, "_median_wall", lambda step, n: 5e-3)
+    captured.clear()
+    _, reps = _harness.graph_target(lambda: None)
+    assert reps == 1 and captured == [1]
