@@ -6,7 +6,8 @@
 # 2. the routed-conv CUDA kernel tests          -> tests_routed.log  (never run on a GPU before)
 # 3. routed-conv benchmark, CPU subset of shapes, routed vs dense -> bench_routed_conv.json
 # 4. the mixed-node / Gumbel / router tests     -> tests.log
-# 5. the mixed-node and Gumbel benchmarks       -> bench_*.json
+# 5. kernels launched per call, each way        -> launch_counts.json
+# 6. the mixed-node and Gumbel benchmarks       -> bench_*.json
 # Results go to $OUT (env.txt with per-stage rc and seconds, summary.md).  A stage
 # starts only with at least 20 s left and is cut at its own limit or the deadline,
 # whichever comes first, so a slow stage still leaves the later ones some time.
@@ -73,6 +74,9 @@ stage tests "${TEST_LIMIT:-90}" "${PYTEST[@]}" tests/test_mixed_node.py tests/te
     tests/test_load_balancing.py tests/test_router.py tests/test_fused_norm.py tests/test_routed_modules.py \
     > "$OUT/tests.log" 2>&1
 tail -25 "$OUT/tests.log"
+
+echo "== kernel launches per call"
+stage launch_counts 60 python3 scripts/launch_counts.py --json "$OUT/launch_counts.json" 2>&1 | tee -a "$OUT/env.txt"
 
 echo "== mixed-node and Gumbel benchmarks"
 bench mixed_node "${BENCH_LIMIT:-90}"

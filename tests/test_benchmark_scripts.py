@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastmod import _extension
 
@@ -88,3 +89,12 @@ def test_graph_target_spreads_replays(monkeypatch):
     captured.clear()
     _, reps = _harness.graph_target(lambda: None)
     assert reps == 1 and captured == [1]
+
+
+def test_launch_counts_script_explains_itself():
+    root = os.path.dirname(BENCH)
+    script = os.path.join(root, "scripts", "launch_counts.py")
+    assert "one launch each way" in _run(script, "--help")
+    if not torch.cuda.is_available():  # without a GPU it says so and exits 2
+        r = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "needs a GPU" in r.stderr
