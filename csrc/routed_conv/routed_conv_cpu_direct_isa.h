@@ -24,12 +24,20 @@ template <int MR, int NV, int KKT, bool SCALED, bool FLIP>
 FM_KERNEL_INLINE void accumulate(V (&acc)[MR][NV], const float* x, const float* const* w,
                                  int64_t cstride, int64_t c0, int64_t c1, float scale, int64_t L,
                                  int KK_rt, const int64_t* off, const uint16_t* masks,
-                                 int64_t lane0) {
+                                 int64_t lane0, int64_t pf) {
   const int KK = KKT ? KKT : KK_rt;
   const V sc = VT::set1(scale);
   for (int64_t c = c0; c < c1; ++c) {
     const float* xc = x + c * L;
     const int64_t wc = c * cstride;
+    // The lines of this channel the next pixel tile reaches furthest into (pf).  A
+    // channel's rows are L floats apart, too many interleaved streams for the
+    // hardware prefetcher; asking a tile ahead (into L2: a whole tile's channels
+    // pass before they are read) measured 0.75-0.93x the time on the cold 1x1
+    // convs of a bottleneck, ~1.0x on warm 3x3 ones.
+    _mm_prefetch((const char*)(xc + pf), _MM_HINT_T1);
+    _mm_prefetch((const char*)(xc + pf + 16), _MM_HINT_T1);
+    _mm_prefetch((const char*)(xc + pf + 31), _MM_HINT_T1);
     FM_UNROLL for (int t = 0; t < KK; ++t) {
       V b[NV];
       FM_UNROLL for (int v = 0; v < NV; ++v) {
@@ -55,15 +63,17 @@ FM_TARGET void tile(const RowJob& job, const PixelPlan& plan, int64_t tile_idx, 
   FM_UNROLL for (int i = 0; i < MR; ++i)
     FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = VT::zero();
   const float* x = job.x + p0;
+  // Prefetch offset: the next tile's first pixel plus the largest tap offset.
+  const int64_t pf = kPixels - lane0 + plan.tap_offset[plan.KK - 1];
   for (int s = 0; s < job.nseg; ++s) {
     const Segment seg = job.segs[s];
     if (seg.scale == 1.0f)
       accumulate<MR, NV, KKT, false, FLIP>(acc, x, job.w_row, job.w_cstride, seg.c0, seg.c1, 1.0f,
-                                           plan.L, plan.KK, plan.tap_offset.data(), masks, lane0);
+                                           plan.L, plan.KK, plan.tap_offset.data(), masks, lane0, pf);
     else
       accumulate<MR, NV, KKT, true, FLIP>(acc, x, job.w_row, job.w_cstride, seg.c0, seg.c1,
                                           seg.scale, plan.L, plan.KK, plan.tap_offset.data(), masks,
-                                          lane0);
+                                          lane0, pf);
   }
   const uint16_t* sm = plan.store_mask.data() + tile_idx * 2;
   FM_UNROLL for (int i = 0; i < MR; ++i) {
