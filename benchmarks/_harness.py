@@ -64,10 +64,11 @@ def _median_wall(step, n):
     return sorted(times)[n // 2]
 
 
-# One replay + synchronize costs ~30 us of launch and sync latency whatever the
-# graph holds (the H100 run of 2026-11-26 timed a single 64x8x32 gate kernel at
-# 34 us and the 10-kernel eager gate at 45 us): small steps are captured `reps`
-# times in one graph, enough for ~1 ms of GPU work, so that cost is spread thin.
+# One replay + synchronize has a fixed cost of roughly 30 us whatever the graph
+# holds (inferred from the H100 run of 2026-11-26: the 64x8x32 gate, one kernel
+# and its seed draw, timed at 34 us, the 10-kernel eager gate at 45 us): small
+# steps are captured `reps` times in one graph, enough for ~1 ms of GPU work, so
+# that cost is spread thin.
 _REPLAY_S = 1e-3
 _MAX_REPS = 64
 _MAX_GRAPH_BYTES = 8 << 30
