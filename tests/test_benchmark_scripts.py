@@ -98,3 +98,16 @@ def test_launch_counts_script_explains_itself():
     if not torch.cuda.is_available():  # without a GPU it says so and exits 2
         r = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "needs a GPU" in r.stderr
+
+
+def test_summarize_compares_like_with_like(tmp_path):
+    """A GPU group where one implementation fell back to the wall clock is compared
+    on every implementation's wall clock, not graph time against wall time."""
+    g = "gumbel_gate fwd+bwd 64x8x32"
+    data = {"benchmarks": [
+        _bench(g, "fastmod", 0.00001, timing="cuda-graph", wall_ms=0.5),
+        _bench(g, "eager", 0.0004, timing="wall (capture failed: x)", wall_ms=0.4)]}
+    f = tmp_path / "b.json"
+    f.write_text(json.dumps(data))
+    table = _run(os.path.join(BENCH, "summarize.py"), str(f), "--markdown")
+    assert "mixed timings" in table and "| 0.500 | 0.400 | 0.80x |" in table
