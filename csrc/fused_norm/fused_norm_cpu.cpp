@@ -21,6 +21,7 @@
 #include <tuple>
 
 #include "common/cpu_clones.h"
+#include "fused_norm/fused_norm_cpu.h"
 
 // The selects below only vectorise when FP ops may be assumed not to trap
 // (GCC's default -ftrapping-math blocks if-conversion); results are unchanged.
@@ -307,6 +308,28 @@ std::tuple<Tensor, Tensor, Tensor> routed_bn_relu_backward(const Tensor& grad_ou
   return {dx, dw, db};
 }
 
+}  // namespace
+
+// Declared in fused_norm_cpu.h (the routed conv's fused inference epilogue uses it).
+GnStats gn_add_relu_block(const float* x, const float* r, float* out, int64_t cg, int64_t hw,
+                          const float* w, const float* b, double eps) {
+  const double M = static_cast<double>(cg) * hw;
+  double s = 0.0;
+  for (int64_t c = 0; c < cg; ++c) s += row_sum(x + c * hw, hw);
+  const double m = s / M;
+  double q = 0.0;
+  for (int64_t c = 0; c < cg; ++c) q += row_sq_dev(x + c * hw, hw, static_cast<float>(m));
+  const double rs = 1.0 / std::sqrt(q / M + eps);
+  for (int64_t c = 0; c < cg; ++c) {
+    const double a = w[c] * rs;
+    row_affine_relu(x + c * hw, r + c * hw, out + c * hw, hw, static_cast<float>(a),
+                    static_cast<float>(b[c] - m * a));
+  }
+  return {static_cast<float>(m), static_cast<float>(rs)};
+}
+
+namespace {
+
 // ---- group_norm_add_relu -----------------------------------------------------------
 
 struct GroupLayout {
@@ -340,26 +363,13 @@ std::tuple<Tensor, Tensor> gn_add_relu_into(const Tensor& x, const Tensor& resid
   float* sp = rstd.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
-  const double M = static_cast<double>(l.Cg) * l.HW;
   at::parallel_for(0, l.N * l.G, grain(l.Cg * l.HW), [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t c_first = (blk % l.G) * l.Cg, base = (blk / l.G) * l.C * l.HW;
-      double s = 0.0;
-      for (int64_t c = c_first; c < c_first + l.Cg; ++c) s += row_sum(xp + base + c * l.HW, l.HW);
-      const double m = s / M;
-      double q = 0.0;
-      for (int64_t c = c_first; c < c_first + l.Cg; ++c) {
-        q += row_sq_dev(xp + base + c * l.HW, l.HW, static_cast<float>(m));
-      }
-      const double rs = 1.0 / std::sqrt(q / M + eps);
-      mp[blk] = static_cast<float>(m);
-      sp[blk] = static_cast<float>(rs);
-      for (int64_t c = c_first; c < c_first + l.Cg; ++c) {
-        const double a = wp[c] * rs;
-        const int64_t off = base + c * l.HW;
-        row_affine_relu(xp + off, rp + off, op + off, l.HW, static_cast<float>(a),
-                        static_cast<float>(bp[c] - m * a));
-      }
+      const int64_t c_first = (blk % l.G) * l.Cg, off = (blk / l.G) * l.C * l.HW + c_first * l.HW;
+      const GnStats st = gn_add_relu_block(xp + off, rp + off, op + off, l.Cg, l.HW, wp + c_first,
+                                           bp + c_first, eps);
+      mp[blk] = st.mean;
+      sp[blk] = st.rstd;
     }
   });
   return {mean, rstd};

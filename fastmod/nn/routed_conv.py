@@ -17,6 +17,7 @@ from fastmod.nn._norm_args import batch_norm_args
 from fastmod.nn._switch import KernelSwitch
 from fastmod.ops import fused_norm
 from fastmod.ops.routed_conv import GATE_MODES, ROUTER_GRADS, routed_conv2d
+from fastmod.ops.routed_conv_gn import routed_conv2d_group_norm_add_relu
 from fastmod import _checks
 
 
@@ -110,7 +111,10 @@ class RoutedBottleneck(_RoutedBlock):
     branches' activations at zero instead of relu(BN(0)), which nothing downstream
     reads except the exact router gradient of off branches, so it is used only when
     that gradient is not needed: ``router_grad="active"``, or gates that do not
-    require grad, or no autograd.
+    require grad, or no autograd.  Without autograd on the CPU, the closing conv
+    and the GroupNorm epilogue run as one op
+    (``fastmod.ops.routed_conv2d_group_norm_add_relu``), so conv3's full-size
+    output is never written out and read back.
     """
 
     def __init__(self, in_ch: int, width: int, out_ch: int, cardinality: int, stride: int = 1,
@@ -141,11 +145,17 @@ class RoutedBottleneck(_RoutedBlock):
         # Without autograd the epilogues overwrite the conv outputs (fresh temporaries).
         y = self._bn_relu(self.bn1, self.conv1(x, gates), gates, routed_bn, not grad)
         y = self._bn_relu(self.bn2, self.conv2(y, gates), gates, routed_bn, not grad)
-        y = self.conv3(y, gates)
         if fused and isinstance(self.bn3, nn.GroupNorm):
             gn = self.bn3
-            return fused_norm.group_norm_add_relu(y, self.shortcut(x), gn.num_groups, gn.weight, gn.bias,
-                                                  gn.eps, inplace=not grad)
+            if not grad and x.device.type == "cpu":
+                # Inference: conv3 and its epilogue in one pass (conv3's output never
+                # goes to memory); float32 runs the fused kernel, anything else its parts.
+                return routed_conv2d_group_norm_add_relu(y, self.conv3.weight, gates, self.shortcut(x),
+                                                         gn.num_groups, gn.weight, gn.bias, gn.eps,
+                                                         backend=self.backend)
+            return fused_norm.group_norm_add_relu(self.conv3(y, gates), self.shortcut(x), gn.num_groups,
+                                                  gn.weight, gn.bias, gn.eps, inplace=not grad)
+        y = self.conv3(y, gates)
         return torch.relu_(self.bn3(y) + self.shortcut(x))
 
     @staticmethod

@@ -6,6 +6,8 @@ from fastmod.ops.load_balancing import load_balancing_loss
 from fastmod.ops.fused_norm import (group_norm_add_relu, group_norm_add_relu_reference,
                                      routed_batch_norm_relu, routed_batch_norm_relu_reference)
 from fastmod.ops.routed_conv import routed_conv2d, routed_conv2d_reference
+from fastmod.ops.routed_conv_gn import (routed_conv2d_group_norm_add_relu,
+                                        routed_conv2d_group_norm_add_relu_reference)
 
 __all__ = [
     "OP_NAMES",
@@ -21,4 +23,6 @@ __all__ = [
     "routed_batch_norm_relu_reference",
     "group_norm_add_relu",
     "group_norm_add_relu_reference",
+    "routed_conv2d_group_norm_add_relu",
+    "routed_conv2d_group_norm_add_relu_reference",
 ]
