@@ -196,3 +196,18 @@ def test_hypothesis_shapes(n, blocks, per, cg, groups, h, w, k, seed):
     with torch.no_grad():
         got = fused(*_f32(*args[:4]), groups, *_f32(*args[4:]), padding=k // 2, backend="cpu")
     torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=2e-4)
+
+
+def test_not_a_tensor():
+    with pytest.raises(TypeError, match="x"):
+        fused([1.0], torch.randn(8, 8, 1, 1), torch.ones(2, 2), torch.randn(2, 8, 4, 4), 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_runs_the_two_ops():
+    gen = torch.Generator().manual_seed(8)
+    args = _case(2, 8, 8, 1, 4, 4, G=2, gen=gen)
+    want = reference(*args[:4], 2, *args[4:])
+    with torch.no_grad():
+        got = fused(*[t.float().cuda() for t in args[:4]], 2, *[t.float().cuda() for t in args[4:]])
+    torch.testing.assert_close(got.cpu(), want.float(), **TOL)

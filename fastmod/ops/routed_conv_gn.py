@@ -17,11 +17,11 @@ rows with the routed conv's direct kernels and normalises, adds and rectifies it
 while it is in cache, so that tensor never makes the round trip to memory.
 
 It is an inference kernel (no backward): when autograd needs the result (grad
-mode on and any input requiring grad), on other devices and dtypes, and with
-``backend="reference"`` or ``FASTMOD_KERNELS=0``, the call runs the two ops it
-fuses instead (``routed_conv2d`` then ``group_norm_add_relu``, or their
-references), which give every gradient.  Backends: ``"cpu"`` (fastmod._C,
-float32 CPU tensors) and ``"reference"``.
+mode on and any input requiring grad), and on other devices and dtypes, the call
+runs the two ops it fuses instead (``routed_conv2d`` then
+``group_norm_add_relu``, each picking its own backend), which give every
+gradient; ``backend="reference"`` or ``FASTMOD_KERNELS=0`` runs their references.
+Backends: ``"cpu"`` (fastmod._C, float32 CPU tensors) and ``"reference"``.
 """
 from __future__ import annotations
 
@@ -38,9 +38,11 @@ _OP = "routed_conv2d_gn_add_relu"
 
 def _check(x, weight, residual, padding):
     """The constraints beyond those of the two ops it fuses; returns padding as an int."""
+    _checks.tensor("x", x)
+    _checks.tensor("weight", weight)
     if isinstance(padding, bool) or not isinstance(padding, int):
         raise TypeError(f"padding must be an int, got {type(padding).__name__}")
-    if isinstance(weight, torch.Tensor) and weight.dim() == 4:
+    if weight.dim() == 4:
         k = weight.shape[2]
         if weight.shape[3] != k or k % 2 == 0 or padding != (k - 1) // 2:
             raise ValueError(f"weight must be [Cout, Cin, k, k] with k odd and padding = (k - 1) / 2 "
@@ -76,12 +78,12 @@ def routed_conv2d_group_norm_add_relu(
     """
     padding = _check(x, weight, residual, padding)
     chosen = backends.select(_OP, backend, x.device, ("cpu",), cpp_op=_OP)
-    if chosen == "reference":
+    if backend == "reference" or not backends.kernels_enabled():
         return routed_conv2d_group_norm_add_relu_reference(x, weight, gates, residual, num_groups, gn_weight,
-                                                           gn_bias, eps, padding=padding)
+                                                           gn_bias, eps, padding=padding, router_grad=router_grad)
     floats = all(t is None or t.dtype == torch.float32 for t in (x, weight, residual, gn_weight, gn_bias))
-    if not floats or x.device.type != "cpu" or _needs_grad(x, weight, gates, residual, gn_weight, gn_bias):
-        # The two differentiable ops (they check every argument themselves).
+    if chosen != "cpu" or not floats or _needs_grad(x, weight, gates, residual, gn_weight, gn_bias):
+        # The two differentiable ops, each on its own best backend (they check every argument).
         y = routed_conv2d(x, weight, gates, padding=padding, gate_on="in", router_grad=router_grad,
                           backend=backend)
         return group_norm_add_relu(y, residual, num_groups, gn_weight, gn_bias, eps, backend=backend)
