@@ -200,6 +200,19 @@ def test_bottleneck_compiles_fullgraph():
 
 
 @needs_ext
+def test_bottleneck_inference_compiles_fullgraph():
+    """Eval without autograd (the fused closing conv + GroupNorm op) traces too."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = RoutedBottleneck(32, 16, 32, cardinality=4).eval()
+    x, g = torch.randn(4, 32, 8, 8), gates_for(4, 4)
+    with torch.no_grad():
+        y = torch.compile(block, fullgraph=True)(x, g)
+        block.use_kernels = False
+        torch.testing.assert_close(y, block(x, g), atol=1e-5, rtol=1e-5)
+
+
+@needs_ext
 @pytest.mark.parametrize("train", [True, False])
 def test_bottleneck_no_grad_in_place_epilogues(train):
     """Under no_grad the fused epilogues overwrite the conv outputs: same result."""
