@@ -11,6 +11,7 @@
 // other dtypes and CPUs without AVX2 use the ATen path.  No torch in here.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -52,6 +53,16 @@ struct Segment {
   int64_t c0, c1;
   float scale;
 };
+
+// Appends channels [c0, c1) to the segment list segs[first, ...), extending the last
+// segment when it ends at c0 with the same scale (FRN's one-channel blocks would
+// otherwise pay the segment overhead per channel).
+inline void add_segment(std::vector<Segment>& segs, size_t first, int64_t c0, int64_t c1, float scale) {
+  if (segs.size() > first && segs.back().c1 == c0 && segs.back().scale == scale)
+    segs.back().c1 = c1;
+  else
+    segs.push_back({c0, c1, scale});
+}
 
 // out_row[i][p] = row_scale[i] * (bias[i] + sum_seg seg.scale * sum_{c in seg, t}
 //                  w_row[i][c*w_cstride + (w_flip ? -t : t)] * x[c*L + p + tap_offset[t]])

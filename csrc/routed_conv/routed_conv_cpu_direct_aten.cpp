@@ -40,14 +40,8 @@ struct Jobs {
   }
   int64_t rows() const { return (int64_t)w_row.size(); }
 
-  // Appends channels [c0, c1) to the segment list that starts at seg0, extending the
-  // last segment when it ends at c0 with the same scale (FRN's one-channel blocks
-  // would otherwise pay the segment overhead per channel).
   void seg(int64_t seg0, int64_t c0, int64_t c1, float scale) {
-    if ((int64_t)segs.size() > seg0 && segs.back().c1 == c0 && segs.back().scale == scale)
-      segs.back().c1 = c1;
-    else
-      segs.push_back({c0, c1, scale});
+    direct::add_segment(segs, (size_t)seg0, c0, c1, scale);
   }
 
   // Rows [r0, r1) of the flat row arrays become jobs of at most kRows rows.

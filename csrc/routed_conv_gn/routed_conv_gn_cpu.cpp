@@ -54,19 +54,18 @@ at::Tensor conv_gn_add_relu(const at::Tensor& x_, const at::Tensor& w_, const at
   at::Tensor out = direct ? at::empty({N, C, H, W}, x.options())
                           : forward(x, w, gates, c10::nullopt, {1, 1}, padding, {1, 1}, 1, "in", false);
   if (out.numel() == 0) return out;
-  const at::Tensor gf = gates.detach().to(at::kCPU, at::kFloat).contiguous();
-  const float* gp = gf.data_ptr<float>();
-  // Per sample: its active input blocks as reduction segments scaled by their gates.
+  // Per sample (direct kernels only): its active input blocks as reduction segments
+  // scaled by their gates.
   std::vector<std::vector<direct::Segment>> segs(N);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t b = 0; b < G; ++b) {
-      const float gv = gp[n * G + b];
-      if (gv == 0.0f) continue;
-      auto& s = segs[n];
-      if (!s.empty() && s.back().c1 == b * Cb && s.back().scale == gv) s.back().c1 = (b + 1) * Cb;
-      else s.push_back({b * Cb, (b + 1) * Cb, gv});
-    }
-  const direct::PixelPlan plan = direct::make_plan(H, W, w.size(2), w.size(3), padding[0], padding[1], 1, 1);
+  direct::PixelPlan plan;
+  if (direct) {
+    const at::Tensor gf = gates.detach().to(at::kCPU, at::kFloat).contiguous();
+    const float* gp = gf.data_ptr<float>();
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t b = 0; b < G; ++b)
+        if (gp[n * G + b] != 0.0f) direct::add_segment(segs[n], 0, b * Cb, (b + 1) * Cb, gp[n * G + b]);
+    plan = direct::make_plan(H, W, w.size(2), w.size(3), padding[0], padding[1], 1, 1);
+  }
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   const float* rp = r.data_ptr<float>();
