@@ -201,7 +201,7 @@ def test_bottleneck_compiles_fullgraph():
 
 @needs_ext
 def test_bottleneck_inference_compiles_fullgraph():
-    """Eval without autograd (the fused closing conv + GroupNorm op) traces too."""
+    """Eval without autograd (the whole-block op routed_bottleneck_gn) traces too."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     block = RoutedBottleneck(32, 16, 32, cardinality=4).eval()

@@ -7,6 +7,7 @@ without running statistics), so a module that swaps ``torch.relu(bn(x))`` for
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -21,3 +22,17 @@ def batch_norm_args(bn: nn.BatchNorm2d) -> dict:
     keep = not bn.training or bn.track_running_stats
     return dict(running_mean=bn.running_mean if keep else None, running_var=bn.running_var if keep else None,
                 weight=bn.weight, bias=bn.bias, training=use_batch_stats, momentum=momentum, eps=bn.eps)
+
+
+def folded_batch_norm(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(scale, shift) with ``bn(y) == y * scale + shift`` per channel, when ``bn`` uses
+    its running statistics (eval mode); None when it would use batch statistics."""
+    if bn.training or bn.running_mean is None or bn.running_var is None:
+        return None
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift

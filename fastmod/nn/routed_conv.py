@@ -13,10 +13,11 @@ import math
 import torch
 from torch import nn
 
-from fastmod.nn._norm_args import batch_norm_args
+from fastmod.nn._norm_args import batch_norm_args, folded_batch_norm
 from fastmod.nn._switch import KernelSwitch
 from fastmod.ops import fused_norm
 from fastmod.ops.routed_conv import GATE_MODES, ROUTER_GRADS, routed_conv2d
+from fastmod.ops.routed_bottleneck import routed_bottleneck_gn
 from fastmod.ops.routed_conv_gn import routed_conv2d_group_norm_add_relu
 from fastmod import _checks
 
@@ -114,7 +115,9 @@ class RoutedBottleneck(_RoutedBlock):
     require grad, or no autograd.  Without autograd on the CPU, the closing conv
     and the GroupNorm epilogue run as one op
     (``fastmod.ops.routed_conv2d_group_norm_add_relu``), so conv3's full-size
-    output is never written out and read back.
+    output is never written out and read back; with stride 1 and the BatchNorms in
+    eval mode the whole block is one op (``fastmod.ops.routed_bottleneck_gn``), which
+    does not write the off branches' inner activations at all.
     """
 
     def __init__(self, in_ch: int, width: int, out_ch: int, cardinality: int, stride: int = 1,
@@ -142,6 +145,10 @@ class RoutedBottleneck(_RoutedBlock):
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, *self.parameters()))
         exact = self.conv1.router_grad != "active" and gates.requires_grad and torch.is_grad_enabled()
         routed_bn = fused and not exact
+        if fused and not grad and x.device.type == "cpu" and isinstance(self.bn3, nn.GroupNorm):
+            whole = self._whole_block(x, gates)
+            if whole is not None:
+                return whole
         # Without autograd the epilogues overwrite the conv outputs (fresh temporaries).
         y = self._bn_relu(self.bn1, self.conv1(x, gates), gates, routed_bn, not grad)
         y = self._bn_relu(self.bn2, self.conv2(y, gates), gates, routed_bn, not grad)
@@ -157,6 +164,18 @@ class RoutedBottleneck(_RoutedBlock):
                                                   gn.weight, gn.bias, gn.eps, inplace=not grad)
         y = self.conv3(y, gates)
         return torch.relu_(self.bn3(y) + self.shortcut(x))
+
+    def _whole_block(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor | None:
+        """Inference with stride 1 and BatchNorms on running statistics: the whole
+        block as one op (``routed_bottleneck_gn``: the inner activations' off blocks
+        are never written); None when those conditions do not hold."""
+        bn1, bn2 = folded_batch_norm(self.bn1), folded_batch_norm(self.bn2)
+        if bn1 is None or bn2 is None or self.conv2.stride != (1, 1):
+            return None
+        gn = self.bn3
+        return routed_bottleneck_gn(x, gates, self.conv1.weight, *bn1, self.conv2.weight, *bn2, self.conv3.weight,
+                                    self.shortcut(x), gn.num_groups, gn.weight, gn.bias, gn.eps,
+                                    backend=self.backend)
 
     @staticmethod
     def _bn_relu(bn: nn.BatchNorm2d, y: torch.Tensor, gates: torch.Tensor, routed: bool,

@@ -8,6 +8,7 @@ from fastmod.ops.fused_norm import (group_norm_add_relu, group_norm_add_relu_ref
 from fastmod.ops.routed_conv import routed_conv2d, routed_conv2d_reference
 from fastmod.ops.routed_conv_gn import (routed_conv2d_group_norm_add_relu,
                                         routed_conv2d_group_norm_add_relu_reference)
+from fastmod.ops.routed_bottleneck import routed_bottleneck_gn, routed_bottleneck_gn_reference
 
 __all__ = [
     "OP_NAMES",
@@ -25,4 +26,6 @@ __all__ = [
     "group_norm_add_relu_reference",
     "routed_conv2d_group_norm_add_relu",
     "routed_conv2d_group_norm_add_relu_reference",
+    "routed_bottleneck_gn",
+    "routed_bottleneck_gn_reference",
 ]
