@@ -17,14 +17,14 @@ inline unsigned lane_bits(const uint16_t* tile_words, int64_t lane0) {
 }
 
 // acc += the segment's channels [c0, c1) over all taps, for the NV vectors at
-// pixel lanes lane0 ... of the tile whose tap masks are `masks`; SCALED multiplies
-// the input vectors by the segment scale (a template flag: a runtime test per tap
-// costs as much as the FMAs it guards).
+// pixel lanes lane0 ... of a tile; bits[t * NV + v] is the lane mask of tap t's
+// vector v (the same for every channel, so the caller works it out once per tile).
+// SCALED multiplies the input vectors by the segment scale (a template flag: a
+// runtime test per tap costs as much as the FMAs it guards).
 template <int MR, int NV, int KKT, bool SCALED, bool FLIP>
 FM_KERNEL_INLINE void accumulate(V (&acc)[MR][NV], const float* x, const float* const* w,
                                  int64_t cstride, int64_t c0, int64_t c1, float scale, int64_t L,
-                                 int KK_rt, const int64_t* off, const uint16_t* masks,
-                                 int64_t lane0, int64_t pf) {
+                                 int KK_rt, const int64_t* off, const unsigned* bits, int64_t pf) {
   const int KK = KKT ? KKT : KK_rt;
   const V sc = VT::set1(scale);
   for (int64_t c = c0; c < c1; ++c) {
@@ -41,7 +41,7 @@ FM_KERNEL_INLINE void accumulate(V (&acc)[MR][NV], const float* x, const float* 
     FM_UNROLL for (int t = 0; t < KK; ++t) {
       V b[NV];
       FM_UNROLL for (int v = 0; v < NV; ++v) {
-        b[v] = VT::load_mask(lane_bits(masks + t * 2, lane0 + v * W), xc + off[t] + v * W);
+        b[v] = VT::load_mask(bits[t * NV + v], xc + off[t] + v * W);
         if (SCALED) b[v] = VT::mul(b[v], sc);
       }
       FM_UNROLL for (int i = 0; i < MR; ++i) {
@@ -59,6 +59,17 @@ template <int MR, int NV, int KKT, bool FLIP>
 FM_TARGET void tile(const RowJob& job, const PixelPlan& plan, int64_t tile_idx, int64_t lane0) {
   const int64_t p0 = tile_idx * kPixels + lane0;
   const uint16_t* masks = plan.tap_mask.data() + tile_idx * plan.KK * 2;
+  // The tile's lane masks per (tap, vector), out of the channel loop (worked out
+  // per channel, they cost several scalar instructions per vector load).
+  unsigned fixed_bits[(KKT ? KKT : 1) * NV];
+  unsigned* bits = fixed_bits;
+  if constexpr (!KKT) {  // kernel sizes other than 1x1 and 3x3
+    thread_local std::vector<unsigned> any_bits;
+    any_bits.resize((size_t)plan.KK * NV);
+    bits = any_bits.data();
+  }
+  for (int t = 0; t < plan.KK; ++t)
+    FM_UNROLL for (int v = 0; v < NV; ++v) bits[t * NV + v] = lane_bits(masks + t * 2, lane0 + v * W);
   V acc[MR][NV];
   FM_UNROLL for (int i = 0; i < MR; ++i)
     FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = VT::zero();
@@ -69,11 +80,10 @@ FM_TARGET void tile(const RowJob& job, const PixelPlan& plan, int64_t tile_idx, 
     const Segment seg = job.segs[s];
     if (seg.scale == 1.0f)
       accumulate<MR, NV, KKT, false, FLIP>(acc, x, job.w_row, job.w_cstride, seg.c0, seg.c1, 1.0f,
-                                           plan.L, plan.KK, plan.tap_offset.data(), masks, lane0, pf);
+                                           plan.L, plan.KK, plan.tap_offset.data(), bits, pf);
     else
       accumulate<MR, NV, KKT, true, FLIP>(acc, x, job.w_row, job.w_cstride, seg.c0, seg.c1,
-                                          seg.scale, plan.L, plan.KK, plan.tap_offset.data(), masks,
-                                          lane0, pf);
+                                          seg.scale, plan.L, plan.KK, plan.tap_offset.data(), bits, pf);
   }
   const uint16_t* sm = plan.store_mask.data() + tile_idx * 2;
   FM_UNROLL for (int i = 0; i < MR; ++i) {
