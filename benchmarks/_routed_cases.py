@@ -60,6 +60,10 @@ def conv_runner(case, impl: str, rho: float, pass_: str, n: int, device, referen
     dy = torch.randn(n, cout, hw, hw, device=device)
 
     def run():
+        # A training step starts with no gradients (optimizer.zero_grad(), set_to_none
+        # by default), so backward hands over the new ones instead of adding them
+        # into last step's.
+        xr.grad = wr.grad = gr.grad = None
         fn(xr, wr, gr).backward(dy)
     return run, 3 * flops / 1e9, g.mean().item()
 
@@ -85,6 +89,8 @@ def bottleneck_runner(stage, impl: str, rho: float, pass_: str, n: int, device, 
     dy = torch.randn(n, 2 * width, hw, hw, device=device)
 
     def run():
+        block.zero_grad(set_to_none=True)  # a fresh training step (see conv_runner)
+        xr.grad = gr.grad = None
         block(xr, gr).backward(dy)
     return run, g.mean().item()
 

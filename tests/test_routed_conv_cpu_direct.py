@@ -195,3 +195,30 @@ def test_in_mode_weight_gradient_channel_lists(k, kind):
         y = fn(x.to(dt), wl, g.to(dt), **kw, **extra)
         grads.append(torch.autograd.grad(y, wl, dy.to(dt))[0])
     torch.testing.assert_close(grads[0], grads[1].float(), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["group", "out"])
+def test_large_off_blocks_streamed_zeros(mode):
+    # Over 1 MiB of off blocks in the output (and in grad_x for "group"): those
+    # zeros are written with streaming stores; they must be exact zeros and the
+    # active blocks must still match.
+    gen = torch.Generator().manual_seed(11)
+    G, c = 8, 64
+    x = torch.randn(8, c, 32, 32, generator=gen, requires_grad=True)
+    wt = torch.randn(c, c // G if mode == "group" else c, 3, 3, generator=gen) / 24
+    g = (torch.rand(8, G, generator=gen) < 0.25).float()
+    g[:, 0] = 1.0  # an active block per sample, so the direct kernels run
+    kw = dict(padding=1, groups=G if mode == "group" else 1, gate_on=mode, router_grad="active")
+    out = routed_conv2d(x, wt, g, backend="cpu", **kw)
+    off = (g == 0).repeat_interleave(c // G, dim=1)  # [N, C]: output rows of off blocks
+    assert off.sum() * 32 * 32 * 4 > 1 << 20
+    assert torch.equal(out[off], torch.zeros_like(out[off]))
+    dy = torch.randn(out.shape, generator=gen)
+    (gx,) = torch.autograd.grad(out, x, dy)
+    xd = x.detach().double().requires_grad_(True)
+    want = routed_conv2d_reference(xd, wt.double(), g.double(), **kw)
+    (gxd,) = torch.autograd.grad(want, xd, dy.double())
+    torch.testing.assert_close(out, want.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gx, gxd.float(), rtol=1e-4, atol=1e-4)
+    if mode == "group":
+        assert torch.equal(gx[off], torch.zeros_like(gx[off]))

@@ -11,6 +11,11 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // SSE2 streaming stores: part of every x86-64 CPU
+#define FM_STREAM_STORES 1
+#endif
+
 namespace fastmod {
 namespace routed_conv {
 
@@ -169,13 +174,36 @@ void wgrad_out_cl(const float* xp, const float* dyp, const float* gp, int64_t N,
   });
 }
 
+// n zero floats at p, with streaming stores where 16-byte aligned.
+void zero_stream(float* p, int64_t n) {
+#ifdef FM_STREAM_STORES
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(p + i) & 15u); ++i) p[i] = 0.0f;
+  const __m128 z = _mm_setzero_ps();
+  for (; i + 4 <= n; i += 4) _mm_stream_ps(p + i, z);
+  for (; i < n; ++i) p[i] = 0.0f;
+#else
+  std::memset(p, 0, sizeof(float) * n);
+#endif
+}
+
 // Zeroes blocks b (contiguous runs of `len` floats at base + b * len).  ATen's
-// index_fill_ took 10x a memset of the same bytes here.
+// index_fill_ took 10x a memset of the same bytes here.  Above 1 MiB in all the
+// stores bypass the caches: the zeros are not read back soon (routed consumers
+// skip off blocks) and a cached store first reads each line in.  Paired A/B in
+// one process, 25 shuffled rounds, N = 8: 0.88-0.99x the memset version's time
+// at rho = 0.1 and 0.95-1.0x at 0.57 over five BRN/FRN cases, fwd and train.
 void zero_blocks(float* base, const std::vector<int64_t>& blocks, int64_t len) {
+  const bool stream = (int64_t)blocks.size() * len * (int64_t)sizeof(float) > (1 << 20);
   at::parallel_for(0, (int64_t)blocks.size(), std::max<int64_t>(1, 65536 / std::max<int64_t>(len, 1)),
                    [&](int64_t b0, int64_t b1) {
-                     for (int64_t b = b0; b < b1; ++b)
-                       std::memset(base + blocks[b] * len, 0, sizeof(float) * len);
+                     for (int64_t b = b0; b < b1; ++b) {
+                       if (stream) zero_stream(base + blocks[b] * len, len);
+                       else std::memset(base + blocks[b] * len, 0, sizeof(float) * len);
+                     }
+#ifdef FM_STREAM_STORES
+                     if (stream) _mm_sfence();  // order the streaming stores before the join
+#endif
                    });
 }
 
