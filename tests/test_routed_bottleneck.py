@@ -7,10 +7,6 @@ multiple of the vector width, BN scales of zero), the paths that run separate op
 instead (autograd, other dtypes, FASTMOD_ROUTED_CONV_DIRECT=0 inside the kernel),
 opcheck, torch.compile, bad arguments, and RoutedBottleneck's use of it.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,12 +18,14 @@ from fastmod.nn import routed_conv as nn_routed
 from fastmod.ops import routed_bottleneck_gn as fused
 from fastmod.ops import routed_bottleneck_gn_reference as reference
 
+from _routed_helpers import assert_grads_match_reference, run_with_direct_setting
+
 needs_ext = pytest.mark.skipif(not _extension.has_op("routed_bottleneck_gn"), reason="fastmod._C not built")
 TOL = dict(rtol=1e-4, atol=2e-4)
 
 
 def _case(n, cin, width, cout, G, k, h, w, gen, kind="random"):
-    """(tensors..., num_groups-independent) arguments of the op in float64."""
+    """The op's ten tensor arguments (x ... residual), then gn_weight, gn_bias; float64."""
     def rnd(*shape, scale=1.0):
         return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
     x = rnd(n, cin, h, w)
@@ -98,16 +96,9 @@ def test_autograd_runs_separate_ops():
     # gradient exists and matches the reference's.
     gen = torch.Generator().manual_seed(3)
     t, gw, gb = _case(2, 8, 8, 8, 4, 3, 4, 4, gen=gen, kind="soft")
-    leaves64 = [a.requires_grad_() for a in t + [gw, gb]]
-    leaves32 = [a.detach().float().requires_grad_() for a in leaves64]
-    got = fused(*leaves32[:10], 2, *leaves32[10:], backend="cpu")
-    want = reference(*leaves64[:10], 2, *leaves64[10:])
-    dy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
-    grads = torch.autograd.grad(got, leaves32, dy.float())
-    grads_ref = torch.autograd.grad(want, leaves64, dy)
-    torch.testing.assert_close(got, want.float(), **TOL)
-    for a, b in zip(grads, grads_ref):
-        torch.testing.assert_close(a, b.float(), rtol=1e-3, atol=2e-3)
+    assert_grads_match_reference(lambda *a: fused(*a[:10], 2, *a[10:], backend="cpu"),
+                                 lambda *a: reference(*a[:10], 2, *a[10:]), t + [gw, gb], gen, TOL,
+                                 rtol=1e-3, atol=2e-3)
 
 
 def test_other_dtypes_and_reference_backend():
@@ -142,9 +133,7 @@ for k in (1, 3):
     torch.testing.assert_close(got, ref(*args), rtol=1e-4, atol=1e-4)
 print("ok")
 """
-    env = dict(os.environ, FASTMOD_ROUTED_CONV_DIRECT="0")
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    run_with_direct_setting(script)
 
 
 @needs_ext

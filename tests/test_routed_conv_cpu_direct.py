@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from fastmod import _extension
 from fastmod.ops import routed_conv2d, routed_conv2d_reference
 
+from _routed_helpers import run_with_direct_setting
+
 pytestmark = pytest.mark.skipif(not _extension.has_op("routed_conv2d"), reason="fastmod._C not built")
 
 SHAPES = [(1, 1), (4, 4), (5, 7), (7, 7), (3, 11), (17, 2), (6, 6), (9, 13)]
@@ -108,9 +110,6 @@ def test_other_cpu_paths_match_reference(direct):
     # FASTMOD_ROUTED_CONV_DIRECT is read once per process: "0" sends float32 to the
     # ATen path (CPUs without AVX2), "avx2" forces the AVX2 build of the direct
     # kernels (CPUs without AVX-512).  Each is checked in a fresh process.
-    import os
-    import subprocess
-    import sys
     script = """
 import torch
 from fastmod.ops import routed_conv2d, routed_conv2d_reference
@@ -135,9 +134,7 @@ for mode, cin, cout, groups, k in cases:
             torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=2e-3)
 print("ok")
 """
-    env = dict(os.environ, FASTMOD_ROUTED_CONV_DIRECT=direct)
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    run_with_direct_setting(script, direct)
 
 
 @settings(max_examples=150, deadline=None)

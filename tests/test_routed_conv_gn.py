@@ -5,22 +5,20 @@ The fused kernel against the float64 reference (1x1 and 3x3, binary and scaled
 gates, samples with every block off, norm groups narrower and wider than the gate
 blocks, images whose size is no multiple of the vector width), the paths that run
 the two ops instead (autograd, other dtypes, FASTMOD_ROUTED_CONV_DIRECT=0 inside
-the kernel), opcheck, torch.compile, bad arguments, and RoutedBottleneck's
-inference path against its reference path.
+the kernel), opcheck, torch.compile and bad arguments.  RoutedBottleneck runs this op
+without autograd when the whole-block op does not apply (stride 2, BatchNorms on
+batch statistics): test_routed_bottleneck.py checks that path against the reference.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fastmod import _extension
-from fastmod.nn import RoutedBottleneck
 from fastmod.ops import routed_conv2d_group_norm_add_relu as fused
 from fastmod.ops import routed_conv2d_group_norm_add_relu_reference as reference
+
+from _routed_helpers import assert_grads_match_reference, run_with_direct_setting
 
 needs_ext = pytest.mark.skipif(not _extension.has_op("routed_conv2d_gn_add_relu"), reason="fastmod._C not built")
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -88,18 +86,10 @@ def test_autograd_runs_the_two_ops():
     # With inputs that need gradients the call is routed_conv2d + group_norm_add_relu,
     # so every gradient exists and matches the reference's.
     gen = torch.Generator().manual_seed(3)
-    leaves64 = [t.requires_grad_() for t in _case(2, 8, 8, 1, 4, 4, G=4, gen=gen, kind="soft")]
-    leaves32 = [t.detach().float().requires_grad_() for t in leaves64]
-    x, wt, g, r, gw, gb = leaves32
-    got = fused(x, wt, g, r, 4, gw, gb, router_grad="exact", backend="cpu")
-    x6, w6, g6, r6, gw6, gb6 = leaves64
-    want = reference(x6, w6, g6, r6, 4, gw6, gb6, router_grad="exact")
-    dy = torch.randn(want.shape, generator=gen, dtype=torch.float64)
-    grads = torch.autograd.grad(got, leaves32, dy.float())
-    grads_ref = torch.autograd.grad(want, leaves64, dy)
-    torch.testing.assert_close(got, want.float(), **TOL)
-    for a, b in zip(grads, grads_ref):
-        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-3)
+    assert_grads_match_reference(
+        lambda x, wt, g, r, gw, gb: fused(x, wt, g, r, 4, gw, gb, router_grad="exact", backend="cpu"),
+        lambda x, wt, g, r, gw, gb: reference(x, wt, g, r, 4, gw, gb, router_grad="exact"),
+        list(_case(2, 8, 8, 1, 4, 4, G=4, gen=gen, kind="soft")), gen, TOL, rtol=1e-4, atol=1e-3)
 
 
 def test_other_dtypes_and_reference_backend():
@@ -128,9 +118,7 @@ for k in (1, 3):
     torch.testing.assert_close(got, ref(x, w, g, r, 2, gw, gb, padding=k // 2), rtol=1e-4, atol=1e-4)
 print("ok")
 """
-    env = dict(os.environ, FASTMOD_ROUTED_CONV_DIRECT="0")
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    run_with_direct_setting(script)
 
 
 @needs_ext
@@ -164,24 +152,6 @@ def test_bad_arguments(kwargs, exc, word):
     r = torch.randn(*kwargs.get("residual_shape", (2, 8, 4, 4)))
     with torch.no_grad(), pytest.raises(exc, match=word):
         fused(x, wt, g, r, kwargs.get("num_groups", 2), padding=kwargs.get("padding", 0))
-
-
-@needs_ext
-@pytest.mark.parametrize("rho", [0.0, 0.3, 1.0])
-def test_bottleneck_inference_matches_reference(rho):
-    # (test_routed_modules.py checks that this path calls the fused op)
-    torch.manual_seed(7)
-    block = RoutedBottleneck(32, 16, 32, cardinality=4).eval()
-    for p in block.parameters():  # GroupNorm's affine off its (1, 0) init
-        p.data.add_(0.1 * torch.randn_like(p))
-    x = torch.randn(3, 32, 6, 7)
-    gates = (torch.rand(3, 4) < rho).float()
-    with torch.no_grad():
-        block.use_kernels = True
-        got = block(x, gates)
-        block.use_kernels = False
-        want = block(x, gates)
-    torch.testing.assert_close(got, want, **TOL)
 
 
 @needs_ext
