@@ -71,6 +71,7 @@ stage tests_routed "${ROUTED_TEST_LIMIT:-120}" "${PYTEST[@]}" tests/test_routed_
 stage tests_ops "${TEST_LIMIT:-120}" "${PYTEST[@]}" tests/test_mixed_node.py tests/test_gumbel_gate.py \
     tests/test_load_balancing.py tests/test_router.py > "$OUT/tests.log" 2>&1 &
 stage tests_norm "${TEST_LIMIT:-120}" "${PYTEST[@]}" tests/test_fused_norm.py tests/test_routed_modules.py tests/test_routed_conv_gn.py \
+    tests/test_routed_bottleneck.py \
     > "$OUT/tests_norm.log" 2>&1 &
 wait
 for log in tests_routed tests tests_norm; do echo "-- $log"; tail -15 "$OUT/$log.log"; done
