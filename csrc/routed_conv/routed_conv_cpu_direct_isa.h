@@ -115,27 +115,30 @@ FM_TARGET float dot(const float* a, const float* b, int64_t n) {
 // costs as much as W pixels; a dot product per row and pixel about a tenth of that.
 // Measured at N = 8, "out" 3x3, G = Cout, forward, A/B in one process: 512 -> 512 at
 // 7x7 (49 = 3 x 16 + 1) ~11% faster; 256 -> 256 at 14x14 (196 = 12 x 16 + 4) 0-6%.
-// Forward layout only: contiguous, unflipped weight rows.
+// Forward layout (contiguous weight rows), and grad_x's transposed, flipped layout
+// when a channel's taps fit one vector (its KK weights per row are contiguous).
 inline int64_t dot_tail(const RowJob& job, const PixelPlan& plan) {
-  if (job.w_flip || job.w_cstride != plan.KK) return 0;
+  if (job.w_flip ? (plan.KK < 2 || plan.KK > W) : job.w_cstride != plan.KK) return 0;
   const int64_t tail = plan.L % W;
   return tail <= W / 4 ? tail : 0;
 }
 
 // The input columns of the tail pixels of one sample: [pixel][channel][tap], zero
-// where a tap falls into the padding, times the segment's scale.  Consecutive jobs
+// where a tap falls into the padding, times the segment's scale; taps in reverse
+// order for a flipped job (so that they line up with its weights).  Consecutive jobs
 // of a thread are mostly rows of the same sample, so the last columns gathered are
-// kept and reused while (call, x, segments) are the same.
+// kept and reused while (call, x, segments, flip) are the same.
 struct TailColumns {
   uint64_t plan_id = 0;
   const float* x = nullptr;
+  bool flip = false;
   std::vector<Segment> segs;
   int64_t cols = 0;  // floats per pixel
   std::vector<float> data;
   std::vector<int64_t> off;  // per tap: its input offset for the pixel, -1 in the padding
 
   bool same(const RowJob& job, const PixelPlan& plan) const {
-    if (plan_id != plan.id || x != job.x || (int)segs.size() != job.nseg) return false;
+    if (plan_id != plan.id || x != job.x || flip != job.w_flip || (int)segs.size() != job.nseg) return false;
     for (int s = 0; s < job.nseg; ++s)
       if (segs[s].c0 != job.segs[s].c0 || segs[s].c1 != job.segs[s].c1 || segs[s].scale != job.segs[s].scale)
         return false;
@@ -149,6 +152,7 @@ struct TailColumns {
     for (int s = 0; s < job.nseg; ++s) cmax = job.segs[s].c1 > cmax ? job.segs[s].c1 : cmax;
     plan_id = plan.id;
     x = job.x;
+    flip = job.w_flip;
     segs.assign(job.segs, job.segs + job.nseg);
     cols = cmax * KK;
     data.resize((L - p0) * cols);
@@ -162,18 +166,54 @@ struct TailColumns {
         const Segment seg = job.segs[s];
         for (int64_t c = seg.c0; c < seg.c1; ++c) {
           const float* xc = job.x + c * L;
-          for (int t = 0; t < KK; ++t) col[c * KK + t] = off[t] >= 0 ? seg.scale * xc[off[t]] : 0.0f;
+          for (int t = 0; t < KK; ++t)
+            col[c * KK + (flip ? KK - 1 - t : t)] = off[t] >= 0 ? seg.scale * xc[off[t]] : 0.0f;
         }
       }
     }
   }
 };
 
+// Flipped (grad_x) layout: row i's KK weights of channel c run backwards from
+// w_row[i] + c * w_cstride, i.e. forwards from there minus KK - 1, and the column's
+// taps are stored reversed to match; one masked vector per (row, channel), reduced
+// once per row and pixel.
+template <int MR>
+FM_TARGET void tail_pixels_flip(const RowJob& job, const PixelPlan& plan, int64_t p0, const TailColumns& cols) {
+  const int KK = plan.KK;
+  const unsigned m = (1u << KK) - 1u;
+  for (int64_t p = p0; p < plan.L; ++p) {
+    const float* col = cols.data.data() + (p - p0) * cols.cols;
+    V acc[MR];
+    FM_UNROLL for (int i = 0; i < MR; ++i) acc[i] = VT::zero();
+    for (int s = 0; s < job.nseg; ++s)
+      for (int64_t c = job.segs[s].c0; c < job.segs[s].c1; ++c) {
+        const V b = VT::load_mask(m, col + c * KK);
+        const int64_t wo = c * job.w_cstride - (KK - 1);
+        FM_UNROLL for (int i = 0; i < MR; ++i) acc[i] = VT::fmadd(VT::load_mask(m, job.w_row[i] + wo), b, acc[i]);
+      }
+    FM_UNROLL for (int i = 0; i < MR; ++i) {
+      const float v = (job.bias ? job.bias[i] : 0.0f) + VT::reduce(acc[i]);
+      job.out_row[i][p] = job.row_scale ? v * job.row_scale[i] : v;
+    }
+  }
+}
+
 // Output pixels [p0, L) of every row as dot products of the weight row with the
 // pixel's input column.
+inline TailColumns& tail_cache() {
+  thread_local TailColumns cache;  // one per thread, whatever the tile size
+  return cache;
+}
+
+template <int MR>
 FM_TARGET void tail_pixels(const RowJob& job, const PixelPlan& plan, int64_t p0) {
-  thread_local TailColumns cache;
+  TailColumns& cache = tail_cache();
   if (!cache.same(job, plan)) cache.gather(job, plan, p0);
+  if (job.w_flip) {
+    tail_pixels_flip<MR>(job, plan, p0, cache);
+    return;
+  }
   const int KK = plan.KK;
   for (int64_t p = p0; p < plan.L; ++p) {
     const float* col = cache.data.data() + (p - p0) * cache.cols;
@@ -202,7 +242,7 @@ FM_TARGET void rows_flip(const RowJob& job, const PixelPlan& plan) {
       if (left > W) tile<MR, 2, KKT, FLIP>(job, plan, t, lane0);
       else tile<MR, 1, KKT, FLIP>(job, plan, t, lane0);
     }
-  if (tail) tail_pixels(job, plan, Lv);
+  if (tail) tail_pixels<MR>(job, plan, Lv);
 }
 
 template <int MR, int KKT>
