@@ -44,7 +44,7 @@ from fastmod import _checks, _extension, backends
 from fastmod.ops import fused_norm
 from fastmod.ops import routed_conv as _routed_conv
 from fastmod.ops.routed_conv import routed_conv2d, routed_conv2d_reference
-from fastmod.ops.routed_conv_gn import (routed_conv2d_group_norm_add_relu,
+from fastmod.ops.routed_conv_gn import (_needs_grad, routed_conv2d_group_norm_add_relu,
                                         routed_conv2d_group_norm_add_relu_reference)
 
 _OP = "routed_bottleneck_gn"
@@ -119,10 +119,8 @@ def routed_bottleneck_gn(
     chosen = backends.select(_OP, backend, x.device, ("cpu",), cpp_op=_OP)
     if backend == "reference" or not backends.kernels_enabled():
         return routed_bottleneck_gn_reference(*args)
-    floats = all(t is None or t.dtype == torch.float32 for t in (*tensors[2:], x, gn_weight, gn_bias))
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (*tensors, gn_weight, gn_bias))
-    if chosen != "cpu" or not floats or grad:
+    floats = all(t is None or t.dtype == torch.float32 for t in (x, *tensors[2:], gn_weight, gn_bias))
+    if chosen != "cpu" or not floats or _needs_grad(*tensors, gn_weight, gn_bias):
         return _composed(*args, functools.partial(routed_conv2d, backend=backend),
                          functools.partial(routed_conv2d_group_norm_add_relu, backend=backend))
     # The fused kernel: the argument checks of the ops it replaces, on shape-only probes
