@@ -85,6 +85,23 @@ _capture_failed = False
 def _stop_capturing():
     global _capture_failed
     _capture_failed = True
+    # A capture that fails ends without the CUDA generator's capture epilogue, so
+    # its state still says "capturing" and every later torch.rand raises "Offset
+    # increment outside graph capture" (the 2026-11-27 H100 run: all fwd+bwd cases
+    # after the first failed capture).  A clone of the state is not capturing.
+    gen = torch.cuda.default_generators[torch.cuda.current_device()]
+    try:
+        gen.graphsafe_set_state(gen.clone_state())
+    except (AttributeError, RuntimeError):
+        pass
+
+
+def _capture_error(e: BaseException) -> str:
+    """The first line of the error that broke a capture: the one raised inside the
+    capture (chained as __context__), not capture_end's 'previous error'."""
+    while e.__context__ is not None:
+        e = e.__context__
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
 
 
 def graph_target(step, peak_bytes: int = 0):
@@ -150,7 +167,7 @@ def run(benchmark, step, *, group: str, impl: str, nbytes: int, n_rounds: int, w
             except Exception as e:  # a step that cannot be captured: fall back to the wall clock
                 _stop_capturing()
                 torch.cuda.synchronize()
-                timing = f"wall (capture failed: {str(e).splitlines()[0][:120]})"
+                timing = f"wall (capture failed: {_capture_error(e)})"
         elif _capture_failed:
             timing = "wall (an earlier capture in this process failed)"
         benchmark.extra_info["timing"] = timing
