@@ -24,6 +24,17 @@ def compiled(fn):
     return torch.compile(fn)
 
 
+def fresh_leaves(*tensors):
+    """New leaf tensors (views, no copy) that require grad, for one forward +
+    backward step.  A leaf's autograd node keeps the stream that was current when
+    it was made, and the backward's last step makes the caller's stream wait on
+    it: a leaf made on the default stream before a CUDA-graph capture breaks the
+    capture ("operation would make the legacy stream depend on a capturing
+    blocking stream", the 2026-11-27 H100 run; pytorch/pytorch#164302).  Leaves
+    made inside each step are made on the stream that is capturing."""
+    return [t.detach().requires_grad_(True) for t in tensors]
+
+
 def saved_bytes(fn) -> int:
     """Bytes of distinct storages autograd saves for backward while running fn()."""
     seen = {}

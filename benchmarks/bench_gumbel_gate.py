@@ -7,7 +7,7 @@ The reference draws its noise with torch.rand, as a plain-PyTorch gate would.
 import pytest
 import torch
 
-from _harness import IMPLS, compiled, rounds, run, saved_bytes
+from _harness import IMPLS, compiled, fresh_leaves, rounds, run, saved_bytes
 from conftest import DEVICE
 from fastmod.ops import gumbel_sigmoid_gate, gumbel_sigmoid_gate_reference
 
@@ -45,7 +45,8 @@ def test_gumbel_gate(benchmark, impl, shape, pass_):
         nbytes = 2 * x.nbytes  # read logits, write gates
     else:
         def step():
-            torch.autograd.grad(fn(x), (x,), grad)
+            leaf, = fresh_leaves(x)
+            torch.autograd.grad(fn(leaf), (leaf,), grad)
         nbytes = 5 * x.nbytes  # + read grad and logits, write grad_in
     big = x.numel() >= 1 << 22
     saved = saved_bytes(lambda: fn(x))
