@@ -3,6 +3,11 @@
 One launch forward, one backward; 1-D grid, BLOCK elements per program.  Noise:
 ``tl.randint4x(seed, i // 4)`` word ``i % 4`` -> u = (r >> 9)·2⁻²³ + 2⁻²⁴, the stream
 the C++ CPU kernel reproduces bit for bit.  Everything is computed in float32.
+
+The seed comes either from a one-element int64 tensor on the device (``SEED_FROM_PTR``:
+under torch.compile and CUDA-graph capture, where a host value would be baked in) or
+as a host integer argument (eager calls: no seed-drawing kernel before the gate).
+``seed_val`` is never specialised on, so every host seed runs the same compiled kernel.
 """
 import triton
 import triton.language as tl
@@ -11,9 +16,12 @@ BLOCK = 1024
 
 
 @triton.jit
-def _uniform(seed_ptr, pid, BLOCK: tl.constexpr):
+def _uniform(seed_ptr, seed_val, pid, SEED_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
     """u for elements [pid * BLOCK, (pid + 1) * BLOCK), in (0, 1) strictly."""
-    seed = tl.load(seed_ptr)
+    if SEED_FROM_PTR:
+        seed = tl.load(seed_ptr)
+    else:
+        seed = seed_val
     ctr = pid.to(tl.int64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
     r0, r1, r2, r3 = tl.randint4x(seed, ctr)
     # element 4c + k takes word k of counter c
@@ -22,22 +30,23 @@ def _uniform(seed_ptr, pid, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _pre_activation(x_ptr, seed_ptr, pid, offs, mask, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+def _pre_activation(x_ptr, seed_ptr, seed_val, pid, offs, mask, STOCHASTIC: tl.constexpr,
+                    SEED_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
     """z = logits + t (t = 0 when deterministic), float32."""
     z = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if STOCHASTIC:
-        u = _uniform(seed_ptr, pid, BLOCK)
+        u = _uniform(seed_ptr, seed_val, pid, SEED_FROM_PTR, BLOCK)
         z = z + tl.log(u / (1.0 - u))
     return z
 
 
-@triton.jit
-def gate_fwd_kernel(x_ptr, seed_ptr, out_ptr, n, inv_tau, HARD: tl.constexpr, STOCHASTIC: tl.constexpr,
-                    BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["seed_val"])
+def gate_fwd_kernel(x_ptr, seed_ptr, seed_val, out_ptr, n, inv_tau, HARD: tl.constexpr, STOCHASTIC: tl.constexpr,
+                    SEED_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    z = _pre_activation(x_ptr, seed_ptr, pid, offs, mask, STOCHASTIC, BLOCK)
+    z = _pre_activation(x_ptr, seed_ptr, seed_val, pid, offs, mask, STOCHASTIC, SEED_FROM_PTR, BLOCK)
     if HARD:
         out = tl.where(z > 0.0, 1.0, 0.0)  # == sigmoid(z / tau) > 0.5, without rounding at 0.5
     else:
@@ -48,12 +57,13 @@ def gate_fwd_kernel(x_ptr, seed_ptr, out_ptr, n, inv_tau, HARD: tl.constexpr, ST
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def gate_bwd_kernel(g_ptr, x_ptr, seed_ptr, gin_ptr, n, inv_tau, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["seed_val"])
+def gate_bwd_kernel(g_ptr, x_ptr, seed_ptr, seed_val, gin_ptr, n, inv_tau, STOCHASTIC: tl.constexpr,
+                    SEED_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    z = _pre_activation(x_ptr, seed_ptr, pid, offs, mask, STOCHASTIC, BLOCK)
+    z = _pre_activation(x_ptr, seed_ptr, seed_val, pid, offs, mask, STOCHASTIC, SEED_FROM_PTR, BLOCK)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     # s(1 - s) = e / (1 + e)^2 with e = exp(-|w|): no cancellation, 0 at |w| = inf
     e = tl.exp(-tl.abs(z * inv_tau))
@@ -61,8 +71,8 @@ def gate_bwd_kernel(g_ptr, x_ptr, seed_ptr, gin_ptr, n, inv_tau, STOCHASTIC: tl.
     tl.store(gin_ptr + offs, (g * (e * d * d * inv_tau)).to(gin_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def noise_kernel(seed_ptr, u_ptr, n, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["seed_val"])
+def noise_kernel(seed_ptr, seed_val, u_ptr, n, SEED_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(u_ptr + offs, _uniform(seed_ptr, pid, BLOCK), mask=offs < n)
+    tl.store(u_ptr + offs, _uniform(seed_ptr, seed_val, pid, SEED_FROM_PTR, BLOCK), mask=offs < n)

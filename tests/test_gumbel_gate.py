@@ -27,7 +27,7 @@ def _call_with_noise(x, tau, hard, backend, seed_value=1234):
     """A public stochastic call and the uniforms it used (regenerated from the same generator state)."""
     g = torch.Generator(device=x.device).manual_seed(seed_value)
     out = gumbel_sigmoid_gate(x, tau, hard=hard, stochastic=True, generator=g, backend=backend)
-    seed = gg._draw_seed(x.device, torch.Generator(device=x.device).manual_seed(seed_value))
+    seed = gg._next_seed(backend, x.device, torch.Generator(device=x.device).manual_seed(seed_value))
     return out, gg._noise(x, seed, backend=backend)
 
 
@@ -131,6 +131,49 @@ def test_cpu_and_triton_draw_the_same_noise():
         a = torch.ops.fastmod.gumbel_sigmoid_gate(x, seed, 0.5, hard)
         b = torch.ops.fastmod.gumbel_sigmoid_gate_triton(x.to(dev), seed.to(dev), 0.5, hard).cpu()
         torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton")
+@pytest.mark.parametrize("hard", [True, False])
+def test_triton_host_seed_is_the_seed_tensor(hard):
+    """An eager Triton call passes its seed as a host integer (one launch, no seed-drawing
+    kernel); the kernels draw the same stream from it as from a seed tensor of that value."""
+    dev = _dev("triton")
+    assert isinstance(gg._next_seed("triton", torch.device(dev)), int)
+    assert isinstance(gg._next_seed("cpu", torch.device("cpu")), torch.Tensor)
+    key = gg._host_key(123, 8)
+    x = torch.randn(3, 700, device=dev, requires_grad=True)
+    seed = torch.tensor([key], dtype=torch.int64, device=dev)
+    ops = torch.ops.fastmod
+    a = ops.gumbel_sigmoid_gate_triton(x, None, 0.5, hard, key)
+    b = ops.gumbel_sigmoid_gate_triton(x, seed, 0.5, hard)
+    assert torch.equal(a, b)
+    g = torch.randn_like(x)
+    (ga,) = torch.autograd.grad(a, x, g)
+    (gb,) = torch.autograd.grad(b, x, g)
+    assert torch.equal(ga, gb)
+    assert torch.equal(ops.gumbel_sigmoid_noise_triton(x.detach(), None, key),
+                       ops.gumbel_sigmoid_noise_triton(x.detach(), seed))
+    with pytest.raises(ValueError, match="seed"):
+        ops.gumbel_sigmoid_noise_triton(x.detach(), None)
+
+
+def test_host_key_is_an_int64_above_2_to_62():
+    """Every host key has one Triton type (int64) and successive offsets give new keys."""
+    keys = {gg._host_key(s, off) for s in (0, 1, 2 ** 63 - 1, 2 ** 64 - 1) for off in range(0, 400, 4)}
+    assert len(keys) == 400
+    assert all(2 ** 62 <= k < 2 ** 63 for k in keys)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS or _dev("triton") != "cuda", reason="needs Triton on a GPU")
+def test_cuda_host_seed_advances_the_philox_offset():
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    k1 = gg._next_seed("triton", torch.device("cuda"), gen)
+    assert gen.get_offset() == 4
+    k2 = gg._next_seed("triton", torch.device("cuda"), gen)
+    assert k1 != k2 and gen.get_offset() == 8
+    gen.manual_seed(9)
+    assert gg._next_seed("triton", torch.device("cuda"), gen) == k1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -289,6 +332,11 @@ def _opcheck_cases(backend):
     cases.append((bwd, (torch.randn(3, 40, device=dev), torch.randn(3, 40, device=dev), seed, 0.5)))
     cases.append((bwd, (torch.randn(3, 40, device=dev), torch.randn(3, 40, device=dev), None, 0.5)))
     cases.append((noise, (torch.randn(3, 40, device=dev), seed)))
+    if backend == "triton":  # eager calls' host-integer seed
+        key = gg._host_key(7, 0)
+        cases.append((gate, (x, None, 0.5, True, key)))
+        cases.append((bwd, (torch.randn(3, 40, device=dev), torch.randn(3, 40, device=dev), None, 0.5, key)))
+        cases.append((noise, (torch.randn(3, 40, device=dev), None, key)))
     if backend == "cpu":  # the CPU training-step pair behind the C++ autograd kernel
         for dtype, soft_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                   (torch.float64, torch.float64)):

@@ -11,9 +11,22 @@ so P is 1 with probability exactly sigmoid(P̃), whatever τ.  Deterministic cal
 (evaluation) use t = 0: P = 1[P̃ > 0], gradient through sigmoid(P̃ / τ).
 
 Noise.  The fast paths generate u inside the kernel with counter-based Philox4x32-10
-keyed by a 64-bit seed; the seed is drawn per call with ``torch.randint`` from the
-logits' device generator (or ``generator``), so successive calls draw fresh noise
-and ``torch.manual_seed`` reproduces the gates.  Element i uses counter i // 4 and
+keyed by a 64-bit seed taken per call from the logits' device generator (or
+``generator``), so successive calls draw fresh noise and ``torch.manual_seed``
+reproduces the gates.  How the seed is taken (``_next_seed``):
+
+* C++ CPU op, and Triton under torch.compile or CUDA-graph capture: drawn with
+  ``torch.randint`` into a one-element int64 tensor on the device, which the kernel
+  reads (a capture or a compiled graph then draws a fresh seed at every replay;
+  on a GPU that draw is a second, tiny kernel).
+* Triton, eager: a host integer, so the gate is a single launch.  On CUDA it is a
+  hash of the generator's seed and Philox offset, and the offset is advanced by 4
+  (one Philox call's worth, as a torch.rand of 4 elements would); on the CPU
+  (Triton's interpreter) it is ``torch.randint`` on the host.
+
+The two ways key the stream differently, so an eager call and a compiled or
+captured one with the same seed draw different (equally valid) noise; each is
+reproducible on its own.  Element i uses counter i // 4 and
 output word i % 4 (Triton's ``tl.randint4x`` stream), mapped to
 u = (r >> 9)·2⁻²³ + 2⁻²⁴ ∈ [2⁻²⁴, 1 − 2⁻²⁴]: the CPU (C++) and Triton backends
 draw the same u for the same seed.  ``_noise(logits, seed)`` regenerates it, so
@@ -26,8 +39,8 @@ training step at the router's shapes.  The autograd node is C++
 (csrc/gumbel_gate/gumbel_gate_autograd.cpp), because a Python wrapper cost as much
 per call as the kernels there.  Under ``no_grad`` (or for logits without
 ``requires_grad``) nothing but the gate is written.  Soft gate on the CPU, and
-every Triton call: the logits and the one-element seed tensor; the backward kernel
-regenerates t from the seed (Philox is cheap and counter-based on a GPU, where the
+every Triton call: the logits and the seed (tensor, or host integer kept on the
+autograd node); the backward kernel regenerates t from the seed (Philox is cheap and counter-based on a GPU, where the
 extra B̃ write would cost bandwidth), so the forward writes only its output.
 """
 from __future__ import annotations
@@ -118,10 +131,12 @@ def gumbel_sigmoid_gate(logits: torch.Tensor, tau: float = 1.0, *, hard: bool = 
         if stochastic:
             noise = torch.rand(logits.shape, device=logits.device, generator=generator)
         return gumbel_sigmoid_gate_reference(logits, tau, hard=hard, noise=noise)
-    seed = _draw_seed(logits.device, generator) if stochastic else None
+    seed = _next_seed(which, logits.device, generator) if stochastic else None
     x = logits.contiguous()
     if which == "cpu":
         return torch.ops.fastmod.gumbel_sigmoid_gate(x, seed, tau, hard)
+    if isinstance(seed, int):
+        return torch.ops.fastmod.gumbel_sigmoid_gate_triton(x, None, tau, hard, seed)
     return torch.ops.fastmod.gumbel_sigmoid_gate_triton(x, seed, tau, hard)
 
 
@@ -130,17 +145,46 @@ def _select(backend: str | None, device: torch.device) -> str:
 
 
 def _draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The one-element int64 seed tensor a stochastic call uses (advances the generator)."""
+    """A one-element int64 seed tensor on ``device`` (advances the generator)."""
     return torch.randint(0, SEED_HIGH, (1,), device=device, dtype=torch.int64, generator=generator)
 
 
-def _noise(logits: torch.Tensor, seed: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-    """The float32 uniforms u a fast-path gate call on ``logits`` with ``seed`` uses."""
+def _next_seed(which: str, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor | int:
+    """The seed of the next stochastic call on backend ``which`` (advances the generator):
+    a host int for eager Triton calls, else a seed tensor (see the module docstring)."""
+    if which != "triton" or torch.compiler.is_compiling() or (
+            device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return _draw_seed(device, generator)
+    if device.type != "cuda":
+        return int(_draw_seed(device, generator))  # a host draw: no kernel either way
+    gen = generator if generator is not None else torch.cuda.default_generators[
+        device.index if device.index is not None else torch.cuda.current_device()]
+    offset = gen.get_offset()
+    gen.set_offset(offset + 4)
+    return _host_key(gen.initial_seed(), offset)
+
+
+def _host_key(seed: int, offset: int) -> int:
+    """A Philox key from a generator's (seed, offset): splitmix64 of the pair, put in
+    [2^62, 2^63) so the kernel argument is always an int64 (Triton types a Python int
+    by its value, and a second type would be a second compiled kernel)."""
+    x = (seed * 0x9E3779B97F4A7C15 + offset) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    return (x & (2 ** 62 - 1)) | 2 ** 62
+
+
+def _noise(logits: torch.Tensor, seed: torch.Tensor | int, backend: str | None = None) -> torch.Tensor:
+    """The float32 uniforms u a fast-path gate call on ``logits`` with ``seed`` (a seed
+    tensor, or for Triton the host integer ``_next_seed`` gave) uses."""
     which = _select(backend, logits.device)
     logits = logits.detach()  # only its shape and device matter
     if which == "cpu":
         return torch.ops.fastmod.gumbel_sigmoid_noise(logits, seed)
     if which == "triton":
+        if isinstance(seed, int):
+            return torch.ops.fastmod.gumbel_sigmoid_noise_triton(logits, None, seed)
         return torch.ops.fastmod.gumbel_sigmoid_noise_triton(logits, seed)
     raise ValueError("the reference backend draws its noise with torch.rand; there is no kernel stream to regenerate")
 
@@ -151,15 +195,17 @@ def _noise(logits: torch.Tensor, seed: torch.Tensor, backend: str | None = None)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, seed, tau, _hard = inputs
+    logits, seed, tau, _hard, *host_seed = inputs  # host_seed: the Triton ops' extra argument
     ctx.save_for_backward(logits, seed)
     ctx.tau = tau
+    ctx.host_seed = host_seed
 
 
 def _make_backward(backward_op):
     def backward(ctx, grad):
         logits, seed = ctx.saved_tensors
-        return backward_op(grad.contiguous(), logits.contiguous(), seed, ctx.tau), None, None, None
+        grad_in = backward_op(grad.contiguous(), logits.contiguous(), seed, ctx.tau, *ctx.host_seed)
+        return (grad_in, None, None, None) + (None,) * len(ctx.host_seed)
     return backward
 
 
@@ -202,34 +248,45 @@ if backends.triton_installed():
     def _grid(n):
         return (max(1, math.ceil(n / _kernels.BLOCK)),)
 
-    def _seed_or_dummy(seed, logits):
-        # Triton needs a pointer even in deterministic mode (never read then).
-        return seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=logits.device)
+    def _seed_args(seed, host_seed, logits):
+        """(seed_ptr, seed_val, SEED_FROM_PTR, STOCHASTIC) for a kernel launch.  The seed
+        is the tensor ``seed`` if given, else ``host_seed`` if >= 0, else none (t = 0).
+        Triton needs some pointer when the tensor is absent: ``logits``, never read."""
+        if seed is not None:
+            return seed, 0, True, True
+        return logits, max(host_seed, 0), False, host_seed >= 0
 
     @torch.library.triton_op("fastmod::gumbel_sigmoid_gate_triton", mutates_args=())
-    def _gate_triton(logits: torch.Tensor, seed: torch.Tensor | None, tau: float, hard: bool) -> torch.Tensor:
+    def _gate_triton(logits: torch.Tensor, seed: torch.Tensor | None, tau: float, hard: bool,
+                     host_seed: int = -1) -> torch.Tensor:
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)
         n = logits.numel()
+        ptr, val, from_ptr, stochastic = _seed_args(seed, host_seed, logits)
         torch.library.wrap_triton(_kernels.gate_fwd_kernel)[_grid(n)](
-            logits, _seed_or_dummy(seed, logits), out, n, 1.0 / tau,
-            HARD=hard, STOCHASTIC=seed is not None, BLOCK=_kernels.BLOCK)
+            logits, ptr, val, out, n, 1.0 / tau,
+            HARD=hard, STOCHASTIC=stochastic, SEED_FROM_PTR=from_ptr, BLOCK=_kernels.BLOCK)
         return out
 
     @torch.library.triton_op("fastmod::gumbel_sigmoid_gate_backward_triton", mutates_args=())
     def _gate_backward_triton(grad: torch.Tensor, logits: torch.Tensor, seed: torch.Tensor | None,
-                              tau: float) -> torch.Tensor:
+                              tau: float, host_seed: int = -1) -> torch.Tensor:
         grad_in = torch.empty_like(logits, memory_format=torch.contiguous_format)
         n = logits.numel()
+        ptr, val, from_ptr, stochastic = _seed_args(seed, host_seed, logits)
         torch.library.wrap_triton(_kernels.gate_bwd_kernel)[_grid(n)](
-            grad, logits, _seed_or_dummy(seed, logits), grad_in, n, 1.0 / tau,
-            STOCHASTIC=seed is not None, BLOCK=_kernels.BLOCK)
+            grad, logits, ptr, val, grad_in, n, 1.0 / tau,
+            STOCHASTIC=stochastic, SEED_FROM_PTR=from_ptr, BLOCK=_kernels.BLOCK)
         return grad_in
 
     @torch.library.triton_op("fastmod::gumbel_sigmoid_noise_triton", mutates_args=())
-    def _noise_triton(logits: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    def _noise_triton(logits: torch.Tensor, seed: torch.Tensor | None, host_seed: int = -1) -> torch.Tensor:
+        if seed is None and host_seed < 0:
+            raise ValueError("gumbel_sigmoid_noise_triton needs a seed tensor or a host_seed >= 0")
         u = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
         n = logits.numel()
-        torch.library.wrap_triton(_kernels.noise_kernel)[_grid(n)](seed, u, n, BLOCK=_kernels.BLOCK)
+        ptr, val, from_ptr, _ = _seed_args(seed, host_seed, logits)
+        torch.library.wrap_triton(_kernels.noise_kernel)[_grid(n)](
+            ptr, val, u, n, SEED_FROM_PTR=from_ptr, BLOCK=_kernels.BLOCK)
         return u
 
     _gate_triton.register_autograd(_make_backward(_gate_backward_triton), setup_context=_setup_context)

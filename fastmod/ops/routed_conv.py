@@ -57,9 +57,11 @@ Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
   ``torch.backends.cudnn.allow_tf32`` allows it) on tiles at least 32 channels
   wide, SIMT kernels otherwise (narrow ResNeXt groups, float64;
   ``FASTMOD_ROUTED_CONV_TC=0`` forces SIMT everywhere).  Tested on the CPU through a
-  CUDA emulator (tests/cuda_emu) but **not yet run on a GPU**, so on CUDA tensors
-  ``backend=None`` still runs the reference (dense cuDNN conv + mask) and the
-  kernels run only when asked for with ``backend="cuda"``.  (An earlier "cuda"
+  CUDA emulator (tests/cuda_emu), and on an H100 (2026-11-27: all 482 routed-conv
+  tests pass).  Timed there, they are still slower than the dense cuDNN conv + mask
+  at most shapes (benchmarks/results/h100-2026-11-27), so on CUDA tensors
+  ``backend=None`` runs the reference (dense cuDNN conv + mask) and the kernels run
+  only when asked for with ``backend="cuda"``.  (An earlier "cuda"
   backend, ATen/cuDNN on host-compacted blocks, measured slower than dense on an
   H100 and was replaced.)
 """
@@ -200,9 +202,9 @@ if _extension.has_op("routed_conv2d"):
 
 def _select(backend: str | None, device: torch.device) -> str:
     if backend in (None, "auto") and device.type == "cuda":
-        # The CUDA kernels have not run on a GPU yet (see the module docstring):
-        # "auto" keeps the dense cuDNN path until they are validated and timed;
-        # backend="cuda" runs them.
+        # The CUDA kernels are correct on an H100 but slower than cuDNN there (see
+        # the module docstring): "auto" keeps the dense cuDNN path until they beat
+        # it; backend="cuda" runs them.
         return "reference"
     return backends.select("routed_conv2d", backend, device, _IMPLEMENTED, cpp_op="routed_conv2d")
 
