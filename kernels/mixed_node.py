@@ -7,6 +7,12 @@ operands are never materialised.  One program owns one (k, b) row and a block
 of S positions, and walks a range of C in BLOCK_C chunks: the whole of C when
 the output is L2-normalised over channels (the norm needs it), one chunk
 otherwise.  Arithmetic is fp32 (fp64 for fp64 inputs).
+
+The op weights w = softmax(alpha) (or one-hot at argmax in hard mode), times the
+op mask, are computed from alpha inside each program (six values), so the forward
+is one launch; ``mixed_node_dalpha_kernel`` turns the backward's per-program
+partial sums into dalpha in one more, tiny, launch.  Weights are computed in fp32
+(fp64 for fp64 alpha), as ``fastmod.ops.mixed_node_weights`` does.
 """
 import triton
 import triton.language as tl
@@ -21,14 +27,63 @@ def _upcast(x, IS_FP64: tl.constexpr):
 
 
 @triton.jit
-def _load_weights(w_ptr, k, IS_FP64: tl.constexpr):
-    base = w_ptr + k * 6
-    w0 = _upcast(tl.load(base + 0), IS_FP64)
-    w1 = _upcast(tl.load(base + 1), IS_FP64)
-    w2 = _upcast(tl.load(base + 2), IS_FP64)
-    w3 = _upcast(tl.load(base + 3), IS_FP64)
-    w4 = _upcast(tl.load(base + 4), IS_FP64)
-    w5 = _upcast(tl.load(base + 5), IS_FP64)
+def _take_if_larger(best, idx, a, i):
+    # argmax step with torch.argmax's rules: the first maximum wins, NaN counts as the largest.
+    take = (a > best) | ((a != a) & (best == best))
+    return tl.where(take, a, best), tl.where(take, i, idx)
+
+
+@triton.jit
+def _softmax6(a0, a1, a2, a3, a4, a5, HARD: tl.constexpr):
+    """softmax of one node's six alphas (HARD: one-hot at the argmax)."""
+    if HARD:
+        best, idx = _take_if_larger(a0, 0, a1, 1)
+        best, idx = _take_if_larger(best, idx, a2, 2)
+        best, idx = _take_if_larger(best, idx, a3, 3)
+        best, idx = _take_if_larger(best, idx, a4, 4)
+        best, idx = _take_if_larger(best, idx, a5, 5)
+        return (tl.where(idx == 0, 1.0, 0.0), tl.where(idx == 1, 1.0, 0.0), tl.where(idx == 2, 1.0, 0.0),
+                tl.where(idx == 3, 1.0, 0.0), tl.where(idx == 4, 1.0, 0.0), tl.where(idx == 5, 1.0, 0.0))
+    else:
+        mx = tl.maximum(tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3)), tl.maximum(a4, a5))
+        e0 = tl.exp(a0 - mx)
+        e1 = tl.exp(a1 - mx)
+        e2 = tl.exp(a2 - mx)
+        e3 = tl.exp(a3 - mx)
+        e4 = tl.exp(a4 - mx)
+        e5 = tl.exp(a5 - mx)
+        inv = 1.0 / (e0 + e1 + e2 + e3 + e4 + e5)
+        return e0 * inv, e1 * inv, e2 * inv, e3 * inv, e4 * inv, e5 * inv
+
+
+@triton.jit
+def _node_probs(a_ptr, k, HARD: tl.constexpr, A_FP64: tl.constexpr):
+    base = a_ptr + k * 6
+    return _softmax6(_upcast(tl.load(base + 0), A_FP64), _upcast(tl.load(base + 1), A_FP64),
+                     _upcast(tl.load(base + 2), A_FP64), _upcast(tl.load(base + 3), A_FP64),
+                     _upcast(tl.load(base + 4), A_FP64), _upcast(tl.load(base + 5), A_FP64), HARD)
+
+
+@triton.jit
+def _masked(p, m_ptr, i, HAS_MASK: tl.constexpr):
+    if HAS_MASK:
+        return p * (tl.load(m_ptr + i) != 0).to(p.dtype)  # p * mask, as mixed_node_weights
+    else:
+        return p
+
+
+@triton.jit
+def _load_weights(a_ptr, m_ptr, k, m_stride_k, HAS_MASK: tl.constexpr, HARD: tl.constexpr,
+                  A_FP64: tl.constexpr, IS_FP64: tl.constexpr):
+    """Node k's six op weights, in the inputs' arithmetic dtype."""
+    p0, p1, p2, p3, p4, p5 = _node_probs(a_ptr, k, HARD, A_FP64)
+    mk = m_ptr + k * m_stride_k
+    w0 = _upcast(_masked(p0, mk, 0, HAS_MASK), IS_FP64)
+    w1 = _upcast(_masked(p1, mk, 1, HAS_MASK), IS_FP64)
+    w2 = _upcast(_masked(p2, mk, 2, HAS_MASK), IS_FP64)
+    w3 = _upcast(_masked(p3, mk, 3, HAS_MASK), IS_FP64)
+    w4 = _upcast(_masked(p4, mk, 4, HAS_MASK), IS_FP64)
+    w5 = _upcast(_masked(p5, mk, 5, HAS_MASK), IS_FP64)
     return w0, w1, w2, w3, w4, w5
 
 
@@ -98,16 +153,17 @@ def _row_coords(pid, K, n_sblk, n_cprog, BLOCK_S: tl.constexpr):
 
 @triton.jit
 def mixed_node_fwd_kernel(
-    x1_ptr, x2_ptr, w_ptr, out_ptr,
-    K, B, C, S, n_sblk, n_cprog, c_per_prog,
+    x1_ptr, x2_ptr, a_ptr, m_ptr, out_ptr,
+    K, B, C, S, n_sblk, n_cprog, c_per_prog, m_stride_k,
     s1k, s1b, s1c, s1s, s2k, s2b, s2c, s2s,
+    HAS_MASK: tl.constexpr, HARD: tl.constexpr, A_FP64: tl.constexpr,
     NORMALIZE: tl.constexpr, IS_FP64: tl.constexpr, EPS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     k, b, c_prog, offs_s = _row_coords(pid, K, n_sblk, n_cprog, BLOCK_S)
     mask_s = offs_s < S
-    w0, w1, w2, w3, w4, w5 = _load_weights(w_ptr, k, IS_FP64)
+    w0, w1, w2, w3, w4, w5 = _load_weights(a_ptr, m_ptr, k, m_stride_k, HAS_MASK, HARD, A_FP64, IS_FP64)
     p1 = x1_ptr + k * s1k + b * s1b + offs_s[None, :] * s1s
     p2 = x2_ptr + k * s2k + b * s2b + offs_s[None, :] * s2s
     po = out_ptr + (k * B + b) * C * S + offs_s[None, :]
@@ -176,8 +232,8 @@ def _flush_grad(ptr_row, acc, offs_s, mask_s,
 
 @triton.jit
 def mixed_node_bwd_kernel(
-    g_ptr, x1_ptr, x2_ptr, w_ptr, dx1_ptr, dx2_ptr, dw_ptr,
-    K, B, C, S, n_sblk, n_cprog, c_per_prog,
+    g_ptr, x1_ptr, x2_ptr, a_ptr, m_ptr, dx1_ptr, dx2_ptr, dw_ptr,
+    K, B, C, S, n_sblk, n_cprog, c_per_prog, m_stride_k,
     s1k, s1b, s1c, s1s, s2k, s2b, s2c, s2s,
     # gradient layouts: strides of dx1/dx2 (0 on reduced dims)
     d1k, d1b, d1c, d1s, d2k, d2b, d2c, d2s,
@@ -185,6 +241,7 @@ def mixed_node_bwd_kernel(
     ATOMIC1: tl.constexpr,
     NEED2: tl.constexpr, RED2_K: tl.constexpr, RED2_C: tl.constexpr, RED2_S: tl.constexpr,
     ATOMIC2: tl.constexpr,
+    HAS_MASK: tl.constexpr, HARD: tl.constexpr, A_FP64: tl.constexpr,
     K_INNER: tl.constexpr, NORMALIZE: tl.constexpr, IS_FP64: tl.constexpr, EPS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -215,7 +272,7 @@ def mixed_node_bwd_kernel(
     t2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
 
     for k in range(k_lo, k_hi):
-        w0, w1, w2, w3, w4, w5 = _load_weights(w_ptr, k, IS_FP64)
+        w0, w1, w2, w3, w4, w5 = _load_weights(a_ptr, m_ptr, k, m_stride_k, HAS_MASK, HARD, A_FP64, IS_FP64)
         p1 = x1_ptr + k * s1k + b * s1b + offs_s[None, :] * s1s
         p2 = x2_ptr + k * s2k + b * s2b + offs_s[None, :] * s2s
         pg = g_ptr + (k * B + b) * C * S + offs_s[None, :]
@@ -297,3 +354,52 @@ def mixed_node_bwd_kernel(
         _finish_k_reduced(t1, dx1_ptr + b * d1b, cvec, offs_s, m, mask_s, RED1_C, RED1_S, ATOMIC1, d1c, d1s, c_hi)
     if NEED2 and RED2_K:
         _finish_k_reduced(t2, dx2_ptr + b * d2b, cvec, offs_s, m, mask_s, RED2_C, RED2_S, ATOMIC2, d2c, d2s, c_hi)
+
+
+@triton.jit
+def _part_sum(part_ptr, rows, i, n_part, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
+    # Sum of column i of one node's [n_part, 6] partial sums.
+    acc = tl.zeros([BLOCK_P], dtype=ACC)
+    for p0 in range(0, n_part, BLOCK_P):
+        p = p0 + rows
+        acc += tl.load(part_ptr + p * 6 + i, mask=p < n_part, other=0.0).to(ACC)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def mixed_node_dalpha_kernel(part_ptr, a_ptr, m_ptr, da_ptr, n_part, m_stride_k,
+                             HAS_MASK: tl.constexpr, A_FP64: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One program per node: g_i = the node's summed partial sums (zero where w_i = 0),
+    dalpha = p * (g - <p, g>) with p = softmax(alpha), w = p * mask (soft mode only)."""
+    k = tl.program_id(0).to(tl.int64)
+    ACC = tl.float64 if A_FP64 else tl.float32
+    rows = tl.arange(0, BLOCK_P)
+    base = part_ptr + k * n_part * 6
+    g0 = _part_sum(base, rows, 0, n_part, BLOCK_P, ACC)
+    g1 = _part_sum(base, rows, 1, n_part, BLOCK_P, ACC)
+    g2 = _part_sum(base, rows, 2, n_part, BLOCK_P, ACC)
+    g3 = _part_sum(base, rows, 3, n_part, BLOCK_P, ACC)
+    g4 = _part_sum(base, rows, 4, n_part, BLOCK_P, ACC)
+    g5 = _part_sum(base, rows, 5, n_part, BLOCK_P, ACC)
+    p0, p1, p2, p3, p4, p5 = _node_probs(a_ptr, k, False, A_FP64)
+    mk = m_ptr + k * m_stride_k
+    w0 = _masked(p0, mk, 0, HAS_MASK)
+    w1 = _masked(p1, mk, 1, HAS_MASK)
+    w2 = _masked(p2, mk, 2, HAS_MASK)
+    w3 = _masked(p3, mk, 3, HAS_MASK)
+    w4 = _masked(p4, mk, 4, HAS_MASK)
+    w5 = _masked(p5, mk, 5, HAS_MASK)
+    g0 = tl.where(w0 != 0, g0, 0.0)  # zero-weight ops are cut out of the graph
+    g1 = tl.where(w1 != 0, g1, 0.0)
+    g2 = tl.where(w2 != 0, g2, 0.0)
+    g3 = tl.where(w3 != 0, g3, 0.0)
+    g4 = tl.where(w4 != 0, g4, 0.0)
+    g5 = tl.where(w5 != 0, g5, 0.0)
+    dot = p0 * g0 + p1 * g1 + p2 * g2 + p3 * g3 + p4 * g4 + p5 * g5
+    out = da_ptr + k * 6
+    tl.store(out + 0, (p0 * (g0 - dot)).to(da_ptr.dtype.element_ty))
+    tl.store(out + 1, (p1 * (g1 - dot)).to(da_ptr.dtype.element_ty))
+    tl.store(out + 2, (p2 * (g2 - dot)).to(da_ptr.dtype.element_ty))
+    tl.store(out + 3, (p3 * (g3 - dot)).to(da_ptr.dtype.element_ty))
+    tl.store(out + 4, (p4 * (g4 - dot)).to(da_ptr.dtype.element_ty))
+    tl.store(out + 5, (p5 * (g5 - dot)).to(da_ptr.dtype.element_ty))

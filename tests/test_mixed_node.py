@@ -157,6 +157,30 @@ def test_modes_and_mask_match_reference(device, backend, mode):
 
 
 @pytest.mark.parametrize("device,backend", PAIRS, ids=IDS)
+@pytest.mark.parametrize("mask_shape", [(3, 6), (3, 1), (6,)])
+def test_per_node_masks_and_argmax_ties(device, backend, mask_shape):
+    """Masks per node (or broadcast), argmax ties (the first maximum wins, as torch.argmax)
+    and NaN alphas, in both modes, against the float64 reference: the Triton kernels make
+    the weights from alpha themselves."""
+    x1, x2, alpha = _inputs((3, 2, 4, 5), (3, 2, 4, 5), 3, torch.float64, device)
+    with torch.no_grad():
+        alpha[0] = torch.tensor([0.5, 2.0, 2.0, -1.0, 2.0, 0.0])   # a three-way tie
+        alpha[2, 3] = float("nan")                                  # argmax: the NaN
+    mask = torch.rand(mask_shape, device=device) > 0.3
+    mask.view(-1)[0] = True
+    g = torch.randn(3, 2, 4, 5, dtype=torch.float64, device=device)
+    for mode in ("soft", "hard"):
+        ref, rg = _run(ops.mixed_node_reference, x1, x2, alpha, g, mode=mode, op_mask=mask)
+        out, og = _run(ops.mixed_node, x1, x2, alpha, g, mode=mode, op_mask=mask, backend=backend)
+        torch.testing.assert_close(out, ref, equal_nan=True, atol=1e-12, rtol=1e-12)
+        for a, b in zip(og, rg):
+            if b is None:
+                assert a is None or not a.abs().sum()
+            else:
+                torch.testing.assert_close(a, b, equal_nan=True, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("device,backend", PAIRS, ids=IDS)
 @pytest.mark.parametrize("normalize", [False, True])
 def test_gradcheck(device, backend, normalize):
     x1, x2, alpha = _inputs((2, 3, 2, 2), (2, 3, 1, 1), None, torch.float64, device)
@@ -228,18 +252,25 @@ def test_opcheck_registered_ops():
     for device, backend in PAIRS:
         x1, x2, alpha = _inputs((1, 2, 3, 4), (1, 2, 3, 1), None, torch.float32, device)
         w = torch.softmax(alpha.detach(), -1).reshape(1, 6).requires_grad_()
+        g = torch.randn(1, 2, 3, 4, device=device)
         if backend == "cpu":
             op = torch.ops.fastmod.mixed_node_fwd.default
             bwd = torch.ops.fastmod.mixed_node_bwd.default
-        elif device == "cpu":
+            for normalize in (False, True):
+                torch.library.opcheck(op, (x1, x2, w, normalize))
+                torch.library.opcheck(bwd, (g, x1.detach(), x2.detach(), w.detach(), normalize, True, True))
+            continue
+        if device == "cpu":
             continue  # Triton's interpreter runs kernels even on fake tensors: only checkable on a GPU
-        else:
-            op = torch.ops.fastmod.mixed_node_triton_fwd.default
-            bwd = torch.ops.fastmod.mixed_node_triton_bwd.default
-        for normalize in (False, True):
-            torch.library.opcheck(op, (x1, x2, w, normalize))
-            g = torch.randn(1, 2, 3, 4, device=device)
-            torch.library.opcheck(bwd, (g, x1.detach(), x2.detach(), w.detach(), normalize, True, True))
+        # The Triton ops take alpha [K, 6] and the op mask, and make the weights themselves.
+        op = torch.ops.fastmod.mixed_node_triton_fwd.default
+        bwd = torch.ops.fastmod.mixed_node_triton_bwd.default
+        a2 = alpha.detach().reshape(1, 6).requires_grad_()
+        mask = torch.tensor([[True, False, True, True, True, True]], device=device)
+        for normalize, m, hard in ((False, None, False), (True, mask, False), (False, mask, True)):
+            torch.library.opcheck(op, (x1, x2, a2, m, hard, normalize))
+            torch.library.opcheck(bwd, (g, x1.detach(), x2.detach(), a2.detach(), m, hard, normalize,
+                                        True, True, True))
 
 
 @settings(max_examples=15, deadline=None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
-from fastmod.kernels.mixed_node import mixed_node_bwd_kernel, mixed_node_fwd_kernel
+from fastmod.kernels.mixed_node import mixed_node_bwd_kernel, mixed_node_dalpha_kernel, mixed_node_fwd_kernel
 from fastmod.ops._mixed_node_canonical import full4
 
 NORM_EPS = 1e-12
@@ -43,17 +43,29 @@ def _plan(K, B, C, S, normalize, s_reduced, tile):
     return block_c, block_s, n_sblk, n_cprog, c_per_prog
 
 
+def _weight_args(alpha, op_mask, hard):
+    """Kernel arguments that define the op weights: alpha [K, 6], the mask pointer
+    ([1|K, 6] bool; alpha itself, never read, when there is none) and its node stride."""
+    has_mask = op_mask is not None
+    return dict(m=op_mask if has_mask else alpha, m_stride_k=6 if has_mask and op_mask.shape[0] > 1 else 0,
+                flags=dict(HAS_MASK=has_mask, HARD=hard, A_FP64=alpha.dtype == torch.float64))
+
+
 @triton_op("fastmod::mixed_node_triton_fwd", mutates_args=())
-def mixed_node_triton_fwd(x1: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
-    K, B, C, S = full4(x1, x2, w)
+def mixed_node_triton_fwd(x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor, op_mask: torch.Tensor | None,
+                          hard: bool, normalize: bool) -> torch.Tensor:
+    """x1, x2 canonical 4-D; alpha [K, 6] (float32/float64); op_mask None or bool [1|K, 6].
+    The weights (softmax or one-hot of alpha, times the mask) are made in the kernel."""
+    K, B, C, S = full4(x1, x2, alpha)
     out = torch.empty((K, B, C, S), dtype=x1.dtype, device=x1.device)
     if out.numel() == 0:
         return out
     block_c, block_s, n_sblk, n_cprog, c_per_prog = _plan(K, B, C, S, normalize, False, CONFIG["fwd_tile"])
     grid = (K * B * n_cprog * n_sblk,)
+    wa = _weight_args(alpha, op_mask, hard)
     wrap_triton(mixed_node_fwd_kernel)[grid](
-        x1, x2, w, out, K, B, C, S, n_sblk, n_cprog, c_per_prog,
-        *_eff_strides(x1), *_eff_strides(x2),
+        x1, x2, alpha, wa["m"], out, K, B, C, S, n_sblk, n_cprog, c_per_prog, wa["m_stride_k"],
+        *_eff_strides(x1), *_eff_strides(x2), **wa["flags"],
         NORMALIZE=normalize, IS_FP64=x1.dtype == torch.float64, EPS=NORM_EPS,
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=CONFIG["fwd_warps"],
     )
@@ -80,13 +92,18 @@ def _grad_layout(x, full, need, n_sblk, n_cprog, k_inner, acc_dtype):
 
 
 @triton_op("fastmod::mixed_node_triton_bwd", mutates_args=())
-def mixed_node_triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, normalize: bool,
-                          need_dx1: bool, need_dx2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    full = K, B, C, S = full4(x1, x2, w)
+def mixed_node_triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor,
+                          op_mask: torch.Tensor | None, hard: bool, normalize: bool, need_dx1: bool, need_dx2: bool,
+                          need_dalpha: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx1, dx2 (empty when not needed) and dalpha [K, 6] in alpha's dtype (soft mode
+    only; empty when not needed or hard): one pass over the inputs, then one tiny
+    kernel that sums the per-program partial sums and applies softmax's backward."""
+    full = K, B, C, S = full4(x1, x2, alpha)
     acc = torch.float64 if x1.dtype == torch.float64 else torch.float32
+    need_dalpha = need_dalpha and not hard
     if grad.numel() == 0:
         return (x1.new_zeros(x1.shape if need_dx1 else (0,)), x2.new_zeros(x2.shape if need_dx2 else (0,)),
-                torch.zeros_like(w))
+                torch.zeros_like(alpha) if need_dalpha else alpha.new_empty((0,)))
     needed = [x for x, need in ((x1, need_dx1), (x2, need_dx2)) if need]
     s_reduced = any(x.shape[3] == 1 and S > 1 for x in needed)
     k_inner = not normalize and K > 1 and any(x.shape[0] == 1 for x in needed)
@@ -96,15 +113,21 @@ def mixed_node_triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor
     g2, st2, rk2, rc2, rs2, at2 = _grad_layout(x2, full, need_dx2, n_sblk, n_cprog, k_inner, acc)
     dw_part = torch.empty((K * n_per_k, 6), dtype=acc, device=x1.device)
     grid = (n_per_k if k_inner else K * n_per_k,)
+    wa = _weight_args(alpha, op_mask, hard)
     wrap_triton(mixed_node_bwd_kernel)[grid](
-        grad, x1, x2, w, g1, g2, dw_part, K, B, C, S, n_sblk, n_cprog, c_per_prog,
+        grad, x1, x2, alpha, wa["m"], g1, g2, dw_part, K, B, C, S, n_sblk, n_cprog, c_per_prog, wa["m_stride_k"],
         *_eff_strides(x1), *_eff_strides(x2), *st1, *st2,
         NEED1=need_dx1, RED1_K=rk1, RED1_C=rc1, RED1_S=rs1, ATOMIC1=at1,
-        NEED2=need_dx2, RED2_K=rk2, RED2_C=rc2, RED2_S=rs2, ATOMIC2=at2,
+        NEED2=need_dx2, RED2_K=rk2, RED2_C=rc2, RED2_S=rs2, ATOMIC2=at2, **wa["flags"],
         K_INNER=k_inner, NORMALIZE=normalize, IS_FP64=x1.dtype == torch.float64, EPS=NORM_EPS,
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=CONFIG["bwd_warps"],
     )
     dx1 = g1.to(x1.dtype) if need_dx1 else x1.new_empty((0,))
     dx2 = g2.to(x2.dtype) if need_dx2 else x2.new_empty((0,))
-    dw = dw_part.view(K, n_per_k, 6).sum(1).to(w.dtype)
-    return dx1, dx2, dw
+    dalpha = alpha.new_empty((0,))
+    if need_dalpha:
+        dalpha = torch.empty_like(alpha)
+        wrap_triton(mixed_node_dalpha_kernel)[(K,)](
+            dw_part, alpha, wa["m"], dalpha, n_per_k, wa["m_stride_k"], HAS_MASK=wa["flags"]["HAS_MASK"],
+            A_FP64=wa["flags"]["A_FP64"], BLOCK_P=min(_pow2(n_per_k), 1024))
+    return dx1, dx2, dalpha

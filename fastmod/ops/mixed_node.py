@@ -149,17 +149,37 @@ if _extension.has_op("mixed_node_fwd"):
 
 
 # --------------------------------------------------------------------------- Triton backend
+# The Triton op takes alpha itself (its kernels make the weights, so the forward is
+# one launch) and its backward returns dalpha directly.
+def _triton_setup_context(ctx, inputs, output):
+    x1, x2, alpha, op_mask, hard, normalize = inputs
+    ctx.save_for_backward(x1, x2, alpha, op_mask)
+    ctx.hard, ctx.normalize = hard, normalize
+
+
+def _triton_backward(ctx, grad):
+    x1, x2, alpha, op_mask = ctx.saved_tensors
+    need1, need2, needa = ctx.needs_input_grad[:3]
+    dx1, dx2, da = mixed_node_triton_bwd(grad.contiguous(), x1, x2, alpha, op_mask, ctx.hard, ctx.normalize,
+                                         need1, need2, needa)
+    return (dx1 if need1 else None), (dx2 if need2 else None), (da if needa and not ctx.hard else None), \
+        None, None, None
+
+
 if backends.triton_installed():
     from fastmod.ops._mixed_node_triton import mixed_node_triton_bwd, mixed_node_triton_fwd
 
-    mixed_node_triton_fwd.register_autograd(_autograd_backward(mixed_node_triton_bwd),
-                                            setup_context=_setup_context)
+    mixed_node_triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
 
 
-def _kernel_forward(backend: str):
-    if backend == "triton":
-        return mixed_node_triton_fwd
-    return torch.ops.fastmod.mixed_node_fwd
+def _mask_rows(op_mask, alpha2d: torch.Tensor) -> torch.Tensor | None:
+    """op_mask as bool [1|K, 6] rows for the Triton kernels (None stays None)."""
+    if op_mask is None:
+        return None
+    m = _op_mask(op_mask, alpha2d)
+    if m.shape[-1] != len(OP_NAMES) or m.dim() > 2:
+        m = m.expand(alpha2d.shape)
+    return m.reshape(-1, len(OP_NAMES)).contiguous()
 
 
 # --------------------------------------------------------------------------- public op
@@ -192,11 +212,18 @@ def mixed_node(x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor, *, mode:
     chosen = backends.select("mixed_node", backend, x1.device, _IMPLEMENTED, cpp_op="mixed_node_fwd")
     if chosen == "reference":
         return mixed_node_reference(x1, x2, alpha, mode=mode, op_mask=op_mask, normalize=normalize)
+    a, b = canonical(x1, node_shape), canonical(x2, node_shape)
+    if chosen == "triton":
+        a_acc = _acc_dtype(alpha.dtype)  # the weights' dtype, as mixed_node_weights computes them
+        alpha2d = (alpha if alpha.dtype == a_acc else alpha.to(a_acc)).reshape(-1, len(OP_NAMES)).contiguous()
+        if mode == "hard":
+            alpha2d = alpha2d.detach()  # no gradient to alpha in hard mode
+        out = mixed_node_triton_fwd(a, b, alpha2d, _mask_rows(op_mask, alpha2d), mode == "hard", normalize)
+        return out.reshape(full)
     w = mixed_node_weights(alpha, mode, op_mask)
     acc = _acc_dtype(x1.dtype)
     w = (w if w.dtype == acc else w.to(acc)).reshape(-1, len(OP_NAMES)).contiguous()
-    a, b = canonical(x1, node_shape), canonical(x2, node_shape)
-    out = _kernel_forward(chosen)(a, b, w, normalize)
+    out = torch.ops.fastmod.mixed_node_fwd(a, b, w, normalize)
     return out.reshape(full)
 
 
