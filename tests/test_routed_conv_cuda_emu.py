@@ -82,6 +82,7 @@ SHAPES = [  # tile edges, several pixel/column tiles, 1-64 channels per block
     ("group", dict(cin=8, cout=16, blocks=4, hw=(8, 7), k=2, stride=(2, 1), padding=(1, 0), bias=False)),
     ("out", dict(cin=5, cout=67, blocks=67, hw=(10, 9))),
     ("out", dict(cin=9, cout=130, blocks=10, hw=(4, 4), stride=2)),
+    ("out", dict(cin=3, cout=260, blocks=260, hw=(5, 4))),  # > 128 gates: the work list's runs
     ("out", dict(cin=6, cout=8, blocks=4, hw=(9, 10), dilation=2, stride=2)),
     ("in", dict(cin=7, cout=9, blocks=7, hw=(11, 10))),
     ("in", dict(cin=12, cout=70, blocks=3, hw=(8, 8), k=1, stride=2)),

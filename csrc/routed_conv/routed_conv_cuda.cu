@@ -103,11 +103,9 @@ WorkList build_worklist(const at::Tensor& gacc, cudaStream_t stream) {
   auto opts = gacc.options().dtype(at::kInt);
   WorkList wl{at::empty({N, G}, opts), at::empty({N}, opts)};
   if (N == 0) return wl;
-  constexpr int threads = 128;
-  const int blocks = (int)((N + threads - 1) / threads);
   AT_DISPATCH_FLOATING_TYPES(gacc.scalar_type(), "routed_conv2d_worklist", [&] {
-    kern::worklist_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        gacc.data_ptr<scalar_t>(), (int)N, (int)G, wl.list.data_ptr<int>(), wl.cnt.data_ptr<int>());
+    kern::worklist_kernel<scalar_t><<<(int)N, kern::WL_THREADS, 0, stream>>>(
+        gacc.data_ptr<scalar_t>(), (int)G, wl.list.data_ptr<int>(), wl.cnt.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return wl;

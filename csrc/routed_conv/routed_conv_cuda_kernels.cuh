@@ -34,19 +34,40 @@ constexpr int MAX_BN = MAX_TN_THREADS * TN;  // 64
 //               (k_per each), the source scaled by the block's gate on load.
 enum Kind : int { kGrouped = 0, kColListed = 1, kKListed = 2 };
 
+// One CTA of WL_THREADS per sample.  Each thread takes a contiguous run of the
+// sample's gates; a shared-memory scan of the runs' active counts tells every thread
+// where its active blocks go (and, from that, its off ones).  (One thread per sample
+// walking all G gates twice took 64 us at G = 512 on an H100, 2026-11-27.)
+constexpr int WL_THREADS = 128;
+
 template <typename acc_t>
-__global__ void worklist_kernel(const acc_t* __restrict__ gates, int N, int G,
-                                int* __restrict__ list, int* __restrict__ cnt) {
-  const int n = blockIdx.x * blockDim.x + threadIdx.x;
-  if (n >= N) return;
+__global__ void __launch_bounds__(WL_THREADS) worklist_kernel(const acc_t* __restrict__ gates, int G,
+                                                              int* __restrict__ list, int* __restrict__ cnt) {
+  __shared__ int pre[WL_THREADS];
+  const int n = blockIdx.x, t = threadIdx.x;
+  const int per = (G + WL_THREADS - 1) / WL_THREADS;
+  const int g0 = t * per < G ? t * per : G, g1 = g0 + per < G ? g0 + per : G;
   const acc_t* gn = gates + (int64_t)n * G;
+  int mine = 0;
+  for (int g = g0; g < g1; ++g) mine += gn[g] != acc_t(0);  // NaN counts as on, like the CPU path
+  pre[t] = mine;
+  __syncthreads();
+  for (int d = 1; d < WL_THREADS; d <<= 1) {  // inclusive scan of the runs' counts
+    const int v = t >= d ? pre[t - d] : 0;
+    __syncthreads();
+    pre[t] += v;
+    __syncthreads();
+  }
+  const int total = pre[WL_THREADS - 1];
+  int on = pre[t] - mine;  // active blocks before g
   int* ln = list + (int64_t)n * G;
-  int c = 0;
-  for (int g = 0; g < G; ++g)
-    if (gn[g] != acc_t(0)) ln[c++] = g;  // NaN counts as on, like the CPU path
-  cnt[n] = c;
-  for (int g = 0; g < G; ++g)
-    if (!(gn[g] != acc_t(0))) ln[c++] = g;
+  for (int g = g0; g < g1; ++g) {
+    if (gn[g] != acc_t(0))
+      ln[on++] = g;
+    else
+      ln[total + (g - on)] = g;  // g - on off blocks come before g
+  }
+  if (t == 0) cnt[n] = total;
 }
 
 // acc += As[kk] (x) Bs[kk] over one staged chunk; thread (ty, tx) owns rows

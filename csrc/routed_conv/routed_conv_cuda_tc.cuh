@@ -4,8 +4,11 @@
 // Same tiles, operand loaders and epilogues as the SIMT kernels (ConvTile and
 // WgradTile in routed_conv_cuda_kernels.cuh); only the multiply differs:
 //   64 x 64 tile, 4 warps in a 2 x 2 grid, each warp 2 x 2 fragments (32 x 32);
-//   operands staged in shared memory in the input type (A [m][k], B [k][n], both
-//   row-major, rows padded by 8 elements), K in chunks of 32;
+//   operands staged in shared memory in the input type, K in chunks of 32: B [k][n]
+//   row-major; A [k][m] (column-major) in the conv kernel, whose threads stage
+//   neighbouring pixels, and [m][k] in the weight-gradient kernel, whose threads
+//   stage neighbouring k; either way consecutive threads write consecutive words
+//   (rows padded by 8 elements);
 //   the accumulators go through shared memory (fp32) to the element-wise epilogue.
 // Needs sm_80+ (bf16 and tf32 fragments); the host launches it only there.
 #pragma once
@@ -13,6 +16,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
+
+#include <type_traits>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -25,6 +30,8 @@ namespace kern {
 
 constexpr int TC_BM = 64, TC_BN = 64, TC_BK = 32, TC_THREADS = 128;
 constexpr int TC_LDA = TC_BK + 8;  // elements; a multiple of 8 (16-bit) / 4 (fp32) as WMMA asks
+constexpr int TC_LDA_T = TC_BM + 8;  // column-major A [k][m]
+static_assert(TC_BK % 8 == 0, "the conv kernel stages B in runs of 8 k");
 constexpr int TC_LDB = TC_BN + 8;
 constexpr int TC_LDC = TC_BN + 4;  // fp32 elements; a multiple of 4
 
@@ -57,8 +64,8 @@ struct TcTraits<float> {
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 // acc[2][2] (this warp's 32 x 32 corner wm, wn of the tile) += As x Bs over one
-// staged TC_BK chunk.
-template <typename scalar_t>
+// staged TC_BK chunk.  A_COL: As is [k][m] (ld TC_LDA_T), else [m][k] (ld TC_LDA).
+template <typename scalar_t, bool A_COL>
 __device__ __forceinline__ void tc_chunk_mma(
     const scalar_t* As, const scalar_t* Bs,
     nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, TcTraits<scalar_t>::KS, float> (&acc)[2][2],
@@ -67,15 +74,20 @@ __device__ __forceinline__ void tc_chunk_mma(
   using Tr = TcTraits<scalar_t>;
   using ft = typename Tr::frag_t;
   using lt = typename Tr::load_t;
+  using a_layout = std::conditional_t<A_COL, wmma::col_major, wmma::row_major>;
   constexpr int KS = Tr::KS;
   static_assert(sizeof(lt) == sizeof(scalar_t), "fragments load the staged bits as is");
 #pragma unroll
   for (int ks = 0; ks < TC_BK; ks += KS) {
-    wmma::fragment<wmma::matrix_a, 16, 16, KS, ft, wmma::row_major> fa[2];
+    wmma::fragment<wmma::matrix_a, 16, 16, KS, ft, a_layout> fa[2];
     wmma::fragment<wmma::matrix_b, 16, 16, KS, ft, wmma::row_major> fb[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      wmma::load_matrix_sync(fa[i], reinterpret_cast<const lt*>(As + (wm * 32 + i * 16) * TC_LDA + ks), TC_LDA);
+      const int m = wm * 32 + i * 16;
+      if constexpr (A_COL)
+        wmma::load_matrix_sync(fa[i], reinterpret_cast<const lt*>(As + ks * TC_LDA_T + m), TC_LDA_T);
+      else
+        wmma::load_matrix_sync(fa[i], reinterpret_cast<const lt*>(As + m * TC_LDA + ks), TC_LDA);
       if constexpr (Tr::kTf32) {
         for (int q = 0; q < fa[i].num_elements; ++q) fa[i].x[q] = wmma::__float_to_tf32(fa[i].x[q]);
       }
@@ -116,7 +128,7 @@ __global__ void __launch_bounds__(TC_THREADS) conv_kernel_tc(const ConvArgs<scal
   // WMMA loads/stores need 256-bit aligned pointers: every fragment origin below is
   // a multiple of 16 rows and of 16 columns (or of KS = 8 fp32 = 32 bytes) away from
   // these aligned bases.
-  __shared__ __align__(32) scalar_t As[TC_BM * TC_LDA];
+  __shared__ __align__(32) scalar_t As[TC_BK * TC_LDA_T];  // [k][m]
   __shared__ __align__(32) scalar_t Bs[TC_BK * TC_LDB];
   __shared__ __align__(32) float Cs[TC_BM * TC_LDC];
   __shared__ int col_ch[TC_BN];
@@ -145,16 +157,21 @@ __global__ void __launch_bounds__(TC_THREADS) conv_kernel_tc(const ConvArgs<scal
   for (int k0 = 0; k0 < t.K; k0 += TC_BK) {
     for (int kk = tid; kk < TC_BK; kk += TC_THREADS) kdec[kk] = t.k_decode(a, k0 + kk);
     __syncthreads();
+    // A: consecutive threads, consecutive pixels (coalesced reads of src, and
+    // consecutive shared-memory words in the [k][m] layout).
     for (int e = tid; e < TC_BK * TC_BM; e += TC_THREADS) {
       const int m = e % TC_BM, kk = e / TC_BM;
-      As[m * TC_LDA + kk] = static_cast<scalar_t>(t.load_a(a, rows[m], kdec[kk]));
+      As[kk * TC_LDA_T + m] = static_cast<scalar_t>(t.load_a(a, rows[m], kdec[kk]));
     }
-    for (int e = tid; e < TC_BK * TC_BN; e += TC_THREADS) {
-      const int c = e % TC_BN, kk = e / TC_BN;
+    // B: a warp takes 8 consecutive k of 4 columns.  A weight row is contiguous in k,
+    // so that is 4 runs of 8 elements instead of 32 scattered ones (columns fastest),
+    // and the shared-memory stores meet each bank at most twice.
+    for (unsigned e = tid; e < TC_BK * TC_BN; e += TC_THREADS) {
+      const unsigned kk = (e & 7u) | ((e / (8u * TC_BN)) << 3), c = (e >> 3) % TC_BN;
       Bs[kk * TC_LDB + c] = static_cast<scalar_t>(t.load_b(a, kdec[kk], col_ch[c], col_w[c]));
     }
     __syncthreads();
-    tc_chunk_mma<scalar_t>(As, Bs, acc, wm, wn);
+    tc_chunk_mma<scalar_t, true>(As, Bs, acc, wm, wn);
     __syncthreads();
   }
   tc_store<KS>(Cs, acc, wm, wn);
@@ -231,7 +248,7 @@ __global__ void __launch_bounds__(TC_THREADS) wgrad_kernel_tc(const WgradArgs<sc
         Bs[kk * TC_LDB + c] = static_cast<scalar_t>(t.load_b(a, col_dec[c], pix[kk]));
       }
       __syncthreads();
-      tc_chunk_mma<scalar_t>(As, Bs, acc, wm, wn);
+      tc_chunk_mma<scalar_t, false>(As, Bs, acc, wm, wn);
       __syncthreads();
     }
   }

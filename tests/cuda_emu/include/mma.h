@@ -1,6 +1,6 @@
 // Spec-level emulation of the WMMA API for tests/cuda_emu: m16n16k16 (fp16/bf16)
-// and m16n16k8 (tf32) with row-major operands only (a layout the real kernels do
-// not use fails to compile).  Every lane holds and computes the whole tile (x[] is
+// and m16n16k8 (tf32); operands row-major, and A also column-major (element (r, c)
+// at p[c * ldm + r]); a layout the real kernels do not use fails to compile.  Every lane holds and computes the whole tile (x[] is
 // the tile, row-major); only lane 0 stores.  Counts mma_sync calls so tests can see
 // that the tensor-core path ran.
 #pragma once
@@ -15,6 +15,7 @@ struct matrix_a {};
 struct matrix_b {};
 struct accumulator {};
 struct row_major {};
+struct col_major {};
 namespace precision {
 struct tf32 {};
 }  // namespace precision
@@ -37,13 +38,20 @@ void load_matrix_sync(fragment<Use, M, N, K, T, row_major>& f, const P* p, unsig
     for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = static_cast<float>(p[r * ldm + c]);
 }
 
+template <int M, int N, int K, typename T, typename P>
+void load_matrix_sync(fragment<matrix_a, M, N, K, T, col_major>& f, const P* p, unsigned ldm) {
+  using F = fragment<matrix_a, M, N, K, T, col_major>;
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = static_cast<float>(p[c * ldm + r]);
+}
+
 template <int K>
 void fill_fragment(fragment<accumulator, 16, 16, K, float>& f, float v) {
   for (auto& e : f.x) e = v;
 }
 
-template <int K, typename T>
-void mma_sync(fragment<accumulator, 16, 16, K, float>& d, const fragment<matrix_a, 16, 16, K, T, row_major>& a,
+template <int K, typename T, typename LA>
+void mma_sync(fragment<accumulator, 16, 16, K, float>& d, const fragment<matrix_a, 16, 16, K, T, LA>& a,
               const fragment<matrix_b, 16, 16, K, T, row_major>& b,
               const fragment<accumulator, 16, 16, K, float>& c) {
   ++emu_mma_calls;
