@@ -230,6 +230,7 @@ void launch_conv(int kind, bool dx, ConvArgs<scalar_t, acc_t> a, int N, int64_t 
 
 // Samples one group-mode grad_weight CTA sums in registers before its atomics.
 constexpr int kWgradSamplesPerCta = 8;
+constexpr int64_t kWgradTargetCtas = 2048;  // ~16 per SM on an H100: enough to hide latency
 
 // grad_weight: tiles of `rows` output channels x `cols` (input channel, tap)
 // columns per (sample chunk, slot); tensor cores when both are >= 32 wide.
@@ -246,7 +247,19 @@ void launch_wgrad(Mode mode, WgradArgs<scalar_t, acc_t> a, int N, int64_t rows, 
   a.tn = T.tn;
   a.tiles_r = (int)ceil_div(rows, T.bm);
   a.tiles_c = (int)ceil_div(cols, T.bn);
-  const int grid = checked_grid(ceil_div(N, a.spc) * a.slots * a.tiles_r * a.tiles_c);
+  // Split the pixel reduction over more CTAs when the tiles alone are too few (group
+  // mode's narrow groups: 256 one-warp CTAs, each walking 8 samples' pixels, took
+  // 4 ms for the w128 c16 stage on the H100, 2026-11-27).  Chunks stay multiples of
+  // both kernels' K chunk; each CTA adds its part with the usual atomics.
+  const int64_t base = ceil_div(N, a.spc) * a.slots * a.tiles_r * a.tiles_c;
+  const int64_t K = (int64_t)a.Ho * a.Wo;
+  constexpr int64_t kChunkAlign = 32;  // kern::BK and kern::TC_BK divide it
+  static_assert(kChunkAlign % kern::BK == 0 && kChunkAlign % kern::TC_BK == 0, "chunk alignment");
+  const int64_t want = base > 0 ? std::clamp<int64_t>(ceil_div(kWgradTargetCtas, base), 1, ceil_div(K, kChunkAlign))
+                                : 1;
+  a.kchunk = (int)(ceil_div(ceil_div(std::max<int64_t>(K, 1), want), kChunkAlign) * kChunkAlign);
+  a.ksplit = (int)std::max<int64_t>(1, ceil_div(K, a.kchunk));
+  const int grid = checked_grid(base * a.ksplit);
   if (grid == 0) return;
   // The kernels' MODE: 0 group, 1 out, 2 in (see wgrad_kernel).
   auto launch = [&](auto m) {

@@ -390,6 +390,8 @@ struct WgradArgs {
   int N;
   int spc;      // samples per CTA: group mode sums several samples in registers; else 1
   int tm, tn, tiles_r, tiles_c, slots;
+  int ksplit;   // CTAs sharing one tile's pixel range, kchunk pixels each (a multiple
+  int kchunk;   // of every kernel's K chunk), so narrow tiles still fill the GPU
 };
 
 // grad_weight: rows = output channels, columns = q = (input channel, r, s),
@@ -401,7 +403,7 @@ struct WgradArgs {
 // kernel below and the tensor-core one (routed_conv_cuda_tc.cuh).
 template <typename scalar_t, typename acc_t, int MODE>
 struct WgradTile {
-  int n, n0, n1, g, r0, c0, active, khkw, K;
+  int n, n0, n1, g, r0, c0, active, khkw, K, kb, ke;  // [kb, ke): this CTA's pixels
   const int* list_n;
   const acc_t* gate_n;
   const scalar_t* dout_n;
@@ -412,12 +414,15 @@ struct WgradTile {
   __device__ __forceinline__ bool init(const WgradArgs<scalar_t, acc_t>& a, int BM, int BN) {
     const BlockIndex b = decode_block(a.tiles_c, a.tiles_r, a.slots);
     const int ct = b.inner, rt = b.middle, slot = b.slot;
-    n0 = b.outer * a.spc;
+    n0 = b.outer / a.ksplit * a.spc;
     n1 = n0 + a.spc < a.N ? n0 + a.spc : a.N;
     khkw = a.kh * a.kw;
     r0 = rt * BM;
     c0 = ct * BN;
     K = a.Ho * a.Wo;
+    kb = b.outer % a.ksplit * a.kchunk;
+    ke = kb + a.kchunk < K ? kb + a.kchunk : K;
+    if (kb >= K) return false;
     x_plane = (int64_t)a.H * a.W;
     g = slot;  // group mode: the group itself (its samples are checked one by one)
     if (MODE == 0) return true;
@@ -563,7 +568,7 @@ __global__ void __launch_bounds__(MAX_THREADS) wgrad_kernel(const WgradArgs<scal
     if (!t.set_sample(a, s)) continue;  // the same answer for the whole CTA
     any = true;
     const acc_t gs = t.sample_scale();
-    for (int k0 = 0; k0 < t.K; k0 += BK) {
+    for (int k0 = t.kb; k0 < t.ke; k0 += BK) {
       for (int kk = tid; kk < BK; kk += nthr) pix[kk] = t.pixel_base(a, k0 + kk);
       __syncthreads();
       // The reduction runs over pixels: kk fastest, so neighbouring threads read

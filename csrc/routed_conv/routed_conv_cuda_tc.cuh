@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(TC_THREADS) wgrad_kernel_tc(const WgradArgs<sc
     if (!t.set_sample(a, s)) continue;  // the same answer for the whole CTA
     any = true;
     const float gs = t.sample_scale();
-    for (int k0 = 0; k0 < t.K; k0 += TC_BK) {
+    for (int k0 = t.kb; k0 < t.ke; k0 += TC_BK) {
       for (int kk = tid; kk < TC_BK; kk += TC_THREADS) pix[kk] = t.pixel_base(a, k0 + kk);
       __syncthreads();
       for (int e = tid; e < TC_BK * TC_BM; e += TC_THREADS) {  // pixels fastest: coalesced dout
