@@ -90,13 +90,13 @@ TEST_FILES=${TEST_FILES:-"tests/test_routed_conv_cuda.py tests/test_routed_conv.
   tests/test_train_models.py"}
 if want tests; then
   if python3 -c "import xdist" 2>/dev/null; then
-    echo "== tests (pytest-xdist, ${TEST_WORKERS:-12} workers)"
+    echo "== tests (pytest-xdist, ${TEST_WORKERS:-14} workers)"
     # shellcheck disable=SC2086  # TEST_FILES is a list of paths
-    stage tests "${TEST_LIMIT:-240}" "${PYTEST[@]}" -n "${TEST_WORKERS:-12}" $TEST_FILES > "$RES/tests.log" 2>&1
+    stage tests "${TEST_LIMIT:-180}" "${PYTEST[@]}" -n "${TEST_WORKERS:-14}" $TEST_FILES > "$RES/tests.log" 2>&1
   else
     echo "== tests (one process)"
     # shellcheck disable=SC2086
-    stage tests "${TEST_LIMIT:-240}" "${PYTEST[@]}" $TEST_FILES > "$RES/tests.log" 2>&1
+    stage tests "${TEST_LIMIT:-180}" "${PYTEST[@]}" $TEST_FILES > "$RES/tests.log" 2>&1
   fi
   tail -40 "$RES/tests.log"
 fi
