@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(TC_THREADS) conv_kernel_tc(const ConvArgs<scal
   __shared__ int col_blk[TC_BN];
   __shared__ int col_w[TC_BN];
   __shared__ RowBase rows[TC_BM];
-  __shared__ KDecode<float> kdec[TC_BK];
+  __shared__ KDecode<float> kdec[2][TC_BK];  // this chunk's and the next one's
 
   const int tid = threadIdx.x;
   ConvTile<scalar_t, float, KIND, DX> t;
@@ -154,23 +154,64 @@ __global__ void __launch_bounds__(TC_THREADS) conv_kernel_tc(const ConvArgs<scal
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
-  for (int k0 = 0; k0 < t.K; k0 += TC_BK) {
-    for (int kk = tid; kk < TC_BK; kk += TC_THREADS) kdec[kk] = t.k_decode(a, k0 + kk);
-    __syncthreads();
-    // A: consecutive threads, consecutive pixels (coalesced reads of src, and
-    // consecutive shared-memory words in the [k][m] layout).
-    for (int e = tid; e < TC_BK * TC_BM; e += TC_THREADS) {
-      const int m = e % TC_BM, kk = e / TC_BM;
-      As[kk * TC_LDA_T + m] = static_cast<scalar_t>(t.load_a(a, rows[m], kdec[kk]));
+  // Software pipelining: chunk k0 + TC_BK is read from global memory into registers
+  // while the tensor cores work on chunk k0 in shared memory; the reduction
+  // indices are decoded one chunk ahead into the other half of kdec.
+  //   A: consecutive threads, consecutive pixels (coalesced reads of src, and
+  //      consecutive shared-memory words in the [k][m] layout).
+  //   B: a warp takes 8 consecutive k of 4 columns.  A weight row is contiguous in
+  //      k, so that is 4 runs of 8 elements instead of 32 scattered ones (columns
+  //      fastest), and the shared-memory stores meet each bank at most twice.
+  constexpr int A_PER = TC_BK * TC_BM / TC_THREADS, B_PER = TC_BK * TC_BN / TC_THREADS;
+  static_assert(A_PER * TC_THREADS == TC_BK * TC_BM && B_PER * TC_THREADS == TC_BK * TC_BN, "even split");
+  scalar_t ra[A_PER], rb[B_PER];
+  auto a_slot = [&](int i, int& m, int& kk) {
+    const int e = tid + i * TC_THREADS;
+    m = e % TC_BM;
+    kk = e / TC_BM;
+  };
+  auto b_slot = [&](int i, int& kk, int& c) {
+    const unsigned e = tid + i * TC_THREADS;
+    kk = (int)((e & 7u) | ((e / (8u * TC_BN)) << 3));
+    c = (int)((e >> 3) % TC_BN);
+  };
+  auto load_chunk = [&](const KDecode<float>* kd) {
+#pragma unroll
+    for (int i = 0; i < A_PER; ++i) {
+      int m, kk;
+      a_slot(i, m, kk);
+      ra[i] = static_cast<scalar_t>(t.load_a(a, rows[m], kd[kk]));
     }
-    // B: a warp takes 8 consecutive k of 4 columns.  A weight row is contiguous in k,
-    // so that is 4 runs of 8 elements instead of 32 scattered ones (columns fastest),
-    // and the shared-memory stores meet each bank at most twice.
-    for (unsigned e = tid; e < TC_BK * TC_BN; e += TC_THREADS) {
-      const unsigned kk = (e & 7u) | ((e / (8u * TC_BN)) << 3), c = (e >> 3) % TC_BN;
-      Bs[kk * TC_LDB + c] = static_cast<scalar_t>(t.load_b(a, kdec[kk], col_ch[c], col_w[c]));
+#pragma unroll
+    for (int i = 0; i < B_PER; ++i) {
+      int kk, c;
+      b_slot(i, kk, c);
+      rb[i] = static_cast<scalar_t>(t.load_b(a, kd[kk], col_ch[c], col_w[c]));
     }
+  };
+  for (int kk = tid; kk < TC_BK; kk += TC_THREADS) kdec[0][kk] = t.k_decode(a, kk);
+  __syncthreads();
+  load_chunk(kdec[0]);
+  for (int k0 = 0, buf = 0; k0 < t.K; k0 += TC_BK, buf ^= 1) {
+#pragma unroll
+    for (int i = 0; i < A_PER; ++i) {
+      int m, kk;
+      a_slot(i, m, kk);
+      As[kk * TC_LDA_T + m] = ra[i];
+    }
+#pragma unroll
+    for (int i = 0; i < B_PER; ++i) {
+      int kk, c;
+      b_slot(i, kk, c);
+      Bs[kk * TC_LDB + c] = rb[i];
+    }
+    const bool more = k0 + TC_BK < t.K;
+    // kdec[buf ^ 1] last fed the loads of chunk k0 - TC_BK, finished before the
+    // previous iteration's barriers.
+    if (more)
+      for (int kk = tid; kk < TC_BK; kk += TC_THREADS) kdec[buf ^ 1][kk] = t.k_decode(a, k0 + TC_BK + kk);
     __syncthreads();
+    if (more) load_chunk(kdec[buf ^ 1]);
     tc_chunk_mma<scalar_t, true>(As, Bs, acc, wm, wn);
     __syncthreads();
   }

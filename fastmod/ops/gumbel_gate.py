@@ -39,9 +39,10 @@ training step at the router's shapes.  The autograd node is C++
 (csrc/gumbel_gate/gumbel_gate_autograd.cpp), because a Python wrapper cost as much
 per call as the kernels there.  Under ``no_grad`` (or for logits without
 ``requires_grad``) nothing but the gate is written.  Soft gate on the CPU, and
-every Triton call: the logits and the seed (tensor, or host integer kept on the
-autograd node); the backward kernel regenerates t from the seed (Philox is cheap and counter-based on a GPU, where the
-extra B̃ write would cost bandwidth), so the forward writes only its output.
+every Triton call: the logits and the seed (the tensor, or the host integer kept on
+the autograd node); the backward kernel regenerates t from the seed (Philox is cheap
+and counter-based on a GPU, where the extra B̃ write would cost bandwidth), so the
+forward writes only its output.
 """
 from __future__ import annotations
 
