@@ -1,0 +1,101 @@
+"""Compile fastmod's Triton kernels for a GPU (sm_90) on a machine without one.
+
+Triton's CPU interpreter, which the tests use here, runs the kernels as NumPy and
+never lowers them to GPU code, so a kernel that only fails to compile for a GPU
+(an unsupported dtype in a math function, a bad pointer type) would pass every CPU
+test.  This compiles representative specialisations all the way to a cubin with
+Triton's own ptxas; no GPU is needed.  Run it without TRITON_INTERPRET (under the
+interpreter, ``triton.jit`` gives interpreted functions, which cannot be compiled):
+
+    python tests/triton_gpu_compile.py        # exit 0: all compiled; 1: errors; 3: unsupported Triton API
+
+tests/test_triton_gpu_compile.py runs it in a subprocess.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+
+def _cases():
+    """(name, kernel, signature, constexprs) for each specialisation to compile."""
+    from fastmod.kernels import gumbel_gate as gk
+    from fastmod.kernels import mixed_node as mk
+
+    def ints(*names):
+        return {n: "i32" for n in names}
+
+    strides = ("s1k", "s1b", "s1c", "s1s", "s2k", "s2b", "s2c", "s2s")
+    for a64, x64, hard, mask in itertools.product([False, True], [False, True], [False, True], [False, True]):
+        xt, at = ("*fp64" if x64 else "*fp32"), ("*fp64" if a64 else "*fp32")
+        weights = {"HAS_MASK": mask, "HARD": hard, "A_FP64": a64}
+        sig = {"x1_ptr": xt, "x2_ptr": xt, "a_ptr": at, "m_ptr": "*i1" if mask else at, "out_ptr": xt,
+               **ints("K", "B", "C", "S", "n_sblk", "n_cprog", "c_per_prog", "m_stride_k", *strides)}
+        yield (f"mixed_node_fwd a64={a64} x64={x64} hard={hard} mask={mask}", mk.mixed_node_fwd_kernel, sig,
+               {**weights, "NORMALIZE": not hard, "IS_FP64": x64, "EPS": 1e-12, "BLOCK_C": 16, "BLOCK_S": 64})
+        if x64 != a64:
+            continue  # the backward: same weight code, one pairing of dtypes each
+        sig = {"g_ptr": xt, "x1_ptr": xt, "x2_ptr": xt, "a_ptr": at, "m_ptr": "*i1" if mask else at,
+               "dx1_ptr": xt, "dx2_ptr": "*fp64" if x64 else "*fp32", "dw_ptr": "*fp64" if x64 else "*fp32",
+               **ints("K", "B", "C", "S", "n_sblk", "n_cprog", "c_per_prog", "m_stride_k", *strides),
+               **ints(*(f"d{i}{d}" for i in (1, 2) for d in "kbcs"))}
+        flags = {"NEED1": True, "RED1_K": False, "RED1_C": False, "RED1_S": False, "ATOMIC1": False,
+                 "NEED2": True, "RED2_K": False, "RED2_C": True, "RED2_S": True, "ATOMIC2": True,
+                 "K_INNER": False, "NORMALIZE": not hard, "IS_FP64": x64, "EPS": 1e-12, "BLOCK_C": 16,
+                 "BLOCK_S": 64}
+        yield f"mixed_node_bwd a64={a64} hard={hard} mask={mask}", mk.mixed_node_bwd_kernel, sig, {**weights, **flags}
+        if hard:
+            continue  # dalpha is soft-mode only
+        sig = {"part_ptr": "*fp64" if x64 else "*fp32", "a_ptr": at, "m_ptr": "*i1" if mask else at, "da_ptr": at,
+               **ints("n_part", "m_stride_k")}
+        yield (f"mixed_node_dalpha a64={a64} mask={mask}", mk.mixed_node_dalpha_kernel, sig,
+               {"HAS_MASK": mask, "A_FP64": a64, "BLOCK_P": 256})
+
+    for from_ptr, stochastic, hard in [(True, True, True), (False, True, False), (False, False, True)]:
+        seed = {"seed_ptr": "*i64" if from_ptr else "*fp16", "seed_val": "i64"}
+        seeding = {"SEED_FROM_PTR": from_ptr, "STOCHASTIC": stochastic, "BLOCK": 1024}
+        sig = {"x_ptr": "*fp16", **seed, "out_ptr": "*fp16", "n": "i32", "inv_tau": "fp32"}
+        yield f"gumbel fwd from_ptr={from_ptr} stochastic={stochastic}", gk.gate_fwd_kernel, sig, {"HARD": hard, **seeding}
+        sig = {"g_ptr": "*bf16", "x_ptr": "*bf16", **seed, "gin_ptr": "*bf16", "n": "i32", "inv_tau": "fp32"}
+        yield f"gumbel bwd from_ptr={from_ptr} stochastic={stochastic}", gk.gate_bwd_kernel, sig, seeding
+    for from_ptr in (True, False):
+        sig = {"seed_ptr": "*i64" if from_ptr else "*fp32", "seed_val": "i64", "u_ptr": "*fp32", "n": "i32"}
+        yield f"gumbel noise from_ptr={from_ptr}", gk.noise_kernel, sig, {"SEED_FROM_PTR": from_ptr, "BLOCK": 1024}
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("run without TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource, compile as triton_compile
+    except ImportError as e:  # a Triton without these entry points
+        print(f"unsupported Triton API: {e}", file=sys.stderr)
+        return 3
+    from triton.backends import backends as triton_backends
+    if "nvidia" not in triton_backends:
+        print("this Triton has no NVIDIA backend", file=sys.stderr)
+        return 3
+    target = GPUTarget("cuda", 90, 32)
+    failed = 0
+    for name, kernel, sig, consts in _cases():
+        full = {**sig, **{k: "constexpr" for k in consts}}
+        sig = {n: full[n] for n in kernel.arg_names}  # in the kernel's parameter order
+        try:
+            src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+        except TypeError as e:  # the signature format of another Triton version
+            print(f"unsupported Triton API: {e}", file=sys.stderr)
+            return 3
+        try:
+            triton_compile(src, target=target)
+            print(f"ok   {name}")
+        except Exception as e:  # noqa: BLE001 - report every kernel, then fail
+            failed += 1
+            print(f"FAIL {name}: {type(e).__name__}: {str(e).strip().splitlines()[:8]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
