@@ -3,7 +3,8 @@
 Triton's CPU interpreter, which the tests use here, runs the kernels as NumPy and
 never lowers them to GPU code, so a kernel that only fails to compile for a GPU
 (an unsupported dtype in a math function, a bad pointer type) would pass every CPU
-test.  This compiles representative specialisations all the way to a cubin with
+test.  This compiles representative specialisations of every kernel in kernels/
+(mixed node, Gumbel gate, fused norms) all the way to a cubin with
 Triton's own ptxas; no GPU is needed.  Run it without TRITON_INTERPRET (under the
 interpreter, ``triton.jit`` gives interpreted functions, which cannot be compiled):
 
@@ -20,6 +21,7 @@ import sys
 
 def _cases():
     """(name, kernel, signature, constexprs) for each specialisation to compile."""
+    from fastmod.kernels import fused_norm as fk
     from fastmod.kernels import gumbel_gate as gk
     from fastmod.kernels import mixed_node as mk
 
@@ -62,6 +64,30 @@ def _cases():
     for from_ptr in (True, False):
         sig = {"seed_ptr": "*i64" if from_ptr else "*fp32", "seed_val": "i64", "u_ptr": "*fp32", "n": "i32"}
         yield f"gumbel noise from_ptr={from_ptr}", gk.noise_kernel, sig, {"SEED_FROM_PTR": from_ptr, "BLOCK": 1024}
+
+    # Fused norms: activations in fp32 or bf16, statistics and parameters in fp32.
+    for xt in ("*fp32", "*bf16"):
+        dims = ints("C", "HW", "G", "Cb", "n_rows")
+        rows = {"ROWS": 4, "BLOCK": 256}
+        f32 = "*fp32"
+        yield (f"routed_bn_row_stats {xt}", fk.routed_bn_row_stats_kernel,
+               {"x_ptr": xt, "gates_ptr": f32, "mean_ptr": f32, "m2_ptr": f32, **dims}, rows)
+        yield (f"routed_bn_relu_apply {xt}", fk.routed_bn_relu_apply_kernel,
+               {"x_ptr": xt, "gates_ptr": f32, "a_ptr": f32, "b_ptr": f32, "out_ptr": xt, **dims}, rows)
+        yield (f"routed_bn_relu_bwd_sums {xt}", fk.routed_bn_relu_bwd_sums_kernel,
+               {"dy_ptr": xt, "x_ptr": xt, "gates_ptr": f32, "a_ptr": f32, "b_ptr": f32, "mean_ptr": f32,
+                "s0_ptr": f32, "s1_ptr": f32, **dims}, rows)
+        yield (f"routed_bn_relu_bwd_apply {xt}", fk.routed_bn_relu_bwd_apply_kernel,
+               {"dy_ptr": xt, "x_ptr": xt, "gates_ptr": f32, "a_ptr": f32, "b_ptr": f32, "mean_ptr": f32,
+                "k1_ptr": f32, "k2_ptr": f32, "k3_ptr": f32, "dx_ptr": xt, **dims}, rows)
+        gdims = ints("C", "HW", "G", "Cg")
+        tile = {"BLOCK_C": 8, "BLOCK": 256}
+        yield (f"gn_add_relu_fwd {xt}", fk.gn_add_relu_fwd_kernel,
+               {"x_ptr": xt, "r_ptr": xt, "w_ptr": f32, "b_ptr": f32, "out_ptr": xt, "mean_ptr": f32,
+                "rstd_ptr": f32, **gdims, "eps": "fp32"}, tile)
+        yield (f"gn_add_relu_bwd {xt}", fk.gn_add_relu_bwd_kernel,
+               {"dy_ptr": xt, "out_ptr": xt, "x_ptr": xt, "w_ptr": f32, "mean_ptr": f32, "rstd_ptr": f32,
+                "dx_ptr": xt, "dres_ptr": xt, "s0_ptr": f32, "s1_ptr": f32, **gdims}, tile)
 
 
 def main() -> int:
