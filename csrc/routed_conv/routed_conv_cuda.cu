@@ -252,13 +252,12 @@ void launch_wgrad(Mode mode, WgradArgs<scalar_t, acc_t> a, int N, int64_t rows, 
   // 4 ms for the w128 c16 stage on the H100, 2026-11-27).  Chunks stay multiples of
   // both kernels' K chunk; each CTA adds its part with the usual atomics.
   const int64_t base = ceil_div(N, a.spc) * a.slots * a.tiles_r * a.tiles_c;
-  const int64_t K = (int64_t)a.Ho * a.Wo;
+  const int64_t K = std::max<int64_t>((int64_t)a.Ho * a.Wo, 1);
   constexpr int64_t kChunkAlign = 32;  // kern::BK and kern::TC_BK divide it
   static_assert(kChunkAlign % kern::BK == 0 && kChunkAlign % kern::TC_BK == 0, "chunk alignment");
-  const int64_t want = base > 0 ? std::clamp<int64_t>(ceil_div(kWgradTargetCtas, base), 1, ceil_div(K, kChunkAlign))
-                                : 1;
-  a.kchunk = (int)(ceil_div(ceil_div(std::max<int64_t>(K, 1), want), kChunkAlign) * kChunkAlign);
-  a.ksplit = (int)std::max<int64_t>(1, ceil_div(K, a.kchunk));
+  const int64_t want = std::min(ceil_div(K, kChunkAlign), ceil_div(kWgradTargetCtas, std::max<int64_t>(base, 1)));
+  a.kchunk = (int)(ceil_div(ceil_div(K, want), kChunkAlign) * kChunkAlign);
+  a.ksplit = (int)ceil_div(K, a.kchunk);
   const int grid = checked_grid(base * a.ksplit);
   if (grid == 0) return;
   // The kernels' MODE: 0 group, 1 out, 2 in (see wgrad_kernel).
