@@ -3,21 +3,25 @@
 # everything fits in DEADLINE seconds, default 570, most important first; give the
 # call a 600 s limit):
 #   scripts/gpu_check.sh
-# 1. build fastmod (CUDA on, sm_90)            -> build.log
-# 2. the tests of every op, module and model on CUDA (pytest-xdist) -> tests.log
-# 3. routed-conv benchmark, CPU subset of shapes, routed vs dense -> bench_routed_conv.json
-# 4. the routed-conv CUDA kernels profiled       -> routed_profile.txt
-#    kernels launched per call, each way         -> launch_counts.json
-# 5. the mixed-node and Gumbel benchmarks, forward and fwd+bwd apart -> bench_*.json
+# 1. pip install -e . without the extension; the extension (CUDA on, sm_90) builds
+#    in the background meanwhile                                   -> build.log
+# 2. while it builds (Triton only): mixed-node and Gumbel benchmarks, forward+backward;
+#    the Triton tests (mixed node, Gumbel, routed conv, fused norms) -> tests_triton.log;
+#    the routed-conv Triton forward against dense cuDNN                -> routed_triton.txt/json
+# 3. with the extension: the CUDA tests (routed conv, modules, models) -> tests_cuda.log;
+#    the routed-conv CUDA kernels profiled                          -> routed_profile.txt;
+#    the forward benchmarks; kernels launched per call              -> launch_counts.json;
+#    the routed-conv benchmark (CPU subset of shapes), routed vs dense -> bench_routed_conv.json
 # Results go to $OUT: env.txt (per-stage rc and seconds), summary.md, and every log
 # and JSON in results.tgz (the device tool brings back at most 8 files; the archive
 # is rewritten after each stage, so a run cut short still returns what it had).  A stage
 # starts only with at least 20 s left and is cut at its own limit or the deadline,
 # whichever comes first, so a slow stage still leaves the later ones some time.
-# Overrides: DEADLINE, BUILD_LIMIT, ROUTED_BENCH_LIMIT,
-# TEST_LIMIT, BENCH_LIMIT (seconds); TEST_FILES, TEST_WORKERS; SKIP (parts to leave
-# out, see want below); FASTMOD_BENCH_FULL=1 for every routed shape;
-# SKIP_BUILD=1 uses the installed fastmod (a dry run of this script off the GPU).
+# Overrides: DEADLINE, BUILD_LIMIT, ROUTED_BENCH_LIMIT, TEST_LIMIT, BENCH_LIMIT,
+# TUNE_LIMIT (seconds); TRITON_TESTS, CUDA_TESTS, TEST_WORKERS; TUNE_CONFIGS (see
+# scripts/tune_routed_triton.py --configs); SKIP (parts to leave out, see want below);
+# FASTMOD_BENCH_FULL=1 for every routed shape; SKIP_BUILD=1 installs nothing and uses
+# the installed fastmod (a dry run of this script off the GPU).
 set -uo pipefail
 OUT=${OUT:-/tmp/fastmod-gpu}
 RES=$(mktemp -d)  # everything is written here, then packed into $OUT
@@ -27,7 +31,8 @@ DEADLINE=${DEADLINE:-570}
 T0=$(date +%s)
 
 # want PART: whether PART is not named in SKIP (space-separated; parts: bandwidth,
-# tests, routed_bench, routed_profile, launch_counts, bench_fwd, bench_fwd_bwd; the build has SKIP_BUILD).
+# bench_fwd_bwd, tests_triton, routed_triton, tests_cuda, routed_profile, bench_fwd,
+# launch_counts, routed_bench; the build has SKIP_BUILD).
 want() { case " ${SKIP:-} " in *" $1 "*) return 1 ;; *) return 0 ;; esac; }
 
 # pack: copy the two short reports to $OUT and everything into $OUT/results.tgz
@@ -67,39 +72,48 @@ if want bandwidth; then
   tee -a "$RES/env.txt" < "$RES/bandwidth.txt"
 fi
 
-echo "== build"
+# Build: the package goes in first without the extension (seconds), so the Triton
+# stages start at once; the extension (about 2 min of nvcc) builds meanwhile in the
+# background, in a copy of the tree, and its _C is copied into fastmod/ when done.
+# Stages that need _C wait for it (wait_build).
+echo "== install (pure Python), extension building in the background"
+BUILD_PID=
 if [ "${SKIP_BUILD:-0}" = 1 ]; then echo "build skipped (SKIP_BUILD=1)" > "$RES/build.log"; else
-stage build "${BUILD_LIMIT:-240}" python3 -m pip install --no-build-isolation --no-deps -e . > "$RES/build.log" 2>&1
-if [ $? -ne 0 ] && ! grep -q "build skipped" "$RES/build.log"; then
-  tail -40 "$RES/build.log"  # keep the Triton paths testable even if csrc fails to build
-  FASTMOD_BUILD_EXT=0 python3 -m pip install --no-build-isolation --no-deps -e . >> "$RES/build.log" 2>&1
+  FASTMOD_BUILD_EXT=0 python3 -m pip install --no-build-isolation --no-deps -e . > "$RES/install.log" 2>&1
   echo "pure-Python install rc=$?" | tee -a "$RES/env.txt"
+  BT=$(mktemp -d)
+  tar --exclude=./build --exclude=./.git -cf - . | tar -xf - -C "$BT"
+  ( start=$(date +%s)
+    cd "$BT" && timeout "${BUILD_LIMIT:-240}" python3 setup.py build_ext --inplace > "$RES/build.log" 2>&1
+    rc=$?
+    [ $rc -eq 0 ] && cp fastmod/_C*.so "$OLDPWD/fastmod/"
+    echo "build rc=$rc in $(( $(date +%s) - start ))s (background)" >> "$RES/env.txt"
+  ) &
+  BUILD_PID=$!
 fi
-fi
-grep -E "error|Error" "$RES/build.log" | head -20
-python3 -c "import fastmod, torch; from fastmod import _extension; print('_C loaded', _extension.load(), 'cuda compiled', _extension.cuda_compiled())" 2>&1 | tee -a "$RES/env.txt"
+wait_build() {
+  [ -n "$BUILD_PID" ] && { wait "$BUILD_PID"; BUILD_PID=; grep -E " error|Error" "$RES/build.log" | head -20
+    python3 -c "import fastmod, torch; from fastmod import _extension; print('_C loaded', _extension.load(), 'cuda compiled', _extension.cuda_compiled())" 2>&1 | tee -a "$RES/env.txt"; }
+  return 0
+}
 
 PYTEST=(python3 -m pytest -q --maxfail=15 -p no:cacheprovider --benchmark-disable -rfs)
 # Most of the tests' time is Triton and Inductor compiling on the CPU cores (the
-# 2026-11-27 H100 run: about 1 s a test, 250 of 500 done in 120 s by two
-# processes), so with pytest-xdist (in the GPU image) one run spreads them over
-# TEST_WORKERS processes; a worker that faults is replaced and its test reported.
-TEST_FILES=${TEST_FILES:-"tests/test_routed_conv_cuda.py tests/test_routed_conv.py tests/test_mixed_node.py
-  tests/test_mixed_node_module.py tests/test_gumbel_gate.py tests/test_load_balancing.py tests/test_router.py
-  tests/test_fused_norm.py tests/test_routed_modules.py tests/test_routed_conv_gn.py tests/test_routed_bottleneck.py
-  tests/test_train_models.py"}
-if want tests; then
+# 2026-11-27 H100 run: about 1 s a test), so with pytest-xdist (in the GPU image)
+# one run spreads them over TEST_WORKERS processes; a worker that faults is
+# replaced and its test reported.
+tests() {  # tests NAME LIMIT FILES...
+  local name=$1 limit=$2
+  shift 2
   if python3 -c "import xdist" 2>/dev/null; then
-    echo "== tests (pytest-xdist, ${TEST_WORKERS:-14} workers)"
-    # shellcheck disable=SC2086  # TEST_FILES is a list of paths
-    stage tests "${TEST_LIMIT:-180}" "${PYTEST[@]}" -n "${TEST_WORKERS:-14}" $TEST_FILES > "$RES/tests.log" 2>&1
+    echo "== $name (pytest-xdist, ${TEST_WORKERS:-12} workers)"
+    stage "$name" "$limit" "${PYTEST[@]}" -n "${TEST_WORKERS:-12}" "$@" > "$RES/$name.log" 2>&1
   else
-    echo "== tests (one process)"
-    # shellcheck disable=SC2086
-    stage tests "${TEST_LIMIT:-180}" "${PYTEST[@]}" $TEST_FILES > "$RES/tests.log" 2>&1
+    echo "== $name (one process)"
+    stage "$name" "$limit" "${PYTEST[@]}" "$@" > "$RES/$name.log" 2>&1
   fi
-  tail -40 "$RES/tests.log"
-fi
+  tail -25 "$RES/$name.log"
+}
 
 bench() {  # bench NAME LIMIT [KEXPR TAG]: one JSON per call (pytest-benchmark writes it only at
   # the end, so a call cut by its limit loses its own cases, not the others')
@@ -109,30 +123,50 @@ bench() {  # bench NAME LIMIT [KEXPR TAG]: one JSON per call (pytest-benchmark w
   [ -s "$json" ] &&
     { echo "### $1 ${4:-}"; python3 benchmarks/summarize.py "$json" --markdown; } >> "$RES/summary.md" 2>&1
 }
-if want routed_bench; then
-  echo "== routed-conv benchmark (routed vs dense)"
-  FASTMOD_BENCH_FULL=${FASTMOD_BENCH_FULL:-0} FASTMOD_BENCH_IMPLS=${FASTMOD_BENCH_IMPLS:-routed,dense} \
-      bench routed_conv "${ROUTED_BENCH_LIMIT:-120}"
+
+# --- while the extension builds: the Triton kernels (none of this needs _C) ---
+echo "== mixed-node and Gumbel benchmarks, forward + backward"
+for name in mixed_node gumbel_gate; do
+  want bench_fwd_bwd && bench "$name" "${BENCH_LIMIT:-60}" "bwd" fwd_bwd
+done
+if want tests_triton; then
+  tests tests_triton "${TEST_LIMIT:-120}" ${TRITON_TESTS:-tests/test_mixed_node.py tests/test_mixed_node_module.py \
+    tests/test_gumbel_gate.py tests/test_routed_conv_triton.py tests/test_fused_norm.py}
+fi
+if want routed_triton; then
+  echo "== routed-conv Triton forward vs dense cuDNN"
+  stage routed_triton "${TUNE_LIMIT:-90}" sh -c 'exec python3 scripts/tune_routed_triton.py --json "$1.json" \
+      --configs "${TUNE_CONFIGS:-default;128,128,32,8,3;128,64,32,4,4;64,128,64,4,3}" > "$1.txt" 2>&1' sh "$RES/routed_triton"
+  cat "$RES/routed_triton.txt"
 fi
 
+# --- with the extension ---
+wait_build
+if want tests_cuda; then
+  tests tests_cuda "${TEST_LIMIT:-120}" ${CUDA_TESTS:-tests/test_routed_conv_cuda.py tests/test_routed_conv.py \
+    tests/test_routed_conv_triton.py tests/test_routed_modules.py tests/test_routed_conv_gn.py \
+    tests/test_routed_bottleneck.py tests/test_load_balancing.py tests/test_router.py tests/test_train_models.py}
+fi
 if want routed_profile; then
   echo "== routed-conv CUDA kernels profiled"
   stage routed_profile 60 sh -c 'exec python3 scripts/profile_routed_cuda.py > "$1" 2>&1' sh "$RES/routed_profile.txt"
   cat "$RES/routed_profile.txt"
 fi
-
+echo "== mixed-node and Gumbel benchmarks, forward"
+for name in mixed_node gumbel_gate; do
+  want bench_fwd && bench "$name" "${BENCH_LIMIT:-60}" "not bwd" fwd
+done
 if want launch_counts; then
   echo "== kernel launches per call"
   stage launch_counts 60 sh -c 'exec python3 scripts/launch_counts.py --json "$1.json" > "$1.txt" 2>&1' \
       sh "$RES/launch_counts"
   tee -a "$RES/env.txt" < "$RES/launch_counts.txt"
 fi
-
-echo "== mixed-node and Gumbel benchmarks"
-for name in mixed_node gumbel_gate; do
-  want bench_fwd && bench "$name" "${BENCH_LIMIT:-60}" "not bwd" fwd
-  want bench_fwd_bwd && bench "$name" "${BENCH_LIMIT:-60}" "bwd" fwd_bwd
-done
+if want routed_bench; then
+  echo "== routed-conv benchmark (routed vs dense)"
+  FASTMOD_BENCH_FULL=${FASTMOD_BENCH_FULL:-0} FASTMOD_BENCH_IMPLS=${FASTMOD_BENCH_IMPLS:-routed,dense} \
+      bench routed_conv "${ROUTED_BENCH_LIMIT:-120}"
+fi
 cat "$RES/summary.md"
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$RES/env.txt"
 pack

@@ -4,7 +4,7 @@ Triton's CPU interpreter, which the tests use here, runs the kernels as NumPy an
 never lowers them to GPU code, so a kernel that only fails to compile for a GPU
 (an unsupported dtype in a math function, a bad pointer type) would pass every CPU
 test.  This compiles representative specialisations of every kernel in kernels/
-(mixed node, Gumbel gate, fused norms) all the way to a cubin with
+(mixed node, Gumbel gate, fused norms, routed conv) all the way to a cubin with
 Triton's own ptxas; no GPU is needed.  Run it without TRITON_INTERPRET (under the
 interpreter, ``triton.jit`` gives interpreted functions, which cannot be compiled):
 
@@ -24,6 +24,7 @@ def _cases():
     from fastmod.kernels import fused_norm as fk
     from fastmod.kernels import gumbel_gate as gk
     from fastmod.kernels import mixed_node as mk
+    from fastmod.kernels import routed_conv as rk
 
     def ints(*names):
         return {n: "i32" for n in names}
@@ -90,6 +91,23 @@ def _cases():
                 "dx_ptr": xt, "dres_ptr": xt, "s0_ptr": f32, "s1_ptr": f32, **gdims}, tile)
 
 
+    # Routed conv forward: each gate mode and activation dtype, at the launch options
+    # fastmod.ops._routed_conv_triton uses (so the software pipeline is compiled too).
+    yield ("routed_conv compact", rk.compact_kernel,
+           {"g_ptr": "*fp32", "list_ptr": "*i32", "cnt_ptr": "*i32", **ints("G", "sgn", "sgg")}, {"BLOCK_G": 64})
+    conv_ints = ints("H", "W", "Cin", "Ho", "Wo", "Cout", "G", "CPB", "sxn", "sxc", "sxh", "sxw", "swo", "swc",
+                     "swr", "sws", "sgn", "sgg", "syn", "syc", "syh", "syw", "conv_sh", "conv_sw", "pad_h", "pad_w",
+                     "dil_h", "dil_w")
+    for xt, gate_in, prec in [("*fp32", False, "tf32"), ("*fp32", True, "ieee"), ("*fp16", False, "ieee"),
+                              ("*bf16", True, "ieee")]:
+        sig = {"x_ptr": xt, "w_ptr": xt, "g_ptr": "*fp32", "b_ptr": xt, "y_ptr": xt, "list_ptr": "*i32",
+               "cnt_ptr": "*i32", **conv_ints}
+        tiles = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32 if xt == "*fp32" else 64}
+        yield (f"routed_conv_fwd {xt} gate_in={gate_in} {prec}", rk.routed_conv_fwd_kernel, sig,
+               {"KH": 3, "KW": 3, "GATE_IN": gate_in, "HAS_BIAS": True, "INPUT_PRECISION": prec, **tiles},
+               {"num_warps": 4, "num_stages": 3})
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("run without TRITON_INTERPRET=1", file=sys.stderr)
@@ -106,7 +124,7 @@ def main() -> int:
         return 3
     target = GPUTarget("cuda", 90, 32)
     failed = 0
-    for name, kernel, sig, consts in _cases():
+    for name, kernel, sig, consts, *options in _cases():
         full = {**sig, **{k: "constexpr" for k in consts}}
         sig = {n: full[n] for n in kernel.arg_names}  # in the kernel's parameter order
         try:
@@ -115,8 +133,10 @@ def main() -> int:
             print(f"unsupported Triton API: {e}", file=sys.stderr)
             return 3
         try:
-            triton_compile(src, target=target)
-            print(f"ok   {name}")
+            compiled = triton_compile(src, target=target, options=options[0] if options else None)
+            # whether tl.dot became Hopper warpgroup MMAs (wgmma) or the older mma.sync
+            mma = "".join(f" {op}" for op in ("wgmma", "mma.sync") if op in compiled.asm.get("ptx", ""))
+            print(f"ok   {name}{mma}")
         except Exception as e:  # noqa: BLE001 - report every kernel, then fail
             failed += 1
             print(f"FAIL {name}: {type(e).__name__}: {str(e).strip().splitlines()[:8]}")

@@ -74,7 +74,7 @@ from fastmod import _checks, _extension, backends
 
 GATE_MODES = ("group", "out", "in")
 ROUTER_GRADS = (None, "exact", "active")
-_IMPLEMENTED = ("cpu", "cuda")
+_IMPLEMENTED = ("cpu", "cuda", "triton")
 
 
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
@@ -227,5 +227,12 @@ def routed_conv2d(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor,
         return routed_conv2d_reference(x, weight, gates, bias, stride=stride, padding=padding,
                                        dilation=dilation, groups=groups, gate_on=gate_on,
                                        router_grad=router_grad)
+    if chosen == "triton":
+        if gate_on == "group":
+            raise ValueError("routed_conv2d: backend='triton' supports gate_on='out' and 'in' (groups == 1), "
+                             "not gate_on='group'")
+        from fastmod.ops._routed_conv_triton import routed_conv2d_triton
+        return routed_conv2d_triton(x, weight, gates, bias, list(stride), list(padding), list(dilation), gate_on,
+                                    router_grad != "active", torch.backends.cudnn.allow_tf32)
     return torch.ops.fastmod.routed_conv2d(x, weight, gates, bias, list(stride), list(padding),
                                            list(dilation), groups, gate_on, router_grad != "active")

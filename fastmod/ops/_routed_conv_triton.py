@@ -1,0 +1,111 @@
+"""Triton backend of routed_conv2d's forward ("out" and "in" gates, groups == 1),
+registered with ``torch.library.triton_op`` so ``torch.compile`` traces into it.
+
+The kernels (``fastmod.kernels.routed_conv``) read x channels-last and the weight as
+[Cout, KH, KW, Cin], so both operands' reduction dimension is contiguous; the
+output is written channels-last too (a [N, Cout, Ho, Wo] tensor in
+``torch.channels_last`` memory format), which saves the transpose cuDNN's NCHW
+path pays.  Gradients: ``torch.ops.fastmod.routed_conv2d_backward`` (the C++/CUDA
+kernels) where the extension has it for the device, else the reference's.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from fastmod import _extension
+from fastmod.kernels.routed_conv import compact_kernel, routed_conv_fwd_kernel
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def pick_config(pixels: int, cols: int, k_len: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one launch.
+    ``FASTMOD_ROUTED_TRITON_CONFIG="bm,bn,bk,warps,stages"`` overrides it
+    (scripts/tune_routed_triton.py times alternatives on a GPU)."""
+    env = os.environ.get("FASTMOD_ROUTED_TRITON_CONFIG")
+    if env:
+        bm, bn, bk, warps, stages = (int(v) for v in env.split(","))
+        return bm, bn, bk, warps, stages
+    bm = 64 if pixels <= 64 else 128
+    bn = max(16, min(128, _pow2(cols)))
+    bk = max(16, min(64 if dtype.itemsize <= 2 else 32, _pow2(k_len)))
+    return bm, bn, bk, 4, 3
+
+
+@triton_op("fastmod::routed_conv2d_triton", mutates_args=())
+def routed_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, bias: torch.Tensor | None,
+                         stride: list[int], padding: list[int], dilation: list[int], gate_on: str,
+                         exact: bool, tf32: bool) -> torch.Tensor:
+    """x [N, Cin, H, W], weight [Cout, Cin, KH, KW], gates [N, G], bias [Cout] or None
+    (checked by routed_conv2d); gate_on "out" or "in"; exact: the router gradient of
+    off blocks (router_grad "exact") or zero ("active"); tf32: fp32 products may use
+    TF32.  Returns [N, Cout, Ho, Wo], channels-last, x's dtype."""
+    N, Cin, H, W = x.shape
+    Cout, _, KH, KW = weight.shape
+    G = gates.shape[1]
+    Ho = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    gate_in = gate_on == "in"
+    # "out" leaves off channels alone, so they start at zero; "in" writes every one.
+    alloc = torch.empty if gate_in else torch.zeros
+    y = alloc((N, Ho, Wo, Cout), dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
+    if y.numel() == 0:
+        return y
+    xc = x.contiguous(memory_format=torch.channels_last)
+    wc = weight.contiguous(memory_format=torch.channels_last)  # memory [Cout, KH, KW, Cin]: K contiguous
+    lst = torch.empty((N, G), dtype=torch.int32, device=x.device)
+    cnt = torch.empty((N,), dtype=torch.int32, device=x.device)
+    wrap_triton(compact_kernel)[(N,)](gates, lst, cnt, G, gates.stride(0), gates.stride(1),
+                                      BLOCK_G=max(16, _pow2(G)))
+    cpb = (Cin if gate_in else Cout) // G
+    bm, bn, bk, warps, stages = pick_config(Ho * Wo, Cout, Cin, x.dtype)
+    grid = (triton.cdiv(Ho * Wo, bm), triton.cdiv(Cout, bn), N)
+    wrap_triton(routed_conv_fwd_kernel)[grid](
+        xc, wc, gates, bias if bias is not None else xc, y, lst, cnt,
+        H, W, Cin, Ho, Wo, Cout, G, cpb,
+        *xc.stride(), *wc.stride(), gates.stride(0), gates.stride(1), *y.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        KH=KH, KW=KW, GATE_IN=gate_in, HAS_BIAS=bias is not None,
+        INPUT_PRECISION="tf32" if tf32 and x.dtype == torch.float32 else "ieee",
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return y
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, gates, bias, stride, padding, dilation, gate_on, exact, _tf32 = inputs
+    ctx.save_for_backward(x, weight, gates, bias, output)
+    ctx.args = (stride, padding, dilation, gate_on, exact)
+
+
+def _backward(ctx, grad):
+    x, weight, gates, bias, out = ctx.saved_tensors
+    stride, padding, dilation, gate_on, exact = ctx.args
+    need = ctx.needs_input_grad
+    mask = [need[0], need[1], bias is not None and need[3], need[2]]
+    if not any(mask):
+        return (None,) * 10
+    if _extension.has_op("routed_conv2d", "CUDA" if x.is_cuda else "CPU"):
+        gx, gw, gb, gg = torch.ops.fastmod.routed_conv2d_backward(
+            grad.contiguous(), x.contiguous(), weight.contiguous(), gates, bias, out.contiguous(),
+            stride, padding, dilation, 1, gate_on, mask, exact)
+    else:  # the reference's gradients (a dense recompute)
+        from fastmod.ops.routed_conv import routed_conv2d_reference
+        ins = [t.detach().requires_grad_(m) if t is not None else None
+               for t, m in zip((x, weight, gates, bias), (mask[0], mask[1], mask[3], mask[2]))]
+        with torch.enable_grad():
+            y = routed_conv2d_reference(*ins, stride=stride, padding=padding, dilation=dilation, gate_on=gate_on,
+                                        router_grad="exact" if exact else "active")
+            wanted = [t for t in ins if t is not None and t.requires_grad]
+            grads = iter(torch.autograd.grad(y, wanted, grad))
+        gx, gw, gg, gb = (next(grads) if t is not None and t.requires_grad else None for t in ins)
+    return (gx if mask[0] else None, gw if mask[1] else None, gg if mask[3] else None,
+            gb if mask[2] else None) + (None,) * 6
+
+
+routed_conv2d_triton.register_autograd(_backward, setup_context=_setup_context)

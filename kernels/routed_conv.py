@@ -1,0 +1,111 @@
+"""Triton kernels of the routed convolution's forward (fastmod.ops.routed_conv2d,
+``gate_on="out"`` and ``"in"``, ``groups == 1``).
+
+An implicit GEMM over tensor cores (``tl.dot``): rows are the output pixels of one
+sample, columns its output channels, the reduction runs over (tap, input channel).
+Only active blocks are visited, from a per-sample list of the active gate blocks
+built on the device by ``compact_kernel`` (no host synchronisation):
+
+* "out": the columns of a tile are taken from the active output channels (block
+  list expanded to channels), so a sample's off blocks cost nothing; tiles past
+  the active count return at once.  Off channels are left as the caller's zeros.
+* "in": the reduction runs over the active input channels only, each scaled by
+  its gate as it is loaded; every output channel is written.
+
+Any strides: x is read as [N, C, H, W] through its strides (channels-last makes the
+K loads contiguous), the weight as [Cout, Cin, KH, KW] through its strides (the
+caller permutes it to [Cout, KH, KW, Cin] for contiguous K), y likewise.
+Accumulation is fp32; fp32 inputs use TF32 only when ``INPUT_PRECISION`` says so.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def compact_kernel(g_ptr, list_ptr, cnt_ptr, G, sgn, sgg, BLOCK_G: tl.constexpr):
+    """Program n: list[n, :cnt[n]] = the blocks g with gates[n, g] != 0, in order."""
+    n = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_G)
+    valid = offs < G
+    on = (tl.load(g_ptr + n * sgn + offs * sgg, mask=valid, other=0.0) != 0) & valid
+    on_i = on.to(tl.int32)
+    pos = tl.cumsum(on_i, axis=0) - 1
+    tl.store(list_ptr + n * G + pos, offs, mask=on)
+    tl.store(cnt_ptr + n, tl.sum(on_i, axis=0))
+
+
+@triton.jit
+def routed_conv_fwd_kernel(
+        x_ptr, w_ptr, g_ptr, b_ptr, y_ptr, list_ptr, cnt_ptr,
+        H, W, Cin, Ho, Wo, Cout, G, CPB,
+        sxn, sxc, sxh, sxw, swo, swc, swr, sws, sgn, sgg, syn, syc, syh, syw,
+        conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+        KH: tl.constexpr, KW: tl.constexpr, GATE_IN: tl.constexpr, HAS_BIAS: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
+    """Program (pm, pn, n): output pixels [pm*BM, +BM) of sample n, times BLOCK_N
+    columns: output channels pn*BN.. ("in"), or active channels pn*BN.. of the
+    sample's compacted list ("out").  CPB = channels per gate block."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n = tl.program_id(2)
+    n_act = tl.load(cnt_ptr + n) * CPB  # active channels (input ones for "in")
+    if not GATE_IN:
+        if pid_n * BLOCK_N >= n_act:
+            return  # past this sample's active output channels: nothing to do
+    x_n = x_ptr + n.to(tl.int64) * sxn
+    lst = list_ptr + n * G
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < Ho * Wo
+    oh = offs_m // Wo
+    ow = offs_m % Wo
+    ih0 = oh * conv_sh - pad_h
+    iw0 = ow * conv_sw - pad_w
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if GATE_IN:
+        n_ok = cols < Cout
+        co = cols
+    else:
+        n_ok = cols < n_act
+        blk = tl.load(lst + cols // CPB, mask=n_ok, other=0)
+        co = blk * CPB + cols % CPB
+    w_cols = w_ptr + co.to(tl.int64) * swo
+
+    if GATE_IN:
+        k_len = n_act
+    else:
+        k_len = Cin
+    n_kc = tl.cdiv(k_len, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(0, KH * KW * n_kc):
+        tap = t // n_kc
+        kr = tap // KW
+        ks = tap % KW
+        kk = (t % n_kc) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = kk < k_len
+        if GATE_IN:
+            cin = tl.load(lst + kk // CPB, mask=k_ok, other=0) * CPB + kk % CPB
+        else:
+            cin = kk
+        ih = ih0 + kr * dil_h
+        iw = iw0 + ks * dil_w
+        p_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_n + (ih * sxh + iw * sxw)[:, None] + (cin * sxc)[None, :],
+                    mask=p_ok[:, None] & k_ok[None, :], other=0.0)
+        if GATE_IN:  # scale each input channel by its gate, in x's dtype as the reference does
+            s = tl.load(g_ptr + n * sgn + (cin // CPB) * sgg, mask=k_ok, other=0.0).to(a.dtype)
+            a = a * s[None, :]
+        b = tl.load(w_cols[None, :] + (cin * swc + kr * swr + ks * sws)[:, None],
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if not GATE_IN:
+        # the gate rounded to x's dtype first, as the reference multiplies in that dtype
+        gate = tl.load(g_ptr + n * sgn + (co // CPB) * sgg, mask=n_ok, other=0.0)
+        acc *= gate.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
+    y = y_ptr + n.to(tl.int64) * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

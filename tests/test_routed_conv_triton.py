@@ -1,0 +1,125 @@
+"""routed_conv2d's Triton forward (gate_on "out"/"in") against the reference: on the
+GPU where there is one, else in Triton's CPU interpreter (small shapes)."""
+import pytest
+import torch
+
+from conftest import HAS_CUDA, requires_cuda
+from fastmod import backends
+from fastmod.ops import routed_conv2d, routed_conv2d_reference
+from test_routed_conv import assert_close, make_gates, problem, run_both
+
+pytestmark = pytest.mark.skipif(not backends.available("triton", torch.device("cuda" if HAS_CUDA else "cpu")),
+                                reason="needs Triton (a GPU, or TRITON_INTERPRET=1)")
+DEV = "cuda" if HAS_CUDA else "cpu"
+# The interpreter's bf16 arithmetic is unreliable (see the developers' guide): bf16 on a GPU only.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+
+def _problem(mode, k, stride, dtype=torch.float32, **kw):
+    # 16 channels in and out: tl.dot's smallest tile side, so a tile is exactly one block list
+    return problem(mode, k, stride, dtype=dtype, device=DEV, n=2, cin=16, cout=16, hw=5, **kw)
+
+
+@pytest.mark.parametrize("mode", ["out", "in"])
+@pytest.mark.parametrize("k,stride", [(1, 1), (3, 1), (3, 2)])
+@pytest.mark.parametrize("kind", ["random", "on", "off", "nonbinary"])
+def test_forward_and_grads_fp32(mode, k, stride, kind):
+    x, w, b, kw = _problem(mode, k, stride)
+    gates = make_gates(kind, x.shape[0], 4, device=DEV)
+    (y, grads), (y_ref, grads_ref) = run_both(x, w, gates, b, kw, "triton")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, y_ref, torch.float32)
+    for g, r in zip(grads, grads_ref):
+        assert_close(g, r, torch.float32)
+    if mode == "out":  # off blocks are exactly zero
+        off = (gates == 0).repeat_interleave(w.shape[0] // 4, dim=1)
+        assert (y.permute(0, 2, 3, 1)[off[:, None, None, :].expand(-1, y.shape[2], y.shape[3], -1)] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["out", "in"])
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+def test_forward_half(mode, dtype):
+    x, w, b, kw = _problem(mode, 3, 1, dtype)
+    gates = make_gates("nonbinary", x.shape[0], 4, device=DEV)
+    y = routed_conv2d(x, w, gates, b, backend="triton", **kw)
+    ref = routed_conv2d_reference(x.float(), w.float(), gates, b.float(), **kw)
+    assert y.dtype == dtype
+    assert_close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("mode", ["out", "in"])
+def test_router_grad_active(mode):
+    x, w, b, kw = _problem(mode, 3, 1)
+    gates = make_gates("random", x.shape[0], 4, device=DEV)
+    (_, grads), (_, grads_ref) = run_both(x, w, gates, b, kw, "triton", router_grad="active")
+    assert_close(grads[2], grads_ref[2], torch.float32)
+    assert (grads[2][gates == 0] == 0).all()
+
+
+def test_layouts_dilation_no_bias_and_wide_blocks():
+    # non-contiguous x, a channels-last weight, dilation 2, no bias, 40 output channels
+    # in 2 blocks (tiles that straddle blocks and a ragged last tile)
+    x = torch.randn(2, 24, 9, 9, device=DEV).transpose(2, 3)
+    w = torch.randn(40, 24, 3, 3, device=DEV).contiguous(memory_format=torch.channels_last) / 15
+    for mode, G in (("out", 2), ("in", 3)):
+        gates = torch.tensor([[1.0, 0.0, 0.5][:G], [0.0, 2.0, 1.0][:G]], device=DEV)
+        kw = dict(padding=2, dilation=2, gate_on=mode)
+        assert_close(routed_conv2d(x, w, gates, backend="triton", **kw),
+                     routed_conv2d_reference(x, w, gates, **kw), torch.float32)
+
+
+def test_empty_batch():
+    x, w, b, kw = _problem("out", 3, 1)
+    y = routed_conv2d(x[:0], w, torch.ones(0, 4, device=DEV), b, backend="triton", **kw)
+    assert y.shape == (0, 16, 5, 5)
+
+
+def test_group_mode_is_refused():
+    x, w, b, kw = problem("group", 3, 1, device=DEV)
+    with pytest.raises(ValueError, match="gate_on"):
+        routed_conv2d(x, w, torch.ones(x.shape[0], 4, device=DEV), b, backend="triton", **kw)
+
+
+def test_opcheck():
+    x, w, b, _ = _problem("out", 3, 1)
+    gates = make_gates("random", x.shape[0], 4, device=DEV)
+    args = (x, w.requires_grad_(), gates, b, [1, 1], [1, 1], [1, 1], "out", True, False)
+    # Triton's interpreter runs kernels even on fake tensors: the fake/AOT checks need a GPU
+    utils = None if HAS_CUDA else ("test_schema", "test_autograd_registration")
+    kwargs = {} if utils is None else {"test_utils": utils}
+    torch.library.opcheck(torch.ops.fastmod.routed_conv2d_triton.default, args, **kwargs)
+
+
+@requires_cuda
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x, w, b, kw = _problem("out", 3, 1)
+    gates = make_gates("random", x.shape[0], 4, device=DEV)
+    f = torch.compile(lambda *a: routed_conv2d(*a, backend="triton", **kw).relu(), fullgraph=True)
+    assert_close(f(x, w, gates, b), routed_conv2d_reference(x, w, gates, b, **kw).relu(), torch.float32)
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", ["out", "in"])
+def test_tf32_is_close(mode):
+    # the benchmarks' setting: TF32 products, as cuDNN's default
+    x, w, b, kw = problem(mode, 3, 1, device="cuda", n=4, cin=64, cout=64, hw=14, blocks=8)
+    gates = make_gates("random", 4, 8, device="cuda")
+    torch.backends.cudnn.allow_tf32 = True  # the autouse fixture restores it
+    y = routed_conv2d(x, w, gates, b, backend="triton", **kw)
+    torch.backends.cudnn.allow_tf32 = False
+    assert_close(y, routed_conv2d_reference(x, w, gates, b, **kw), torch.float16)  # TF32: ~1e-3
+
+
+
+@pytest.mark.parametrize("mode", ["out", "in"])
+def test_grads_without_the_extension(mode, monkeypatch):
+    # an install without fastmod._C's backward falls back to the reference's gradients
+    from fastmod.ops import _routed_conv_triton
+    monkeypatch.setattr(_routed_conv_triton._extension, "has_op", lambda *a, **k: False)
+    x, w, b, kw = _problem(mode, 3, 2)
+    gates = make_gates("nonbinary", x.shape[0], 4, device=DEV)
+    for router_grad in ("exact", "active"):
+        (_, grads), (_, grads_ref) = run_both(x, w, gates, b, kw, "triton", router_grad=router_grad)
+        for g, r in zip(grads, grads_ref):
+            assert_close(g, r, torch.float32)
