@@ -1,0 +1,92 @@
+"""GPU kernel time (torch.profiler) and eager wall time per call of the Triton
+routed-conv forward, next to the dense cuDNN conv + mask: separates what the GPU
+spends from the host's launch overhead, which do_bench's back-to-back calls mix in.
+
+    python scripts/profile_routed_triton.py [--cases ...] [--configs default;128,128,32,8,3]
+
+GPU only; exits 2 without one.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from _routed_cases import conv_cases, gates  # noqa: E402
+
+from fastmod.ops import routed_conv2d, routed_conv2d_reference  # noqa: E402
+
+DEFAULT_CASES = "frn3x3-64,frn3x3-128,frn3x3-256,frn3x3-512,brn1x1out-w128-hw28-c16,brn1x1in-w128-hw28-c16"
+
+
+def kernel_us(fn):
+    """(total GPU kernel us of one call, {kernel name: us})."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            rows[e.name[:60]] = rows.get(e.name[:60], 0.0) + e.device_time
+    return sum(rows.values()), rows
+
+
+def wall_us(fn, n=50):
+    fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=DEFAULT_CASES)
+    p.add_argument("--rhos", default="1.0,0.57")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--configs", default="default")
+    p.add_argument("-n", type=int, default=64)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("no GPU", file=sys.stderr)
+        sys.exit(2)
+    torch.backends.cudnn.allow_tf32 = True
+    for case in [c for c in conv_cases(full=True) if c[0] in args.cases.split(",")]:
+        name, cin, cout, k, groups, gate_on, G, hw = case
+        for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+            x = torch.randn(args.n, cin, hw, hw, device="cuda", dtype=dtype)
+            w = (torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).to(dtype)
+            kw = dict(padding=k // 2, gate_on=gate_on)
+            for rho in (float(r) for r in args.rhos.split(",")):
+                g = gates(args.n, G, rho, "cuda")
+                with torch.no_grad():
+                    dense = lambda: routed_conv2d_reference(x, w, g, **kw)  # noqa: E731
+                    d_gpu, d_rows = kernel_us(dense)
+                    print(f"{name:24s} {str(dtype)[6:]:8s} rho={rho:.2f} dense: gpu {d_gpu:7.1f} us, "
+                          f"wall {wall_us(dense):7.1f} us", flush=True)
+                    for cfg in args.configs.split(";"):
+                        if cfg == "default":
+                            os.environ.pop("FASTMOD_ROUTED_TRITON_CONFIG", None)
+                        else:
+                            os.environ["FASTMOD_ROUTED_TRITON_CONFIG"] = cfg
+                        fast = lambda: routed_conv2d(x, w, g, backend="triton", **kw)  # noqa: E731
+                        f_gpu, f_rows = kernel_us(fast)
+                        conv = sum(us for k_, us in f_rows.items() if "routed_conv_fwd" in k_)
+                        print(f"{'':24s} {'':8s} {'':8s} fastmod[{cfg}]: gpu {f_gpu:7.1f} us "
+                              f"({f_gpu / d_gpu:.2f}x dense; conv kernel {conv:.1f} us), wall {wall_us(fast):7.1f} us",
+                              flush=True)
+                        if cfg == "default":
+                            print("      " + "; ".join(f"{k_} {us:.1f}" for k_, us in sorted(f_rows.items(), key=lambda r: -r[1])))
+                    os.environ.pop("FASTMOD_ROUTED_TRITON_CONFIG", None)
+
+
+if __name__ == "__main__":
+    main()
