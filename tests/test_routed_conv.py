@@ -224,7 +224,7 @@ BAD = [
     (dict(gate_on="out", groups=4, weight=torch.randn(8, 2, 3, 3)), ValueError, "groups=1"),
     (dict(gate_on="out", groups=1, weight=torch.randn(6, 8, 3, 3), bias=None), ValueError, "gates.shape"),
     (dict(x=torch.randn(2, 8, 1, 1), padding=0), ValueError, "empty"),
-    (dict(backend="triton"), ValueError, "triton"),
+    (dict(backend="tpu"), ValueError, "backend"),
 ]
 
 

@@ -64,6 +64,15 @@ Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
   only when asked for with ``backend="cuda"``.  (An earlier "cuda"
   backend, ATen/cuDNN on host-compacted blocks, measured slower than dense on an
   H100 and was replaced.)
+* ``"triton"`` (``fastmod/ops/_routed_conv_triton.py``, ``kernels/routed_conv.py``):
+  forward for ``gate_on="out"`` and ``"in"`` (groups == 1; ``"group"`` raises
+  ValueError): an implicit GEMM on tensor cores (wgmma on Hopper; TF32 for fp32 when
+  ``torch.backends.cudnn.allow_tf32`` allows it) over a per-sample list of active
+  blocks built on the device.  x is read channels-last (copied if it is not) and
+  the output is a channels-last tensor.  Gradients come from the "cpu"/"cuda"
+  backward kernels (the reference's where the extension lacks them).  Opt-in: on an
+  H100 (2026-11-27) it was 4-6x faster than the "cuda" tensor-core kernel but still
+  1.5-2.8x the dense cuDNN path at FRN shapes (benchmarks/results/h100-2026-11-27).
 """
 from __future__ import annotations
 
