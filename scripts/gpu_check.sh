@@ -7,7 +7,7 @@
 #    in the background meanwhile                                   -> build.log
 # 2. while it builds (Triton only): mixed-node and Gumbel benchmarks, forward+backward;
 #    the Triton tests (mixed node, Gumbel, routed conv, fused norms) -> tests_triton.log;
-#    the routed-conv Triton forward against dense cuDNN                -> routed_triton.txt/json
+#    the routed-conv Triton forward against dense cuDNN, kernel time -> routed_triton*.txt
 # 3. with the extension: the CUDA tests (routed conv, modules, models) -> tests_cuda.log;
 #    the routed-conv CUDA kernels profiled                          -> routed_profile.txt;
 #    the forward benchmarks; kernels launched per call              -> launch_counts.json;
@@ -19,7 +19,7 @@
 # whichever comes first, so a slow stage still leaves the later ones some time.
 # Overrides: DEADLINE, BUILD_LIMIT, ROUTED_BENCH_LIMIT, TEST_LIMIT, BENCH_LIMIT,
 # TUNE_LIMIT (seconds); TRITON_TESTS, CUDA_TESTS, TEST_WORKERS; TUNE_CONFIGS (see
-# scripts/tune_routed_triton.py --configs); SKIP (parts to leave out, see want below);
+# scripts/profile_routed_triton.py --configs); SKIP (parts to leave out, see want below);
 # FASTMOD_BENCH_FULL=1 for every routed shape; SKIP_BUILD=1 installs nothing and uses
 # the installed fastmod (a dry run of this script off the GPU).
 set -uo pipefail
@@ -134,10 +134,12 @@ if want tests_triton; then
     tests/test_gumbel_gate.py tests/test_routed_conv_triton.py tests/test_fused_norm.py}
 fi
 if want routed_triton; then
-  echo "== routed-conv Triton forward vs dense cuDNN"
-  stage routed_triton "${TUNE_LIMIT:-90}" sh -c 'exec python3 scripts/tune_routed_triton.py --json "$1.json" \
-      --configs "${TUNE_CONFIGS:-default;128,128,32,8,3;128,64,32,4,4;64,128,64,4,3}" > "$1.txt" 2>&1' sh "$RES/routed_triton"
-  cat "$RES/routed_triton.txt"
+  # kernel time per call (torch.profiler): the do_bench sweep of 2026-11-27 was host-bound
+  echo "== routed-conv Triton forward vs dense cuDNN (kernel time)"
+  stage routed_triton "${TUNE_LIMIT:-90}" sh -c 'python3 scripts/profile_routed_triton.py \
+      --configs "${TUNE_CONFIGS:-default;128,128,32,8,3;64,128,64,4,3;128,64,32,4,4;64,64,32,4,3}" > "$1.txt" 2>&1 &&
+    exec python3 scripts/profile_routed_triton.py --nchw-in-place > "$1_nchw.txt" 2>&1' sh "$RES/routed_triton"
+  cat "$RES/routed_triton.txt" "$RES/routed_triton_nchw.txt"
 fi
 
 # --- with the extension ---

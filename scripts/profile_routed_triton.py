@@ -54,11 +54,15 @@ def main():
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--configs", default="default")
     p.add_argument("-n", type=int, default=64)
+    p.add_argument("--nchw-in-place", action="store_true",
+                   help="read an NCHW x in place (_routed_conv_triton.CONFIG) instead of copying it to channels-last")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("no GPU", file=sys.stderr)
         sys.exit(2)
     torch.backends.cudnn.allow_tf32 = True
+    from fastmod.ops import _routed_conv_triton
+    _routed_conv_triton.CONFIG["nchw_in_place"] = args.nchw_in_place
     for case in [c for c in conv_cases(full=True) if c[0] in args.cases.split(",")]:
         name, cin, cout, k, groups, gate_on, G, hw = case
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):

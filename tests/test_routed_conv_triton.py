@@ -123,3 +123,16 @@ def test_grads_without_the_extension(mode, monkeypatch):
         (_, grads), (_, grads_ref) = run_both(x, w, gates, b, kw, "triton", router_grad=router_grad)
         for g, r in zip(grads, grads_ref):
             assert_close(g, r, torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["out", "in"])
+def test_nchw_in_place(mode, monkeypatch):
+    from fastmod.ops import _routed_conv_triton
+    monkeypatch.setitem(_routed_conv_triton.CONFIG, "nchw_in_place", True)
+    x, w, b, kw = _problem(mode, 3, 2)
+    gates = make_gates("nonbinary", x.shape[0], 4, device=DEV)
+    y = routed_conv2d(x, w, gates, b, backend="triton", **kw)
+    assert y.is_contiguous()
+    assert_close(y, routed_conv2d_reference(x, w, gates, b, **kw), torch.float32)
+    xcl = x.contiguous(memory_format=torch.channels_last)  # a channels-last x is still read as such
+    assert routed_conv2d(xcl, w, gates, b, backend="triton", **kw).is_contiguous(memory_format=torch.channels_last)

@@ -5,7 +5,10 @@ The kernels (``fastmod.kernels.routed_conv``) read x channels-last and the weigh
 [Cout, KH, KW, Cin], so both operands' reduction dimension is contiguous; the
 output is written channels-last too (a [N, Cout, Ho, Wo] tensor in
 ``torch.channels_last`` memory format), which saves the transpose cuDNN's NCHW
-path pays.  Gradients: ``torch.ops.fastmod.routed_conv2d_backward`` (the C++/CUDA
+path pays.  An NCHW x is copied to channels-last first (25-60 us of the H100 calls
+timed on 2026-11-27); ``CONFIG["nchw_in_place"] = True`` reads it in place instead
+(coalesced along pixels rather than channels) and writes an NCHW output, so
+scripts/profile_routed_triton.py can time the two.  Gradients: ``torch.ops.fastmod.routed_conv2d_backward`` (the C++/CUDA
 kernels) where the extension has it for the device, else the reference's.
 """
 from __future__ import annotations
@@ -20,6 +23,9 @@ from fastmod import _extension
 from fastmod.kernels.routed_conv import compact_kernel, routed_conv_fwd_kernel
 
 
+CONFIG = {"nchw_in_place": False}
+
+
 def _pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
@@ -27,7 +33,7 @@ def _pow2(n: int) -> int:
 def pick_config(pixels: int, cols: int, k_len: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for one launch.
     ``FASTMOD_ROUTED_TRITON_CONFIG="bm,bn,bk,warps,stages"`` overrides it
-    (scripts/tune_routed_triton.py times alternatives on a GPU)."""
+    (scripts/profile_routed_triton.py --configs times alternatives on a GPU)."""
     env = os.environ.get("FASTMOD_ROUTED_TRITON_CONFIG")
     if env:
         bm, bn, bk, warps, stages = (int(v) for v in env.split(","))
@@ -45,7 +51,8 @@ def routed_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, gates: torch.Ten
     """x [N, Cin, H, W], weight [Cout, Cin, KH, KW], gates [N, G], bias [Cout] or None
     (checked by routed_conv2d); gate_on "out" or "in"; exact: the router gradient of
     off blocks (router_grad "exact") or zero ("active"); tf32: fp32 products may use
-    TF32.  Returns [N, Cout, Ho, Wo], channels-last, x's dtype."""
+    TF32.  Returns [N, Cout, Ho, Wo] in x's dtype, channels-last (NCHW when
+    ``CONFIG["nchw_in_place"]`` and x is NCHW-contiguous)."""
     N, Cin, H, W = x.shape
     Cout, _, KH, KW = weight.shape
     G = gates.shape[1]
@@ -54,10 +61,14 @@ def routed_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, gates: torch.Ten
     gate_in = gate_on == "in"
     # "out" leaves off channels alone, so they start at zero; "in" writes every one.
     alloc = torch.empty if gate_in else torch.zeros
-    y = alloc((N, Ho, Wo, Cout), dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
+    nhwc = not (CONFIG["nchw_in_place"] and x.is_contiguous())
+    if nhwc:
+        y = alloc((N, Ho, Wo, Cout), dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
+    else:
+        y = alloc((N, Cout, Ho, Wo), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    xc = x.contiguous(memory_format=torch.channels_last)
+    xc = x.contiguous(memory_format=torch.channels_last) if nhwc else x
     wc = weight.contiguous(memory_format=torch.channels_last)  # memory [Cout, KH, KW, Cin]: K contiguous
     lst = torch.empty((N, G), dtype=torch.int32, device=x.device)
     cnt = torch.empty((N,), dtype=torch.int32, device=x.device)
