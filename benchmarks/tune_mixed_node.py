@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from _harness import cuda_graph
+from _harness import cuda_graph, fresh_leaves
 from fastmod import ops
 from fastmod.ops import _mixed_node_triton as impl
 
@@ -24,7 +24,8 @@ CASES = {
     "full-norm": ((64, 384, 14, 14), (64, 384, 14, 14), None, True),
 }
 FWD = [(1024, 4, 64), (2048, 4, 64), (2048, 4, 128), (4096, 8, 128), (4096, 4, 256), (8192, 8, 256)]
-BWD = [(512, 4), (1024, 4), (2048, 4), (2048, 8), (4096, 8)]
+BWD = [(1024, 4), (2048, 4), (2048, 8), (4096, 8)]
+C_ITERS = (1, 4)  # C chunks one backward program walks (CONFIG["bwd_c_iters"])
 
 
 def main():
@@ -48,19 +49,20 @@ def main():
             with torch.no_grad():
                 ops.mixed_node(x1, x2, alpha, normalize=norm)
 
-        def both():
-            torch.autograd.grad(ops.mixed_node(x1, x2, alpha, normalize=norm), (x1, x2, alpha), g)
+        def both():  # leaves made inside the step, so the capture works (see fresh_leaves)
+            a, b, w = fresh_leaves(x1, x2, alpha)
+            torch.autograd.grad(ops.mixed_node(a, b, w, normalize=norm), (a, b, w), g)
 
         for tile, warps, s_cap in FWD:
             impl.CONFIG.update(default, fwd_tile=tile, fwd_warps=warps, s_cap=s_cap)
             t = do_bench(cuda_graph(fwd).replay, warmup=10, rep=50, return_mode="median") / 1e3
             rows.append(dict(case=name, pass_="fwd", tile=tile, warps=warps, s_cap=s_cap, ms=round(t * 1e3, 4),
                              gbps=round(fwd_bytes / t / 1e9, 1)))
-        for (tile, warps), s_cap in itertools.product(BWD, (64, 128)):
-            impl.CONFIG.update(default, bwd_tile=tile, bwd_warps=warps, s_cap=s_cap)
+        for (tile, warps), s_cap, c_iters in itertools.product(BWD, (64, 128), C_ITERS):
+            impl.CONFIG.update(default, bwd_tile=tile, bwd_warps=warps, s_cap=s_cap, bwd_c_iters=c_iters)
             t = do_bench(cuda_graph(both).replay, warmup=10, rep=50, return_mode="median") / 1e3
-            rows.append(dict(case=name, pass_="fwd+bwd", tile=tile, warps=warps, s_cap=s_cap, ms=round(t * 1e3, 4),
-                             gbps=round(bwd_bytes / t / 1e9, 1)))
+            rows.append(dict(case=name, pass_="fwd+bwd", tile=tile, warps=warps, s_cap=s_cap, c_iters=c_iters,
+                             ms=round(t * 1e3, 4), gbps=round(bwd_bytes / t / 1e9, 1)))
         impl.CONFIG.update(default)
         best = {ps: min((r for r in rows if r["case"] == name and r["pass_"] == ps), key=lambda r: r["ms"])
                 for ps in ("fwd", "fwd+bwd")}

@@ -297,12 +297,14 @@ def mixed_node_bwd_kernel(
 
         acc1 = tl.zeros([BLOCK_S], dtype=ACC)
         acc2 = tl.zeros([BLOCK_S], dtype=ACC)
-        g0 = tl.zeros([BLOCK_S], dtype=ACC)
-        g1 = tl.zeros([BLOCK_S], dtype=ACC)
-        g2 = tl.zeros([BLOCK_S], dtype=ACC)
-        g3 = tl.zeros([BLOCK_S], dtype=ACC)
-        g4 = tl.zeros([BLOCK_S], dtype=ACC)
-        g5 = tl.zeros([BLOCK_S], dtype=ACC)
+        # dw partial sums, element-wise over the whole tile: one reduction each at the
+        # end instead of one per C chunk (masked lanes hold du = 0)
+        g0 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+        g1 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+        g2 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+        g3 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+        g4 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
+        g5 = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
         for c0 in range(c_lo, c_hi, BLOCK_C):
             cvec = c0 + tl.arange(0, BLOCK_C)
             c = cvec[:, None]
@@ -314,12 +316,12 @@ def mixed_node_bwd_kernel(
                 u = _mix(a, bb, w0, w1, w2, w3, w4, w5)
                 du = du * inv[None, :] - u * coef[None, :]
             # Partial sums for dw: g_i = sum du * op_i.
-            g0 += tl.sum(du * mn, axis=0)
-            g1 += tl.sum(du * mx, axis=0)
-            g2 += tl.sum(du * (a + bb), axis=0)
-            g3 += tl.sum(du * (a * bb), axis=0)
-            g4 += tl.sum(du * a, axis=0)
-            g5 += tl.sum(du * bb, axis=0)
+            g0 += du * mn
+            g1 += du * mx
+            g2 += du * (a + bb)
+            g3 += du * (a * bb)
+            g4 += du * a
+            g5 += du * bb
             eq = a == bb
             if NEED1:
                 d1 = tl.where(m, du * _input_coef(a, bb, eq, w0, w1, w2, w3, w4), 0.0)
@@ -339,12 +341,12 @@ def mixed_node_bwd_kernel(
             _flush_grad(q2, acc2, offs_s, mask_s, RED2_C, RED2_S, ATOMIC2, d2s)
         # One row of 6 partial sums per (node, program); summed per node on the host side.
         pw = dw_ptr + (k * B * n_cprog * n_sblk + prog_in_k) * 6
-        tl.store(pw + 0, tl.sum(g0, axis=0))
-        tl.store(pw + 1, tl.sum(g1, axis=0))
-        tl.store(pw + 2, tl.sum(g2, axis=0))
-        tl.store(pw + 3, tl.sum(g3, axis=0))
-        tl.store(pw + 4, tl.sum(g4, axis=0))
-        tl.store(pw + 5, tl.sum(g5, axis=0))
+        tl.store(pw + 0, tl.sum(tl.sum(g0, axis=1), axis=0))
+        tl.store(pw + 1, tl.sum(tl.sum(g1, axis=1), axis=0))
+        tl.store(pw + 2, tl.sum(tl.sum(g2, axis=1), axis=0))
+        tl.store(pw + 3, tl.sum(tl.sum(g3, axis=1), axis=0))
+        tl.store(pw + 4, tl.sum(tl.sum(g4, axis=1), axis=0))
+        tl.store(pw + 5, tl.sum(tl.sum(g5, axis=1), axis=0))
 
     # Gradients of node-shared operands, summed over K in registers (K_INNER only:
     # a single C chunk, so cvec/m below are that chunk's).

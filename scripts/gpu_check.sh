@@ -6,6 +6,7 @@
 # 1. pip install -e . without the extension; the extension (CUDA on, sm_90) builds
 #    in the background meanwhile                                   -> build.log
 # 2. while it builds (Triton only): mixed-node and Gumbel benchmarks, forward+backward;
+#    the mixed-node launch-parameter sweep                          -> tune_mixed_node.txt/json;
 #    the Triton tests (mixed node, Gumbel, routed conv, fused norms) -> tests_triton.log;
 #    the routed-conv Triton forward against dense cuDNN, kernel time -> routed_triton*.txt
 # 3. with the extension: the CUDA tests (routed conv, modules, models) -> tests_cuda.log;
@@ -18,7 +19,7 @@
 # starts only with at least 20 s left and is cut at its own limit or the deadline,
 # whichever comes first, so a slow stage still leaves the later ones some time.
 # Overrides: DEADLINE, BUILD_LIMIT, ROUTED_BENCH_LIMIT, TEST_LIMIT, BENCH_LIMIT,
-# TUNE_LIMIT (seconds); TRITON_TESTS, CUDA_TESTS, TEST_WORKERS; TUNE_CONFIGS (see
+# TUNE_LIMIT, TUNE_MN_LIMIT (seconds); TRITON_TESTS, CUDA_TESTS, TEST_WORKERS; TUNE_CONFIGS (see
 # scripts/profile_routed_triton.py --configs); SKIP (parts to leave out, see want below);
 # FASTMOD_BENCH_FULL=1 for every routed shape; SKIP_BUILD=1 installs nothing and uses
 # the installed fastmod (a dry run of this script off the GPU).
@@ -31,7 +32,7 @@ DEADLINE=${DEADLINE:-570}
 T0=$(date +%s)
 
 # want PART: whether PART is not named in SKIP (space-separated; parts: bandwidth,
-# bench_fwd_bwd, tests_triton, routed_triton, tests_cuda, routed_profile, bench_fwd,
+# bench_fwd_bwd, tune_mixed_node, tests_triton, routed_triton, tests_cuda, routed_profile, bench_fwd,
 # launch_counts, routed_bench; the build has SKIP_BUILD).
 want() { case " ${SKIP:-} " in *" $1 "*) return 1 ;; *) return 0 ;; esac; }
 
@@ -129,6 +130,12 @@ echo "== mixed-node and Gumbel benchmarks, forward + backward"
 for name in mixed_node gumbel_gate; do
   want bench_fwd_bwd && bench "$name" "${BENCH_LIMIT:-60}" "bwd" fwd_bwd
 done
+if want tune_mixed_node; then
+  echo "== mixed-node launch-parameter sweep (CUDA-graph replay)"
+  stage tune_mixed_node "${TUNE_MN_LIMIT:-120}" sh -c 'cd benchmarks && exec python3 tune_mixed_node.py --json "$1.json" \
+      > "$1.txt" 2>&1' sh "$RES/tune_mixed_node"
+  grep best "$RES/tune_mixed_node.txt"
+fi
 if want tests_triton; then
   tests tests_triton "${TEST_LIMIT:-120}" ${TRITON_TESTS:-tests/test_mixed_node.py tests/test_mixed_node_module.py \
     tests/test_gumbel_gate.py tests/test_routed_conv_triton.py tests/test_fused_norm.py}

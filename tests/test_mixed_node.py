@@ -324,15 +324,18 @@ def test_device_mismatch():
     ((2, 3, 2, 3), (2, 3, 1, 1), None), ((2, 3, 2, 3), (2, 1, 2, 3), None), ((2, 3, 2, 3), (1, 3, 2, 3), None),
     ((2, 3, 2, 3), (3, 2, 3, 1, 1), 3), ((3, 2, 3, 2, 3), (2, 1, 2, 3), 3), ((2, 3, 2, 3), (1, 1, 1, 1), None)])
 @pytest.mark.parametrize("normalize", [False, True])
-def test_triton_tiny_tiles_exercise_atomics(monkeypatch, s1, s2, K, normalize):
+@pytest.mark.parametrize("c_iters", [1, 2])
+def test_triton_tiny_tiles_exercise_atomics(monkeypatch, s1, s2, K, normalize, c_iters):
     """Tiles far smaller than the problem: several C programs and S blocks per row,
-    so every reduction path (in-register, across K, atomics) is taken."""
+    so every reduction path (in-register, across K, atomics) is taken; with
+    c_iters = 2 a backward program also walks two C chunks (a ragged last one)."""
     import sys
 
     impl = sys.modules["fastmod.ops._mixed_node_triton"]
     monkeypatch.setitem(impl.CONFIG, "fwd_tile", 4)
     monkeypatch.setitem(impl.CONFIG, "bwd_tile", 4)
     monkeypatch.setitem(impl.CONFIG, "s_cap", 2)
+    monkeypatch.setitem(impl.CONFIG, "bwd_c_iters", c_iters)
     device = "cuda" if HAS_CUDA else "cpu"
     x1, x2, alpha = _inputs(s1, s2, K, torch.float64, device)
     g = torch.randn(ops.mixed_node_reference(x1, x2, alpha).shape, dtype=torch.float64, device=device)

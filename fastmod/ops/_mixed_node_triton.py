@@ -10,9 +10,10 @@ from fastmod.kernels.mixed_node import mixed_node_bwd_kernel, mixed_node_dalpha_
 from fastmod.ops._mixed_node_canonical import full4
 
 NORM_EPS = 1e-12
-# Launch parameters (elements per tile, warps, S-block cap); scripts/tune_mixed_node.py
-# times alternatives on a GPU.
-CONFIG = {"fwd_tile": 2048, "bwd_tile": 1024, "fwd_warps": 4, "bwd_warps": 4, "s_cap": 128}
+# Launch parameters (elements per tile, warps, S-block cap, and the C chunks one
+# backward program walks, so its six dalpha partial sums are reduced once per that many
+# tiles); benchmarks/tune_mixed_node.py times alternatives on a GPU.
+CONFIG = {"fwd_tile": 2048, "bwd_tile": 1024, "fwd_warps": 4, "bwd_warps": 4, "s_cap": 128, "bwd_c_iters": 1}
 
 
 def _pow2(n: int) -> int:
@@ -24,11 +25,11 @@ def _eff_strides(x: torch.Tensor):
     return [0 if x.shape[d] == 1 else x.stride(d) for d in range(4)]
 
 
-def _plan(K, B, C, S, normalize, s_reduced, tile):
+def _plan(K, B, C, S, normalize, s_reduced, tile, c_iters=1):
     """Block sizes and the program grid for a [K, B, C, S] problem.
 
     The whole of C is walked by one program when the norm over C is needed;
-    otherwise each program takes one BLOCK_C chunk.  When an operand is
+    otherwise each program takes ``c_iters`` BLOCK_C chunks.  When an operand is
     broadcast over S (e.g. a [B, D, 1, 1] textual parameter), one block spans
     all of S so its gradient is reduced without atomics.
     """
@@ -39,7 +40,8 @@ def _plan(K, B, C, S, normalize, s_reduced, tile):
     if normalize:
         n_cprog, c_per_prog = 1, C
     else:
-        n_cprog, c_per_prog = -(-C // block_c), block_c
+        c_per_prog = block_c * c_iters
+        n_cprog = -(-C // c_per_prog)
     return block_c, block_s, n_sblk, n_cprog, c_per_prog
 
 
@@ -107,7 +109,10 @@ def mixed_node_triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor
     needed = [x for x, need in ((x1, need_dx1), (x2, need_dx2)) if need]
     s_reduced = any(x.shape[3] == 1 and S > 1 for x in needed)
     k_inner = not normalize and K > 1 and any(x.shape[0] == 1 for x in needed)
-    block_c, block_s, n_sblk, n_cprog, c_per_prog = _plan(K, B, C, S, normalize, s_reduced, CONFIG["bwd_tile"])
+    # K_INNER sums node-shared gradients over one C chunk in registers: one chunk a program
+    c_iters = 1 if k_inner else CONFIG["bwd_c_iters"]
+    block_c, block_s, n_sblk, n_cprog, c_per_prog = _plan(K, B, C, S, normalize, s_reduced, CONFIG["bwd_tile"],
+                                                          c_iters)
     n_per_k = B * n_cprog * n_sblk
     g1, st1, rk1, rc1, rs1, at1 = _grad_layout(x1, full, need_dx1, n_sblk, n_cprog, k_inner, acc)
     g2, st2, rk2, rc2, rs2, at2 = _grad_layout(x2, full, need_dx2, n_sblk, n_cprog, k_inner, acc)
