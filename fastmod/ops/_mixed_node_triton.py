@@ -53,8 +53,7 @@ def _weight_args(alpha, op_mask, hard):
                 flags=dict(HAS_MASK=has_mask, HARD=hard, A_FP64=alpha.dtype == torch.float64))
 
 
-@triton_op("fastmod::mixed_node_triton_fwd", mutates_args=())
-def mixed_node_triton_fwd(x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor, op_mask: torch.Tensor | None,
+def triton_fwd(x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor, op_mask: torch.Tensor | None,
                           hard: bool, normalize: bool) -> torch.Tensor:
     """x1, x2 canonical 4-D; alpha [K, 6] (float32/float64); op_mask None or bool [1|K, 6].
     The weights (softmax or one-hot of alpha, times the mask) are made in the kernel."""
@@ -93,8 +92,7 @@ def _grad_layout(x, full, need, n_sblk, n_cprog, k_inner, acc_dtype):
     return buf, strides, red_k, bc, bs, atomic
 
 
-@triton_op("fastmod::mixed_node_triton_bwd", mutates_args=())
-def mixed_node_triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor,
+def triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor,
                           op_mask: torch.Tensor | None, hard: bool, normalize: bool, need_dx1: bool, need_dx2: bool,
                           need_dalpha: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx1, dx2 (empty when not needed) and dalpha [K, 6] in alpha's dtype (soft mode
@@ -136,3 +134,9 @@ def mixed_node_triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor
             dw_part, alpha, wa["m"], dalpha, n_per_k, wa["m_stride_k"], HAS_MASK=wa["flags"]["HAS_MASK"],
             A_FP64=wa["flags"]["A_FP64"], BLOCK_P=min(_pow2(n_per_k), 1024))
     return dx1, dx2, dalpha
+
+
+# Registered for torch.compile (which traces into the kernels); eager calls run
+# triton_fwd/triton_bwd through fastmod.ops._eager (no dispatcher on the way).
+mixed_node_triton_fwd = triton_op("fastmod::mixed_node_triton_fwd", mutates_args=())(triton_fwd)
+mixed_node_triton_bwd = triton_op("fastmod::mixed_node_triton_bwd", mutates_args=())(triton_bwd)

@@ -20,6 +20,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from fastmod import _extension
+from fastmod.ops import _eager
 from fastmod.kernels.routed_conv import compact_kernel, routed_conv_fwd_kernel
 
 
@@ -44,8 +45,7 @@ def pick_config(pixels: int, cols: int, k_len: int, dtype: torch.dtype) -> tuple
     return bm, bn, bk, 4, 3
 
 
-@triton_op("fastmod::routed_conv2d_triton", mutates_args=())
-def routed_conv2d_triton(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, bias: torch.Tensor | None,
+def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, bias: torch.Tensor | None,
                          stride: list[int], padding: list[int], dilation: list[int], gate_on: str,
                          exact: bool, tf32: bool) -> torch.Tensor:
     """x [N, Cin, H, W], weight [Cout, Cin, KH, KW], gates [N, G], bias [Cout] or None
@@ -119,4 +119,8 @@ def _backward(ctx, grad):
             gb if mask[2] else None) + (None,) * 6
 
 
+# Registered for torch.compile; eager calls take RoutedConvFunction (no dispatcher, see
+# fastmod.ops._eager).
+routed_conv2d_triton = triton_op("fastmod::routed_conv2d_triton", mutates_args=())(triton_forward)
 routed_conv2d_triton.register_autograd(_backward, setup_context=_setup_context)
+RoutedConvFunction = _eager.eager_function("RoutedConvFunction", triton_forward, _setup_context, _backward)

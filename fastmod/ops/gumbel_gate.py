@@ -51,6 +51,7 @@ import math
 import torch
 
 from fastmod import _checks, _extension, backends
+from fastmod.ops import _eager
 
 OP = "gumbel_sigmoid_gate"
 _IMPLEMENTED = ("triton", "cpu")
@@ -137,8 +138,8 @@ def gumbel_sigmoid_gate(logits: torch.Tensor, tau: float = 1.0, *, hard: bool = 
     if which == "cpu":
         return torch.ops.fastmod.gumbel_sigmoid_gate(x, seed, tau, hard)
     if isinstance(seed, int):
-        return torch.ops.fastmod.gumbel_sigmoid_gate_triton(x, None, tau, hard, seed)
-    return torch.ops.fastmod.gumbel_sigmoid_gate_triton(x, seed, tau, hard)
+        return _eager.call(torch.ops.fastmod.gumbel_sigmoid_gate_triton, _GateFunction, x, None, tau, hard, seed)
+    return _eager.call(torch.ops.fastmod.gumbel_sigmoid_gate_triton, _GateFunction, x, seed, tau, hard, -1)
 
 
 def _select(backend: str | None, device: torch.device) -> str:
@@ -257,9 +258,8 @@ if backends.triton_installed():
             return seed, 0, True, True
         return logits, max(host_seed, 0), False, host_seed >= 0
 
-    @torch.library.triton_op("fastmod::gumbel_sigmoid_gate_triton", mutates_args=())
-    def _gate_triton(logits: torch.Tensor, seed: torch.Tensor | None, tau: float, hard: bool,
-                     host_seed: int = -1) -> torch.Tensor:
+    def _gate_fwd(logits: torch.Tensor, seed: torch.Tensor | None, tau: float, hard: bool,
+                  host_seed: int = -1) -> torch.Tensor:
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)
         n = logits.numel()
         ptr, val, from_ptr, stochastic = _seed_args(seed, host_seed, logits)
@@ -268,9 +268,8 @@ if backends.triton_installed():
             HARD=hard, STOCHASTIC=stochastic, SEED_FROM_PTR=from_ptr, BLOCK=_kernels.BLOCK)
         return out
 
-    @torch.library.triton_op("fastmod::gumbel_sigmoid_gate_backward_triton", mutates_args=())
-    def _gate_backward_triton(grad: torch.Tensor, logits: torch.Tensor, seed: torch.Tensor | None,
-                              tau: float, host_seed: int = -1) -> torch.Tensor:
+    def _gate_bwd(grad: torch.Tensor, logits: torch.Tensor, seed: torch.Tensor | None,
+                  tau: float, host_seed: int = -1) -> torch.Tensor:
         grad_in = torch.empty_like(logits, memory_format=torch.contiguous_format)
         n = logits.numel()
         ptr, val, from_ptr, stochastic = _seed_args(seed, host_seed, logits)
@@ -278,6 +277,12 @@ if backends.triton_installed():
             grad, logits, ptr, val, grad_in, n, 1.0 / tau,
             STOCHASTIC=stochastic, SEED_FROM_PTR=from_ptr, BLOCK=_kernels.BLOCK)
         return grad_in
+
+    # Registered for torch.compile; eager calls take _GateFunction (same code, no dispatch).
+    _gate_triton = torch.library.triton_op("fastmod::gumbel_sigmoid_gate_triton", mutates_args=())(_gate_fwd)
+    _gate_backward_triton = torch.library.triton_op("fastmod::gumbel_sigmoid_gate_backward_triton",
+                                                    mutates_args=())(_gate_bwd)
+    _GateFunction = _eager.eager_function("_GateFunction", _gate_fwd, _setup_context, _make_backward(_gate_bwd))
 
     @torch.library.triton_op("fastmod::gumbel_sigmoid_noise_triton", mutates_args=())
     def _noise_triton(logits: torch.Tensor, seed: torch.Tensor | None, host_seed: int = -1) -> torch.Tensor:

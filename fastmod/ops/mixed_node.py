@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmod import _checks, _extension, backends
+from fastmod.ops import _eager
 from fastmod.ops._mixed_node_canonical import canonical, full4
 
 OP_NAMES = ("min", "max", "sum", "product", "choose1", "choose2")
@@ -157,19 +158,23 @@ def _triton_setup_context(ctx, inputs, output):
     ctx.hard, ctx.normalize = hard, normalize
 
 
-def _triton_backward(ctx, grad):
-    x1, x2, alpha, op_mask = ctx.saved_tensors
-    need1, need2, needa = ctx.needs_input_grad[:3]
-    dx1, dx2, da = mixed_node_triton_bwd(grad.contiguous(), x1, x2, alpha, op_mask, ctx.hard, ctx.normalize,
-                                         need1, need2, needa)
-    return (dx1 if need1 else None), (dx2 if need2 else None), (da if needa and not ctx.hard else None), \
-        None, None, None
+def _triton_backward(bwd):
+    def backward(ctx, grad):
+        x1, x2, alpha, op_mask = ctx.saved_tensors
+        need1, need2, needa = ctx.needs_input_grad[:3]
+        dx1, dx2, da = bwd(grad.contiguous(), x1, x2, alpha, op_mask, ctx.hard, ctx.normalize, need1, need2, needa)
+        return (dx1 if need1 else None), (dx2 if need2 else None), (da if needa and not ctx.hard else None), \
+            None, None, None
+    return backward
 
 
 if backends.triton_installed():
-    from fastmod.ops._mixed_node_triton import mixed_node_triton_bwd, mixed_node_triton_fwd
+    from fastmod.ops import _mixed_node_triton as _tri
 
-    mixed_node_triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+    _tri.mixed_node_triton_fwd.register_autograd(_triton_backward(_tri.mixed_node_triton_bwd),
+                                                 setup_context=_triton_setup_context)
+    _TritonFunction = _eager.eager_function("_MixedNodeTriton", _tri.triton_fwd, _triton_setup_context,
+                                            _triton_backward(_tri.triton_bwd))
 
 
 def _mask_rows(op_mask, alpha2d: torch.Tensor) -> torch.Tensor | None:
@@ -218,7 +223,8 @@ def mixed_node(x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor, *, mode:
         alpha2d = (alpha if alpha.dtype == a_acc else alpha.to(a_acc)).reshape(-1, len(OP_NAMES)).contiguous()
         if mode == "hard":
             alpha2d = alpha2d.detach()  # no gradient to alpha in hard mode
-        out = mixed_node_triton_fwd(a, b, alpha2d, _mask_rows(op_mask, alpha2d), mode == "hard", normalize)
+        out = _eager.call(_tri.mixed_node_triton_fwd, _TritonFunction, a, b, alpha2d, _mask_rows(op_mask, alpha2d),
+                          mode == "hard", normalize)
         return out.reshape(full)
     w = mixed_node_weights(alpha, mode, op_mask)
     acc = _acc_dtype(x1.dtype)

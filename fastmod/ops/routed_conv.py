@@ -240,8 +240,9 @@ def routed_conv2d(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor,
         if gate_on == "group":
             raise ValueError("routed_conv2d: backend='triton' supports gate_on='out' and 'in' (groups == 1), "
                              "not gate_on='group'")
-        from fastmod.ops._routed_conv_triton import routed_conv2d_triton
-        return routed_conv2d_triton(x, weight, gates, bias, list(stride), list(padding), list(dilation), gate_on,
-                                    router_grad != "active", torch.backends.cudnn.allow_tf32)
+        from fastmod.ops import _eager, _routed_conv_triton as tri
+        return _eager.call(tri.routed_conv2d_triton, tri.RoutedConvFunction, x, weight, gates, bias, list(stride),
+                           list(padding), list(dilation), gate_on, router_grad != "active",
+                           torch.backends.cudnn.allow_tf32)
     return torch.ops.fastmod.routed_conv2d(x, weight, gates, bias, list(stride), list(padding),
                                            list(dilation), groups, gate_on, router_grad != "active")
