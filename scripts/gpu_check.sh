@@ -125,11 +125,15 @@ bench() {  # bench NAME LIMIT [KEXPR TAG]: one JSON per call (pytest-benchmark w
     { echo "### $1 ${4:-}"; python3 benchmarks/summarize.py "$json" --markdown; } >> "$RES/summary.md" 2>&1
 }
 
+benches() {  # benches PART KEXPR TAG: the mixed-node and Gumbel benchmarks of one pass
+  for name in mixed_node gumbel_gate; do
+    want "$1" && bench "$name" "${BENCH_LIMIT:-60}" "$2" "$3"
+  done
+}
+
 # --- while the extension builds: the Triton kernels (none of this needs _C) ---
 echo "== mixed-node and Gumbel benchmarks, forward + backward"
-for name in mixed_node gumbel_gate; do
-  want bench_fwd_bwd && bench "$name" "${BENCH_LIMIT:-60}" "bwd" fwd_bwd
-done
+benches bench_fwd_bwd "bwd" fwd_bwd
 if want tune_mixed_node; then
   echo "== mixed-node launch-parameter sweep (CUDA-graph replay)"
   stage tune_mixed_node "${TUNE_MN_LIMIT:-120}" sh -c 'cd benchmarks && exec python3 tune_mixed_node.py --json "$1.json" \
@@ -162,9 +166,7 @@ if want routed_profile; then
   cat "$RES/routed_profile.txt"
 fi
 echo "== mixed-node and Gumbel benchmarks, forward"
-for name in mixed_node gumbel_gate; do
-  want bench_fwd && bench "$name" "${BENCH_LIMIT:-60}" "not bwd" fwd
-done
+benches bench_fwd "not bwd" fwd
 if want launch_counts; then
   echo "== kernel launches per call"
   stage launch_counts 60 sh -c 'exec python3 scripts/launch_counts.py --json "$1.json" > "$1.txt" 2>&1' \

@@ -19,8 +19,10 @@ from _routed_cases import conv_cases, conv_runner  # noqa: E402
 DEFAULT_CASES = "frn3x3-512,frn3x3-128,brn3x3-w128-hw28-c16,brn1x1out-w128-hw28-c16"
 
 
-def _profile(run, top):
-    for _ in range(3):  # warm-up: cuDNN heuristics, caching allocator
+def kernel_times(run) -> dict:
+    """{kernel name: (GPU us, launches)} of one profiled run() after three warm-up
+    calls (cuDNN heuristics, caching allocator, Triton compiles)."""
+    for _ in range(3):
         run()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -31,6 +33,11 @@ def _profile(run, top):
         if e.device_type == torch.autograd.DeviceType.CUDA:
             us, n = rows.get(e.name, (0.0, 0))
             rows[e.name] = (us + e.device_time, n + 1)
+    return rows
+
+
+def _profile(run, top):
+    rows = kernel_times(run)
     total = sum(us for us, _ in rows.values())
     lines = [f"    {us:9.1f} us  x{n:<3d} {name[:110]}"
              for name, (us, n) in sorted(rows.items(), key=lambda r: -r[1][0])[:top]]

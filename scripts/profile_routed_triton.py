@@ -12,10 +12,10 @@ import sys
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from _routed_cases import conv_cases, gates  # noqa: E402
+from profile_routed_cuda import kernel_times  # noqa: E402  (scripts/ is sys.path[0])
 
 from fastmod.ops import routed_conv2d, routed_conv2d_reference  # noqa: E402
 
@@ -24,16 +24,9 @@ DEFAULT_CASES = "frn3x3-64,frn3x3-128,frn3x3-256,frn3x3-512,brn1x1out-w128-hw28-
 
 def kernel_us(fn):
     """(total GPU kernel us of one call, {kernel name: us})."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
     rows = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            rows[e.name[:60]] = rows.get(e.name[:60], 0.0) + e.device_time
+    for name, (us, _n) in kernel_times(fn).items():
+        rows[name[:60]] = rows.get(name[:60], 0.0) + us
     return sum(rows.values()), rows
 
 
