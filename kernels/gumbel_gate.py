@@ -12,7 +12,20 @@ as a host integer argument (eager calls: no seed-drawing kernel before the gate)
 import triton
 import triton.language as tl
 
-BLOCK = 1024
+BLOCK = 1024       # elements per program on large inputs
+MIN_BLOCK = 128    # ... and the smallest block, one element per thread (4 warps)
+MIN_PROGRAMS = 256  # halve the block (down to MIN_BLOCK) while fewer programs than this
+
+
+def block_for(n: int) -> int:
+    """Elements per program for n elements.  The router's gates are small (64x8x32 =
+    16K elements: 16 programs of 1024 would run on 16 of an H100's 132 SMs, each
+    thread walking 8 Philox draws in sequence), so small inputs get smaller blocks.
+    The noise stream does not depend on the block (element i: counter i // 4)."""
+    block = BLOCK
+    while block > MIN_BLOCK and n < MIN_PROGRAMS * block:
+        block //= 2
+    return block
 
 
 @triton.jit

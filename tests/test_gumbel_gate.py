@@ -134,6 +134,26 @@ def test_cpu_and_triton_draw_the_same_noise():
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton")
+def test_triton_block_size_does_not_change_the_stream(monkeypatch):
+    """Small inputs get smaller blocks (kernels/gumbel_gate.block_for); the noise,
+    the gate and its gradient are the same for every block size."""
+    from fastmod.kernels import gumbel_gate as gk
+    assert gk.block_for(64 * 8 * 32) == gk.MIN_BLOCK and gk.block_for(1 << 24) == gk.BLOCK
+    dev = _dev("triton")
+    x = torch.randn(3, 999, device=dev)  # ragged last block at every size
+    seed = torch.tensor([0x1234_5678_9ABC_DEF], dtype=torch.int64, device=dev)
+    results = []
+    for min_programs in (1, 10 ** 9):  # always BLOCK, always MIN_BLOCK
+        monkeypatch.setattr(gk, "MIN_PROGRAMS", min_programs)
+        xr = x.clone().requires_grad_(True)
+        y = torch.ops.fastmod.gumbel_sigmoid_gate_triton(xr, seed, 0.5, True)
+        y.backward(torch.ones_like(y))
+        results.append((gg._noise(x, seed, backend="triton"), y.detach(), xr.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton")
 @pytest.mark.parametrize("hard", [True, False])
 def test_triton_host_seed_is_the_seed_tensor(hard):
     """An eager Triton call passes its seed as a host integer (one launch, no seed-drawing

@@ -60,6 +60,9 @@ def _cases():
         seeding = {"SEED_FROM_PTR": from_ptr, "STOCHASTIC": stochastic, "BLOCK": 1024}
         sig = {"x_ptr": "*fp16", **seed, "out_ptr": "*fp16", "n": "i32", "inv_tau": "fp32"}
         yield f"gumbel fwd from_ptr={from_ptr} stochastic={stochastic}", gk.gate_fwd_kernel, sig, {"HARD": hard, **seeding}
+        if from_ptr:  # the smallest block (small inputs), one element per thread
+            yield ("gumbel fwd BLOCK=128", gk.gate_fwd_kernel, sig,
+                   {"HARD": hard, **seeding, "BLOCK": gk.MIN_BLOCK})
         sig = {"g_ptr": "*bf16", "x_ptr": "*bf16", **seed, "gin_ptr": "*bf16", "n": "i32", "inv_tau": "fp32"}
         yield f"gumbel bwd from_ptr={from_ptr} stochastic={stochastic}", gk.gate_bwd_kernel, sig, seeding
     for from_ptr in (True, False):

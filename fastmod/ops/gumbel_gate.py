@@ -248,7 +248,7 @@ if backends.triton_installed():
     from fastmod.kernels import gumbel_gate as _kernels
 
     def _grid(n):
-        return (max(1, math.ceil(n / _kernels.BLOCK)),)
+        return (max(1, math.ceil(n / _kernels.block_for(n))),)
 
     def _seed_args(seed, host_seed, logits):
         """(seed_ptr, seed_val, SEED_FROM_PTR, STOCHASTIC) for a kernel launch.  The seed
@@ -265,7 +265,7 @@ if backends.triton_installed():
         ptr, val, from_ptr, stochastic = _seed_args(seed, host_seed, logits)
         torch.library.wrap_triton(_kernels.gate_fwd_kernel)[_grid(n)](
             logits, ptr, val, out, n, 1.0 / tau,
-            HARD=hard, STOCHASTIC=stochastic, SEED_FROM_PTR=from_ptr, BLOCK=_kernels.BLOCK)
+            HARD=hard, STOCHASTIC=stochastic, SEED_FROM_PTR=from_ptr, BLOCK=_kernels.block_for(n))
         return out
 
     def _gate_bwd(grad: torch.Tensor, logits: torch.Tensor, seed: torch.Tensor | None,
@@ -275,7 +275,7 @@ if backends.triton_installed():
         ptr, val, from_ptr, stochastic = _seed_args(seed, host_seed, logits)
         torch.library.wrap_triton(_kernels.gate_bwd_kernel)[_grid(n)](
             grad, logits, ptr, val, grad_in, n, 1.0 / tau,
-            STOCHASTIC=stochastic, SEED_FROM_PTR=from_ptr, BLOCK=_kernels.BLOCK)
+            STOCHASTIC=stochastic, SEED_FROM_PTR=from_ptr, BLOCK=_kernels.block_for(n))
         return grad_in
 
     # Registered for torch.compile; eager calls take _GateFunction (same code, no dispatch).
@@ -292,7 +292,7 @@ if backends.triton_installed():
         n = logits.numel()
         ptr, val, from_ptr, _ = _seed_args(seed, host_seed, logits)
         torch.library.wrap_triton(_kernels.noise_kernel)[_grid(n)](
-            ptr, val, u, n, SEED_FROM_PTR=from_ptr, BLOCK=_kernels.BLOCK)
+            ptr, val, u, n, SEED_FROM_PTR=from_ptr, BLOCK=_kernels.block_for(n))
         return u
 
     _gate_triton.register_autograd(_make_backward(_gate_backward_triton), setup_context=_setup_context)
