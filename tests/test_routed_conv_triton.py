@@ -2,6 +2,7 @@
 GPU where there is one, else in Triton's CPU interpreter (small shapes)."""
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from conftest import HAS_CUDA, requires_cuda
 from fastmod import backends
@@ -74,10 +75,34 @@ def test_empty_batch():
     assert y.shape == (0, 16, 5, 5)
 
 
-def test_group_mode_is_refused():
+def test_group_mode_and_float64_are_refused():
     x, w, b, kw = problem("group", 3, 1, device=DEV)
     with pytest.raises(ValueError, match="gate_on"):
         routed_conv2d(x, w, torch.ones(x.shape[0], 4, device=DEV), b, backend="triton", **kw)
+    x, w, b, kw = _problem("out", 3, 1, torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        routed_conv2d(x, w, torch.ones(x.shape[0], 4, device=DEV), b, backend="triton", **kw)
+
+
+@settings(max_examples=12, deadline=None)
+@given(mode=st.sampled_from(["out", "in"]), n=st.integers(0, 3), blocks=st.sampled_from([1, 2, 4, 8]),
+       cin=st.sampled_from([8, 16, 24, 40]), cout=st.sampled_from([8, 16, 40]), hw=st.integers(1, 7),
+       k=st.sampled_from([1, 2, 3]), stride=st.integers(1, 3), dil=st.integers(1, 2), bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_hypothesis_shapes(mode, n, blocks, cin, cout, hw, k, stride, dil, bias, seed):
+    torch.manual_seed(seed)
+    if (cout if mode == "out" else cin) % blocks:
+        return
+    pad = (dil * (k - 1)) // 2
+    if hw + 2 * pad < dil * (k - 1) + 1:
+        return
+    x = torch.randn(n, cin, hw, hw, device=DEV)
+    w = torch.randn(cout, cin, k, k, device=DEV) / (cin * k * k) ** 0.5
+    b = torch.randn(cout, device=DEV) if bias else None
+    gates = make_gates("nonbinary", n, blocks, device=DEV)
+    kw = dict(stride=stride, padding=pad, dilation=dil, gate_on=mode)
+    assert_close(routed_conv2d(x, w, gates, b, backend="triton", **kw),
+                 routed_conv2d_reference(x, w, gates, b, **kw), torch.float32)
 
 
 def test_opcheck():

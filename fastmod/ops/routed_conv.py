@@ -66,7 +66,7 @@ Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
   H100 and was replaced.)
 * ``"triton"`` (``fastmod/ops/_routed_conv_triton.py``, ``kernels/routed_conv.py``):
   forward for ``gate_on="out"`` and ``"in"`` (groups == 1; ``"group"`` raises
-  ValueError): an implicit GEMM on tensor cores (wgmma on Hopper; TF32 for fp32 when
+  ValueError), float16/bfloat16/float32 (float64 raises TypeError): an implicit GEMM on tensor cores (wgmma on Hopper; TF32 for fp32 when
   ``torch.backends.cudnn.allow_tf32`` allows it) over a per-sample list of active
   blocks built on the device.  x is read channels-last (copied if it is not) and
   the output is a channels-last tensor.  Gradients come from the "cpu"/"cuda"
@@ -240,6 +240,9 @@ def routed_conv2d(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor,
         if gate_on == "group":
             raise ValueError("routed_conv2d: backend='triton' supports gate_on='out' and 'in' (groups == 1), "
                              "not gate_on='group'")
+        if x.dtype == torch.float64:  # tl.dot has no float64 tensor-core path on the GPU
+            raise TypeError("routed_conv2d: backend='triton' takes float16, bfloat16 or float32 x, got float64; "
+                            "use backend='cuda' or 'reference'")
         from fastmod.ops import _eager, _routed_conv_triton as tri
         return _eager.call(tri.routed_conv2d_triton, tri.RoutedConvFunction, x, weight, gates, bias, list(stride),
                            list(padding), list(dilation), gate_on, router_grad != "active",
