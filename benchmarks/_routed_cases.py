@@ -35,9 +35,11 @@ def gates(n: int, g: int, rho: float, device) -> torch.Tensor:
     return (order < k).float()
 
 
-def conv_runner(case, impl: str, rho: float, pass_: str, n: int, device, reference=routed_conv2d_reference):
+def conv_runner(case, impl: str, rho: float, pass_: str, n: int, device, reference=routed_conv2d_reference,
+                backend: str | None = None):
     """(run, gflop, density): run() does one pass of the case.  impl "routed" runs the
-    fastmod kernel backend, anything else ``reference`` (the dense conv + mask).
+    fastmod kernel backend (``backend``, default "cuda" on GPUs and automatic on the
+    CPU), anything else ``reference`` (the dense conv + mask).
     pass_: "fwd" (no grad), "train" (fwd + bwd, router_grad="active") or
     "train-exact" (router_grad="exact")."""
     _name, cin, cout, k, groups, gate_on, G, hw = case
@@ -47,7 +49,7 @@ def conv_runner(case, impl: str, rho: float, pass_: str, n: int, device, referen
     router_grad = "exact" if pass_ == "train-exact" else "active"
     kw = dict(padding=k // 2, groups=groups, gate_on=gate_on, router_grad=router_grad)
     # The kernel backend explicitly: "auto" keeps the dense path on GPUs (see routed_conv._select).
-    kernel = "cuda" if torch.device(device).type == "cuda" else None
+    kernel = backend or ("cuda" if torch.device(device).type == "cuda" else None)
     fn = (lambda *a: routed_conv2d(*a, backend=kernel, **kw)) if impl == "routed" else \
         (lambda *a: reference(*a, **kw))
     flops = 2 * n * cout * (cin // groups) * k * k * hw * hw * (g.mean().item() if impl == "routed" else 1)

@@ -14,7 +14,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from _routed_cases import conv_cases, gates  # noqa: E402
+from _routed_cases import conv_cases, conv_runner, gates  # noqa: E402
 from profile_routed_cuda import kernel_times  # noqa: E402  (scripts/ is sys.path[0])
 
 from fastmod.ops import routed_conv2d, routed_conv2d_reference  # noqa: E402
@@ -47,6 +47,8 @@ def main():
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--configs", default="default")
     p.add_argument("-n", type=int, default=64)
+    p.add_argument("--train", action="store_true",
+                   help="also a training step (fp32, fwd + bwd, router_grad='active') against dense")
     p.add_argument("--nchw-in-place", action="store_true",
                    help="read an NCHW x in place (_routed_conv_triton.CONFIG) instead of copying it to channels-last")
     args = p.parse_args()
@@ -57,32 +59,54 @@ def main():
     from fastmod.ops import _routed_conv_triton
     _routed_conv_triton.CONFIG["nchw_in_place"] = args.nchw_in_place
     for case in [c for c in conv_cases(full=True) if c[0] in args.cases.split(",")]:
-        name, cin, cout, k, groups, gate_on, G, hw = case
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
-            x = torch.randn(args.n, cin, hw, hw, device="cuda", dtype=dtype)
-            w = (torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).to(dtype)
-            kw = dict(padding=k // 2, gate_on=gate_on)
             for rho in (float(r) for r in args.rhos.split(",")):
-                g = gates(args.n, G, rho, "cuda")
-                with torch.no_grad():
-                    dense = lambda: routed_conv2d_reference(x, w, g, **kw)  # noqa: E731
-                    d_gpu, d_rows = kernel_us(dense)
-                    print(f"{name:24s} {str(dtype)[6:]:8s} rho={rho:.2f} dense: gpu {d_gpu:7.1f} us, "
-                          f"wall {wall_us(dense):7.1f} us", flush=True)
-                    for cfg in args.configs.split(";"):
-                        if cfg == "default":
-                            os.environ.pop("FASTMOD_ROUTED_TRITON_CONFIG", None)
-                        else:
-                            os.environ["FASTMOD_ROUTED_TRITON_CONFIG"] = cfg
-                        fast = lambda: routed_conv2d(x, w, g, backend="triton", **kw)  # noqa: E731
-                        f_gpu, f_rows = kernel_us(fast)
-                        conv = sum(us for k_, us in f_rows.items() if "routed_conv_fwd" in k_)
-                        print(f"{'':24s} {'':8s} {'':8s} fastmod[{cfg}]: gpu {f_gpu:7.1f} us "
-                              f"({f_gpu / d_gpu:.2f}x dense; conv kernel {conv:.1f} us), wall {wall_us(fast):7.1f} us",
-                              flush=True)
-                        if cfg == "default":
-                            print("      " + "; ".join(f"{k_} {us:.1f}" for k_, us in sorted(f_rows.items(), key=lambda r: -r[1])))
-                    os.environ.pop("FASTMOD_ROUTED_TRITON_CONFIG", None)
+                forward(case, dtype, rho, args)
+                if args.train and dtype == torch.float32:
+                    train(case, rho, args.n)
+
+
+def forward(case, dtype, rho, args):
+    """Dense against fastmod under each tile configuration, no grad."""
+    name, cin, cout, k, _groups, gate_on, G, hw = case
+    x = torch.randn(args.n, cin, hw, hw, device="cuda", dtype=dtype)
+    w = (torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).to(dtype)
+    kw = dict(padding=k // 2, gate_on=gate_on)
+    g = gates(args.n, G, rho, "cuda")
+    with torch.no_grad():
+        dense = lambda: routed_conv2d_reference(x, w, g, **kw)  # noqa: E731
+        d_gpu, _ = kernel_us(dense)
+        print(f"{name:24s} {str(dtype)[6:]:8s} rho={rho:.2f} dense: gpu {d_gpu:7.1f} us, "
+              f"wall {wall_us(dense):7.1f} us", flush=True)
+        for cfg in args.configs.split(";"):
+            if cfg == "default":
+                os.environ.pop("FASTMOD_ROUTED_TRITON_CONFIG", None)
+            else:
+                os.environ["FASTMOD_ROUTED_TRITON_CONFIG"] = cfg
+            fast = lambda: routed_conv2d(x, w, g, backend="triton", **kw)  # noqa: E731
+            f_gpu, f_rows = kernel_us(fast)
+            conv = sum(us for k_, us in f_rows.items() if "routed_conv_fwd" in k_)
+            print(f"{'':24s} {'':8s} {'':8s} fastmod[{cfg}]: gpu {f_gpu:7.1f} us "
+                  f"({f_gpu / d_gpu:.2f}x dense; conv kernel {conv:.1f} us), wall {wall_us(fast):7.1f} us",
+                  flush=True)
+            if cfg == "default":
+                print("      " + _top(f_rows))
+        os.environ.pop("FASTMOD_ROUTED_TRITON_CONFIG", None)
+
+
+def train(case, rho, n):
+    """A training step (fp32, router_grad="active"), dense against fastmod."""
+    d_run = conv_runner(case, "dense", rho, "train", n, "cuda")[0]
+    f_run = conv_runner(case, "routed", rho, "train", n, "cuda", backend="triton")[0]
+    d_gpu, _ = kernel_us(d_run)
+    f_gpu, f_rows = kernel_us(f_run)
+    print(f"{'':24s} {'':8s} {'':8s} train: dense gpu {d_gpu:7.1f} us, fastmod gpu {f_gpu:7.1f} us "
+          f"({f_gpu / d_gpu:.2f}x), wall {wall_us(d_run):7.1f} / {wall_us(f_run):7.1f} us", flush=True)
+    print("      " + _top(f_rows, 8))
+
+
+def _top(rows, k=None):
+    return "; ".join(f"{name} {us:.1f}" for name, us in sorted(rows.items(), key=lambda r: -r[1])[:k])
 
 
 if __name__ == "__main__":

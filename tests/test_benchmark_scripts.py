@@ -100,6 +100,16 @@ def test_launch_counts_script_explains_itself():
         assert r.returncode == 2 and "needs a GPU" in r.stderr
 
 
+@pytest.mark.parametrize("name,phrase", [("profile_routed_triton.py", "host's launch overhead"),
+                                         ("profile_routed_cuda.py", "kernels listed by total GPU time")])
+def test_profile_scripts_explain_themselves(name, phrase):
+    script = os.path.join(os.path.dirname(BENCH), "scripts", name)
+    assert phrase in " ".join(_run(script, "--help").split())
+    if not torch.cuda.is_available():  # without a GPU they say so and exit 2
+        r = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "GPU" in r.stderr
+
+
 def test_summarize_compares_like_with_like(tmp_path):
     """A GPU group where one implementation fell back to the wall clock is compared
     on every implementation's wall clock, not graph time against wall time."""

@@ -39,13 +39,14 @@ def test_forward_and_grads_fp32(mode, k, stride, kind):
 
 @pytest.mark.parametrize("mode", ["out", "in"])
 @pytest.mark.parametrize("dtype", DTYPES[1:])
-def test_forward_half(mode, dtype):
+def test_half_forward_and_grads(mode, dtype):
     x, w, b, kw = _problem(mode, 3, 1, dtype)
     gates = make_gates("nonbinary", x.shape[0], 4, device=DEV)
-    y = routed_conv2d(x, w, gates, b, backend="triton", **kw)
-    ref = routed_conv2d_reference(x.float(), w.float(), gates, b.float(), **kw)
+    (y, grads), (y_ref, grads_ref) = run_both(x, w, gates, b, kw, "triton", upcast=True)
     assert y.dtype == dtype
-    assert_close(y, ref, dtype)
+    assert_close(y, y_ref, dtype)
+    for g, r in zip(grads, grads_ref):
+        assert_close(g, r, dtype)
 
 
 @pytest.mark.parametrize("mode", ["out", "in"])
@@ -138,16 +139,20 @@ def test_tf32_is_close(mode):
 
 
 @pytest.mark.parametrize("mode", ["out", "in"])
-def test_grads_without_the_extension(mode, monkeypatch):
-    # an install without fastmod._C's backward falls back to the reference's gradients
-    from fastmod.ops import _routed_conv_triton
-    monkeypatch.setattr(_routed_conv_triton._extension, "has_op", lambda *a, **k: False)
-    x, w, b, kw = _problem(mode, 3, 2)
+@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 1, 0), (1, 1, 1), (3, 2, 1)])
+@pytest.mark.parametrize("router_grad", ["exact", "active"])
+def test_every_gradient_path(mode, k, stride, pad, router_grad):
+    """grad_x through the kernel (stride 1, padding <= dil*(k-1)) and through the dense
+    vendor grad (stride 2, or the 1x1 conv with padding 1); gate gradients of on and
+    off blocks; non-binary gates (the on-block gradient divides by the gate)."""
+    x, w, b, kw = _problem(mode, k, stride)
+    kw["padding"] = pad
     gates = make_gates("nonbinary", x.shape[0], 4, device=DEV)
-    for router_grad in ("exact", "active"):
-        (_, grads), (_, grads_ref) = run_both(x, w, gates, b, kw, "triton", router_grad=router_grad)
-        for g, r in zip(grads, grads_ref):
-            assert_close(g, r, torch.float32)
+    gates[0, :2] = torch.tensor([1e-3, 0.0])  # a tiny gate and an off block in one sample
+    (y, grads), (y_ref, grads_ref) = run_both(x, w, gates, b, kw, "triton", router_grad=router_grad)
+    assert_close(y, y_ref, torch.float32)
+    for g, r in zip(grads, grads_ref):
+        assert_close(g, r, torch.float32)
 
 
 @pytest.mark.parametrize("mode", ["out", "in"])

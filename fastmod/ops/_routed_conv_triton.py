@@ -5,11 +5,13 @@ The kernels (``fastmod.kernels.routed_conv``) read x channels-last and the weigh
 [Cout, KH, KW, Cin], so both operands' reduction dimension is contiguous; the
 output is written channels-last too (a [N, Cout, Ho, Wo] tensor in
 ``torch.channels_last`` memory format), which saves the transpose cuDNN's NCHW
-path pays.  An NCHW x is copied to channels-last first (25-60 us of the H100 calls
-timed on 2026-11-27); ``CONFIG["nchw_in_place"] = True`` reads it in place instead
-(coalesced along pixels rather than channels) and writes an NCHW output, so
-scripts/profile_routed_triton.py can time the two.  Gradients: ``torch.ops.fastmod.routed_conv2d_backward`` (the C++/CUDA
-kernels) where the extension has it for the device, else the reference's.
+path pays.  An NCHW x is copied to channels-last first (25-60 us of the H100
+calls timed on 2026-11-27); ``CONFIG["nchw_in_place"] = True`` reads it in place
+instead (coalesced along pixels rather than channels) and writes an NCHW output, so
+scripts/profile_routed_triton.py can time the two.
+
+Gradients: ``_routed_conv_triton_backward`` (the same kernel for grad_x, the
+vendor's dense grad_weight).
 """
 from __future__ import annotations
 
@@ -19,8 +21,8 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from fastmod import _extension
 from fastmod.ops import _eager
+from fastmod.ops._routed_conv_triton_backward import routed_conv2d_triton_backward
 from fastmod.kernels.routed_conv import compact_kernel, routed_conv_fwd_kernel
 
 
@@ -89,34 +91,18 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, b
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, gates, bias, stride, padding, dilation, gate_on, exact, _tf32 = inputs
+    x, weight, gates, bias, stride, padding, dilation, gate_on, exact, tf32 = inputs
     ctx.save_for_backward(x, weight, gates, bias, output)
-    ctx.args = (stride, padding, dilation, gate_on, exact)
+    ctx.args = (stride, padding, dilation, gate_on, exact, tf32)
 
 
 def _backward(ctx, grad):
     x, weight, gates, bias, out = ctx.saved_tensors
-    stride, padding, dilation, gate_on, exact = ctx.args
     need = ctx.needs_input_grad
-    mask = [need[0], need[1], bias is not None and need[3], need[2]]
-    if not any(mask):
-        return (None,) * 10
-    if _extension.has_op("routed_conv2d", "CUDA" if x.is_cuda else "CPU"):
-        gx, gw, gb, gg = torch.ops.fastmod.routed_conv2d_backward(
-            grad.contiguous(), x.contiguous(), weight.contiguous(), gates, bias, out.contiguous(),
-            stride, padding, dilation, 1, gate_on, mask, exact)
-    else:  # the reference's gradients (a dense recompute)
-        from fastmod.ops.routed_conv import routed_conv2d_reference
-        ins = [t.detach().requires_grad_(m) if t is not None else None
-               for t, m in zip((x, weight, gates, bias), (mask[0], mask[1], mask[3], mask[2]))]
-        with torch.enable_grad():
-            y = routed_conv2d_reference(*ins, stride=stride, padding=padding, dilation=dilation, gate_on=gate_on,
-                                        router_grad="exact" if exact else "active")
-            wanted = [t for t in ins if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad(y, wanted, grad))
-        gx, gw, gg, gb = (next(grads) if t is not None and t.requires_grad else None for t in ins)
-    return (gx if mask[0] else None, gw if mask[1] else None, gg if mask[3] else None,
-            gb if mask[2] else None) + (None,) * 6
+    gx, gw, gg, gb = routed_conv2d_triton_backward(
+        routed_conv2d_triton, grad, x, weight, gates, bias, out, *ctx.args,
+        need=(need[0], need[1], need[2], bias is not None and need[3]))
+    return (gx, gw, gg, gb) + (None,) * 6
 
 
 # Registered for torch.compile; eager calls take RoutedConvFunction (no dispatcher, see

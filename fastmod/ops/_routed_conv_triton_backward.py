@@ -1,0 +1,95 @@
+"""Gradients of the Triton routed convolution ("out"/"in" gates, groups == 1).
+
+Built from the forward kernel itself and the dense vendor gradients:
+
+* grad_x, stride 1: the transposed convolution is a convolution of dy with the
+  weight transposed and flipped, padding dil*(k-1) - pad, so the same kernel
+  skips the off blocks: "out" gates make it an "in"-gated conv over dy's channels
+  (the off output blocks are never read), "in" gates an "out"-gated conv (the off
+  input channels are never computed, left zero).  Other strides (or padding larger
+  than dil*(k-1)): the dense vendor grad_input of the gated dy.
+* grad_weight: the dense vendor grad_weight of the gated operand (dy for "out",
+  x for "in"); off blocks contribute zeros, not skipped work.
+* grad_gates: for on blocks, from the saved output ("out": out = g * u) or from
+  grad_x ("in": dx = g * dxu), divided by the gate; for off blocks,
+  ``exact=True`` runs the kernel once more with the off blocks switched on (the
+  "exact" router gradient's documented cost), ``exact=False`` gives zero.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+
+def _block_dot(a: torch.Tensor, b: torch.Tensor, G: int) -> torch.Tensor:
+    """[N, C, H, W] x 2 -> [N, G]: <a, b> over each block of C // G channels and all
+    pixels, in fp32."""
+    n, c = a.shape[:2]
+    return (a.float() * b.float()).sum((2, 3)).view(n, G, c // G).sum(2)
+
+
+def _expand(gates: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
+    return gates.to(dtype).repeat_interleave(channels // gates.shape[1], dim=1)[:, :, None, None]
+
+
+def _flipped_padding(weight, padding, dilation):
+    """Padding of the stride-1 transposed conv as a conv, or None when negative."""
+    pads = [dilation[i] * (weight.shape[2 + i] - 1) - padding[i] for i in range(2)]
+    return pads if min(pads) >= 0 else None
+
+
+def _on_gate_grad(sums: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """sums[n, b] = g * <dy, u> on on-blocks -> <dy, u>; 0 where g == 0."""
+    g = gates.float()
+    return torch.where(g != 0, sums / torch.where(g != 0, g, torch.ones_like(g)), torch.zeros_like(g))
+
+
+def routed_conv2d_triton_backward(fwd: Callable, grad, x, weight, gates, bias, out, stride, padding, dilation,
+                                  gate_on: str, exact: bool, tf32: bool, need):
+    """(gx, gw, gg, gb), each None unless asked for by ``need`` = (x, weight, gates,
+    bias).  ``fwd`` is the forward op (routed_conv2d_triton's signature)."""
+    need_x, need_w, need_g, need_b = need
+    N, Cout, G = grad.shape[0], weight.shape[0], gates.shape[1]
+    one = [1, 1]
+    off = (gates == 0).to(gates.dtype)  # the off blocks switched on, for "exact"
+    pads = _flipped_padding(weight, padding, dilation) if list(stride) == one else None
+    w_flip = weight.transpose(0, 1).flip(2, 3) if pads is not None and (need_x or gate_on == "in") else None
+    gx = gw = gg = gb = None
+    if gate_on == "out":
+        dy_g = grad * _expand(gates, Cout, grad.dtype)  # exactly zero on off blocks
+        if need_b:
+            gb = dy_g.sum((0, 2, 3))
+        if need_w:
+            gw = conv2d_weight(x, weight.shape, dy_g, stride, padding, dilation)
+        if need_x:
+            gx = fwd(grad, w_flip, gates, None, one, pads, list(dilation), "in", True, tf32) if pads is not None \
+                else conv2d_input(x.shape, weight, dy_g, stride, padding, dilation)
+        if need_g:
+            gg = _on_gate_grad(_block_dot(grad, out, G), gates)
+            if exact:
+                u_off = fwd(x, weight, off, bias, list(stride), list(padding), list(dilation), "out", True, tf32)
+                gg = gg + _block_dot(grad, u_off, G)
+    else:  # "in": y = conv(x * g, W) + bias
+        Cin = x.shape[1]
+        if need_b:
+            gb = grad.sum((0, 2, 3))
+        if need_w:
+            gw = conv2d_weight(x * _expand(gates, Cin, x.dtype), weight.shape, grad, stride, padding, dilation)
+        if need_x or need_g:
+            if pads is not None:  # dx = g * dxu on on-blocks, zero elsewhere
+                gx = fwd(grad, w_flip, gates, None, one, pads, list(dilation), "out", True, tf32)
+                dxu_off = fwd(grad, w_flip, off, None, one, pads, list(dilation), "out", True, tf32) \
+                    if need_g and exact else None
+            else:
+                dxu = conv2d_input(x.shape, weight, grad, stride, padding, dilation)
+                gx = dxu * _expand(gates, Cin, dxu.dtype)
+                dxu_off = dxu * _expand(off, Cin, dxu.dtype) if need_g and exact else None
+            if need_g:
+                gg = _on_gate_grad(_block_dot(x, gx, G), gates)
+                if dxu_off is not None:
+                    gg = gg + _block_dot(x, dxu_off, G)
+    if gg is not None:
+        gg = gg.to(gates.dtype)
+    return gx, gw, gg, gb
