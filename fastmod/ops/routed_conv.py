@@ -69,10 +69,14 @@ Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
   ValueError), float16/bfloat16/float32 (float64 raises TypeError): an implicit GEMM on tensor cores (wgmma on Hopper; TF32 for fp32 when
   ``torch.backends.cudnn.allow_tf32`` allows it) over a per-sample list of active
   blocks built on the device.  x is read channels-last (copied if it is not) and
-  the output is a channels-last tensor.  Gradients come from the "cpu"/"cuda"
-  backward kernels (the reference's where the extension lacks them).  Opt-in: on an
-  H100 (2026-11-27) it was 4-6x faster than the "cuda" tensor-core kernel but still
-  1.5-2.8x the dense cuDNN path at FRN shapes (benchmarks/results/h100-2026-11-27).
+  the output is a channels-last tensor.  Backward
+  (``_routed_conv_triton_backward``): grad_x through the same kernel for stride 1
+  (off blocks skipped), the dense vendor grad_x otherwise; the dense vendor
+  grad_weight of the gated operand; gate gradients from the saved output, plus one
+  more kernel call over the off blocks for ``router_grad="exact"``.  Opt-in: on an
+  H100 (2026-11-27) the forward was 4-6x faster than the "cuda" tensor-core kernel
+  but still 1.5-2.8x the dense cuDNN path at FRN shapes
+  (benchmarks/results/h100-2026-11-27); the backward is not yet timed on a GPU.
 """
 from __future__ import annotations
 
