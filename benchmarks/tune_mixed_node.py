@@ -3,7 +3,9 @@
     python benchmarks/tune_mixed_node.py [--json FILE]
 
 Prints, per LNMN benchmark case, the forward and forward+backward medians of
-each configuration in fastmod.ops._mixed_node_triton.CONFIG's space, and the
+each configuration in fastmod.ops._mixed_node_triton.CONFIG's space (forward:
+[C, S] tiles and the flat kernel; backward: tile, warps, S cap, C chunks per
+program), and the
 achieved GB/s, so the defaults can be chosen from measurements.  Times are
 CUDA-graph replays (GPU time, launch overhead excluded).
 """
@@ -53,11 +55,13 @@ def main():
             a, b, w = fresh_leaves(x1, x2, alpha)
             torch.autograd.grad(ops.mixed_node(a, b, w, normalize=norm), (a, b, w), g)
 
-        for tile, warps, s_cap in FWD:
-            impl.CONFIG.update(default, fwd_tile=tile, fwd_warps=warps, s_cap=s_cap)
+        flat_cfgs = [] if norm else sorted({(tile, warps, None) for tile, warps, _ in FWD})  # s_cap: unused
+        for (tile, warps, s_cap), flat in [(c, False) for c in FWD] + [(c, True) for c in flat_cfgs]:
+            impl.CONFIG.update(default, fwd_tile=tile, fwd_warps=warps, s_cap=s_cap or default["s_cap"],
+                               fwd_flat=flat)
             t = do_bench(cuda_graph(fwd).replay, warmup=10, rep=50, return_mode="median") / 1e3
-            rows.append(dict(case=name, pass_="fwd", tile=tile, warps=warps, s_cap=s_cap, ms=round(t * 1e3, 4),
-                             gbps=round(fwd_bytes / t / 1e9, 1)))
+            rows.append(dict(case=name, pass_="fwd", tile=tile, warps=warps, s_cap=s_cap, flat=flat,
+                             ms=round(t * 1e3, 4), gbps=round(fwd_bytes / t / 1e9, 1)))
         for (tile, warps), s_cap, c_iters in itertools.product(BWD, (64, 128), C_ITERS):
             impl.CONFIG.update(default, bwd_tile=tile, bwd_warps=warps, s_cap=s_cap, bwd_c_iters=c_iters)
             t = do_bench(cuda_graph(both).replay, warmup=10, rep=50, return_mode="median") / 1e3

@@ -192,6 +192,45 @@ def mixed_node_fwd_kernel(
 
 
 @triton.jit
+def _flat_operand(ptr, flat, S, sc, ss, CONTIG: tl.constexpr):
+    # Element `flat` = c * S + s of one (k, b) slice: written as ptr + flat when the
+    # operand is contiguous over (C, S), so Triton sees contiguous, aligned runs and
+    # vectorises; else through its (possibly 0 = broadcast) strides.
+    if CONTIG:
+        return ptr + flat
+    return ptr + (flat // S) * sc + (flat % S) * ss
+
+
+@triton.jit
+def mixed_node_fwd_flat_kernel(
+    x1_ptr, x2_ptr, a_ptr, m_ptr, out_ptr,
+    K, B, CS, S, n_blk, m_stride_k,
+    s1k, s1b, s1c, s1s, s2k, s2b, s2c, s2s,
+    CONTIG1: tl.constexpr, CONTIG2: tl.constexpr,
+    HAS_MASK: tl.constexpr, HARD: tl.constexpr, A_FP64: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The forward without normalize, on 1-D blocks of each (node, sample) slice's
+    C * S elements: no padding of short spatial rows (S = 196 in tiles of 128 left
+    a quarter of the lanes idle), and contiguous operands and the output are read
+    and written in aligned vectors (row starts c * S are not provably aligned)."""
+    pid = tl.program_id(0).to(tl.int64)
+    k = pid % K  # k fastest, as in _row_coords
+    rest = pid // K
+    blk = rest % n_blk
+    b = rest // n_blk
+    w0, w1, w2, w3, w4, w5 = _load_weights(a_ptr, m_ptr, k, m_stride_k, HAS_MASK, HARD, A_FP64, IS_FP64)
+    flat = blk * BLOCK + tl.arange(0, BLOCK)
+    m = flat < CS
+    a = _upcast(tl.load(_flat_operand(x1_ptr + k * s1k + b * s1b, flat, S, s1c, s1s, CONTIG1), mask=m, other=0.0),
+                IS_FP64)
+    bb = _upcast(tl.load(_flat_operand(x2_ptr + k * s2k + b * s2b, flat, S, s2c, s2s, CONTIG2), mask=m, other=0.0),
+                 IS_FP64)
+    u = _mix(a, bb, w0, w1, w2, w3, w4, w5)
+    tl.store(out_ptr + (k * B + b) * CS + flat, u.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _put_grad(ptr, val, mask, ATOMIC: tl.constexpr):
     if ATOMIC:
         tl.atomic_add(ptr, val, mask=mask)

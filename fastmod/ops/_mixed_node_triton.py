@@ -6,14 +6,18 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
-from fastmod.kernels.mixed_node import mixed_node_bwd_kernel, mixed_node_dalpha_kernel, mixed_node_fwd_kernel
+from fastmod.kernels.mixed_node import (mixed_node_bwd_kernel, mixed_node_dalpha_kernel, mixed_node_fwd_flat_kernel,
+                                       mixed_node_fwd_kernel)
 from fastmod.ops._mixed_node_canonical import full4
 
 NORM_EPS = 1e-12
 # Launch parameters (elements per tile, warps, S-block cap, and the C chunks one
 # backward program walks, so its six dalpha partial sums are reduced once per that many
 # tiles); benchmarks/tune_mixed_node.py times alternatives on a GPU.
-CONFIG = {"fwd_tile": 2048, "bwd_tile": 1024, "fwd_warps": 4, "bwd_warps": 4, "s_cap": 128, "bwd_c_iters": 1}
+# fwd_flat: the forward without normalize runs on flat 1-D blocks of C * S
+# (mixed_node_fwd_flat_kernel) rather than [C, S] tiles.
+CONFIG = {"fwd_tile": 2048, "bwd_tile": 1024, "fwd_warps": 4, "bwd_warps": 4, "s_cap": 128, "bwd_c_iters": 1,
+          "fwd_flat": True}
 
 
 def _pow2(n: int) -> int:
@@ -23,6 +27,11 @@ def _pow2(n: int) -> int:
 def _eff_strides(x: torch.Tensor):
     # Size-1 dims are broadcast dims: read them with stride 0.
     return [0 if x.shape[d] == 1 else x.stride(d) for d in range(4)]
+
+
+def _contiguous_cs(x: torch.Tensor, C: int, S: int) -> bool:
+    """Whether x's (C, S) dims are full and laid out as one contiguous run of C * S."""
+    return tuple(x.shape[2:]) == (C, S) and (S == 1 or x.stride(3) == 1) and (C == 1 or x.stride(2) == S)
 
 
 def _plan(K, B, C, S, normalize, s_reduced, tile, c_iters=1):
@@ -61,9 +70,17 @@ def triton_fwd(x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor, op_mask:
     out = torch.empty((K, B, C, S), dtype=x1.dtype, device=x1.device)
     if out.numel() == 0:
         return out
+    wa = _weight_args(alpha, op_mask, hard)
+    if CONFIG["fwd_flat"] and not normalize:
+        n_blk = -(-(C * S) // CONFIG["fwd_tile"])
+        wrap_triton(mixed_node_fwd_flat_kernel)[(K * B * n_blk,)](
+            x1, x2, alpha, wa["m"], out, K, B, C * S, S, n_blk, wa["m_stride_k"],
+            *_eff_strides(x1), *_eff_strides(x2), CONTIG1=_contiguous_cs(x1, C, S),
+            CONTIG2=_contiguous_cs(x2, C, S), **wa["flags"], IS_FP64=x1.dtype == torch.float64,
+            BLOCK=CONFIG["fwd_tile"], num_warps=CONFIG["fwd_warps"])
+        return out
     block_c, block_s, n_sblk, n_cprog, c_per_prog = _plan(K, B, C, S, normalize, False, CONFIG["fwd_tile"])
     grid = (K * B * n_cprog * n_sblk,)
-    wa = _weight_args(alpha, op_mask, hard)
     wrap_triton(mixed_node_fwd_kernel)[grid](
         x1, x2, alpha, wa["m"], out, K, B, C, S, n_sblk, n_cprog, c_per_prog, wa["m_stride_k"],
         *_eff_strides(x1), *_eff_strides(x2), **wa["flags"],
