@@ -5,7 +5,7 @@
 Prints, per LNMN benchmark case, the forward and forward+backward medians of
 each configuration in fastmod.ops._mixed_node_triton.CONFIG's space (forward:
 [C, S] tiles and the flat kernel; backward: tile, warps, S cap, C chunks per
-program), and the
+program; the flat kernel for the "full" case), and the
 achieved GB/s, so the defaults can be chosen from measurements.  Times are
 CUDA-graph replays (GPU time, launch overhead excluded).
 """
@@ -62,17 +62,21 @@ def main():
             t = do_bench(cuda_graph(fwd).replay, warmup=10, rep=50, return_mode="median") / 1e3
             rows.append(dict(case=name, pass_="fwd", tile=tile, warps=warps, s_cap=s_cap, flat=flat,
                              ms=round(t * 1e3, 4), gbps=round(fwd_bytes / t / 1e9, 1)))
-        for (tile, warps), s_cap, c_iters in itertools.product(BWD, (64, 128), C_ITERS):
-            impl.CONFIG.update(default, bwd_tile=tile, bwd_warps=warps, s_cap=s_cap, bwd_c_iters=c_iters)
+            print(rows[-1], flush=True)  # as it goes: a run cut by a time limit keeps what it measured
+        bwd_cfgs = [(t, w, s, c, False) for (t, w), s, c in itertools.product(BWD, (64, 128), C_ITERS)]
+        if name == "full":  # the flat backward (both operands full): tile and warps only
+            bwd_cfgs += [(t, w, default["s_cap"], 1, True) for t, w in BWD]
+        for tile, warps, s_cap, c_iters, flat in bwd_cfgs:
+            impl.CONFIG.update(default, bwd_tile=tile, bwd_warps=warps, s_cap=s_cap, bwd_c_iters=c_iters,
+                               bwd_flat=flat)
             t = do_bench(cuda_graph(both).replay, warmup=10, rep=50, return_mode="median") / 1e3
             rows.append(dict(case=name, pass_="fwd+bwd", tile=tile, warps=warps, s_cap=s_cap, c_iters=c_iters,
-                             ms=round(t * 1e3, 4), gbps=round(bwd_bytes / t / 1e9, 1)))
+                             flat=flat, ms=round(t * 1e3, 4), gbps=round(bwd_bytes / t / 1e9, 1)))
+            print(rows[-1], flush=True)
         impl.CONFIG.update(default)
         best = {ps: min((r for r in rows if r["case"] == name and r["pass_"] == ps), key=lambda r: r["ms"])
                 for ps in ("fwd", "fwd+bwd")}
         print(name, "best:", best, flush=True)
-    for r in rows:
-        print(r)
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
 

@@ -231,6 +231,48 @@ def mixed_node_fwd_flat_kernel(
 
 
 @triton.jit
+def mixed_node_bwd_flat_kernel(
+    g_ptr, x1_ptr, x2_ptr, a_ptr, m_ptr, dx1_ptr, dx2_ptr, dw_ptr,
+    K, B, CS, n_blk, m_stride_k, s1k, s1b, s2k, s2b,
+    NEED1: tl.constexpr, NEED2: tl.constexpr,
+    HAS_MASK: tl.constexpr, HARD: tl.constexpr, A_FP64: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The backward when both operands have the output's full shape and are
+    contiguous over (C, S), without normalize: flat 1-D blocks of each slice's C * S
+    elements, every operand and gradient in aligned vectors, nothing to reduce but
+    the six dalpha partial sums (one row per program, node-major like the tiled
+    kernel's)."""
+    pid = tl.program_id(0).to(tl.int64)
+    k = pid % K
+    rest = pid // K
+    blk = rest % n_blk
+    b = rest // n_blk
+    w0, w1, w2, w3, w4, w5 = _load_weights(a_ptr, m_ptr, k, m_stride_k, HAS_MASK, HARD, A_FP64, IS_FP64)
+    flat = blk * BLOCK + tl.arange(0, BLOCK)
+    m = flat < CS
+    row = (k * B + b) * CS  # of grad and of both (full-shape, contiguous) gradients
+    a = _upcast(tl.load(x1_ptr + k * s1k + b * s1b + flat, mask=m, other=0.0), IS_FP64)
+    bb = _upcast(tl.load(x2_ptr + k * s2k + b * s2b + flat, mask=m, other=0.0), IS_FP64)
+    du = _upcast(tl.load(g_ptr + row + flat, mask=m, other=0.0), IS_FP64)
+    mn, mx = _min_max(a, bb)
+    pw = dw_ptr + (k * B * n_blk + b * n_blk + blk) * 6
+    tl.store(pw + 0, tl.sum(du * mn, axis=0))
+    tl.store(pw + 1, tl.sum(du * mx, axis=0))
+    tl.store(pw + 2, tl.sum(du * (a + bb), axis=0))
+    tl.store(pw + 3, tl.sum(du * (a * bb), axis=0))
+    tl.store(pw + 4, tl.sum(du * a, axis=0))
+    tl.store(pw + 5, tl.sum(du * bb, axis=0))
+    eq = a == bb
+    if NEED1:
+        d1 = du * _input_coef(a, bb, eq, w0, w1, w2, w3, w4)
+        tl.store(dx1_ptr + row + flat, d1.to(dx1_ptr.dtype.element_ty), mask=m)
+    if NEED2:
+        d2 = du * _input_coef(bb, a, eq, w0, w1, w2, w3, w5)
+        tl.store(dx2_ptr + row + flat, d2.to(dx2_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _put_grad(ptr, val, mask, ATOMIC: tl.constexpr):
     if ATOMIC:
         tl.atomic_add(ptr, val, mask=mask)

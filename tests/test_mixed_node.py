@@ -322,7 +322,8 @@ def test_device_mismatch():
 @pytest.mark.skipif(not any(b == "triton" for _, b in PAIRS), reason="no Triton backend here")
 @pytest.mark.parametrize("s1,s2,K", [
     ((2, 3, 2, 3), (2, 3, 1, 1), None), ((2, 3, 2, 3), (2, 1, 2, 3), None), ((2, 3, 2, 3), (1, 3, 2, 3), None),
-    ((2, 3, 2, 3), (3, 2, 3, 1, 1), 3), ((3, 2, 3, 2, 3), (2, 1, 2, 3), 3), ((2, 3, 2, 3), (1, 1, 1, 1), None)])
+    ((2, 3, 2, 3), (3, 2, 3, 1, 1), 3), ((3, 2, 3, 2, 3), (2, 1, 2, 3), 3), ((2, 3, 2, 3), (1, 1, 1, 1), None),
+    ((2, 3, 2, 3), (2, 3, 2, 3), None), ((3, 2, 3, 2, 3), (3, 2, 3, 2, 3), 3)])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("c_iters", [1, 2])
 @pytest.mark.parametrize("flat", [True, False])
@@ -330,7 +331,7 @@ def test_triton_tiny_tiles_exercise_atomics(monkeypatch, s1, s2, K, normalize, c
     """Tiles far smaller than the problem: several C programs and S blocks per row,
     so every reduction path (in-register, across K, atomics) is taken; with
     c_iters = 2 a backward program also walks two C chunks (a ragged last one).
-    Both forward kernels (flat blocks of C * S, and [C, S] tiles)."""
+    Both kernels each way (flat blocks of C * S, and [C, S] tiles)."""
     import sys
 
     impl = sys.modules["fastmod.ops._mixed_node_triton"]
@@ -338,7 +339,8 @@ def test_triton_tiny_tiles_exercise_atomics(monkeypatch, s1, s2, K, normalize, c
     monkeypatch.setitem(impl.CONFIG, "bwd_tile", 4)
     monkeypatch.setitem(impl.CONFIG, "s_cap", 2)
     monkeypatch.setitem(impl.CONFIG, "bwd_c_iters", c_iters)
-    monkeypatch.setitem(impl.CONFIG, "fwd_flat", flat)  # the forward on flat blocks, or on [C, S] tiles
+    monkeypatch.setitem(impl.CONFIG, "fwd_flat", flat)  # flat blocks of C * S, or [C, S] tiles
+    monkeypatch.setitem(impl.CONFIG, "bwd_flat", flat)
     device = "cuda" if HAS_CUDA else "cpu"
     x1, x2, alpha = _inputs(s1, s2, K, torch.float64, device)
     g = torch.randn(ops.mixed_node_reference(x1, x2, alpha).shape, dtype=torch.float64, device=device)

@@ -6,18 +6,19 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
-from fastmod.kernels.mixed_node import (mixed_node_bwd_kernel, mixed_node_dalpha_kernel, mixed_node_fwd_flat_kernel,
-                                       mixed_node_fwd_kernel)
+from fastmod.kernels.mixed_node import (mixed_node_bwd_flat_kernel, mixed_node_bwd_kernel, mixed_node_dalpha_kernel,
+                                       mixed_node_fwd_flat_kernel, mixed_node_fwd_kernel)
 from fastmod.ops._mixed_node_canonical import full4
 
 NORM_EPS = 1e-12
 # Launch parameters (elements per tile, warps, S-block cap, and the C chunks one
 # backward program walks, so its six dalpha partial sums are reduced once per that many
 # tiles); benchmarks/tune_mixed_node.py times alternatives on a GPU.
-# fwd_flat: the forward without normalize runs on flat 1-D blocks of C * S
-# (mixed_node_fwd_flat_kernel) rather than [C, S] tiles.
+# fwd_flat / bwd_flat: without normalize, the forward (always) and the backward (when
+# both operands have the full shape, contiguous over C and S) run on flat 1-D blocks
+# of C * S (the *_flat kernels) rather than [C, S] tiles.
 CONFIG = {"fwd_tile": 2048, "bwd_tile": 1024, "fwd_warps": 4, "bwd_warps": 4, "s_cap": 128, "bwd_c_iters": 1,
-          "fwd_flat": True}
+          "fwd_flat": True, "bwd_flat": True}
 
 
 def _pow2(n: int) -> int:
@@ -110,8 +111,8 @@ def _grad_layout(x, full, need, n_sblk, n_cprog, k_inner, acc_dtype):
 
 
 def triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor,
-                          op_mask: torch.Tensor | None, hard: bool, normalize: bool, need_dx1: bool, need_dx2: bool,
-                          need_dalpha: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               op_mask: torch.Tensor | None, hard: bool, normalize: bool, need_dx1: bool, need_dx2: bool,
+               need_dalpha: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx1, dx2 (empty when not needed) and dalpha [K, 6] in alpha's dtype (soft mode
     only; empty when not needed or hard): one pass over the inputs, then one tiny
     kernel that sums the per-program partial sums and applies softmax's backward."""
@@ -121,6 +122,21 @@ def triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, alpha: to
     if grad.numel() == 0:
         return (x1.new_zeros(x1.shape if need_dx1 else (0,)), x2.new_zeros(x2.shape if need_dx2 else (0,)),
                 torch.zeros_like(alpha) if need_dalpha else alpha.new_empty((0,)))
+    wa = _weight_args(alpha, op_mask, hard)
+    if CONFIG["bwd_flat"] and not normalize and all(
+            tuple(x.shape) == full and _contiguous_cs(x, C, S) for x in (x1, x2)):
+        tile = CONFIG["bwd_tile"]
+        n_blk = -(-(C * S) // tile)
+        n_per_k = B * n_blk
+        g1 = torch.empty(full, dtype=x1.dtype, device=x1.device) if need_dx1 else x1
+        g2 = torch.empty(full, dtype=x2.dtype, device=x2.device) if need_dx2 else x2
+        dw_part = torch.empty((K * n_per_k, 6), dtype=acc, device=x1.device)
+        wrap_triton(mixed_node_bwd_flat_kernel)[(K * n_per_k,)](
+            grad, x1, x2, alpha, wa["m"], g1, g2, dw_part, K, B, C * S, n_blk, wa["m_stride_k"],
+            x1.stride(0), x1.stride(1), x2.stride(0), x2.stride(1), NEED1=need_dx1, NEED2=need_dx2,
+            **wa["flags"], IS_FP64=x1.dtype == torch.float64, BLOCK=tile, num_warps=CONFIG["bwd_warps"])
+        return (g1 if need_dx1 else x1.new_empty((0,)), g2 if need_dx2 else x2.new_empty((0,)),
+                _dalpha(dw_part, alpha, wa, n_per_k) if need_dalpha else alpha.new_empty((0,)))
     needed = [x for x, need in ((x1, need_dx1), (x2, need_dx2)) if need]
     s_reduced = any(x.shape[3] == 1 and S > 1 for x in needed)
     k_inner = not normalize and K > 1 and any(x.shape[0] == 1 for x in needed)
@@ -133,7 +149,6 @@ def triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, alpha: to
     g2, st2, rk2, rc2, rs2, at2 = _grad_layout(x2, full, need_dx2, n_sblk, n_cprog, k_inner, acc)
     dw_part = torch.empty((K * n_per_k, 6), dtype=acc, device=x1.device)
     grid = (n_per_k if k_inner else K * n_per_k,)
-    wa = _weight_args(alpha, op_mask, hard)
     wrap_triton(mixed_node_bwd_kernel)[grid](
         grad, x1, x2, alpha, wa["m"], g1, g2, dw_part, K, B, C, S, n_sblk, n_cprog, c_per_prog, wa["m_stride_k"],
         *_eff_strides(x1), *_eff_strides(x2), *st1, *st2,
@@ -144,13 +159,16 @@ def triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, alpha: to
     )
     dx1 = g1.to(x1.dtype) if need_dx1 else x1.new_empty((0,))
     dx2 = g2.to(x2.dtype) if need_dx2 else x2.new_empty((0,))
-    dalpha = alpha.new_empty((0,))
-    if need_dalpha:
-        dalpha = torch.empty_like(alpha)
-        wrap_triton(mixed_node_dalpha_kernel)[(K,)](
-            dw_part, alpha, wa["m"], dalpha, n_per_k, wa["m_stride_k"], HAS_MASK=wa["flags"]["HAS_MASK"],
-            A_FP64=wa["flags"]["A_FP64"], BLOCK_P=min(_pow2(n_per_k), 1024))
-    return dx1, dx2, dalpha
+    return dx1, dx2, _dalpha(dw_part, alpha, wa, n_per_k) if need_dalpha else alpha.new_empty((0,))
+
+
+def _dalpha(dw_part, alpha, wa, n_per_k):
+    """dalpha [K, 6] from the backward's per-program partial sums (one tiny kernel)."""
+    dalpha = torch.empty_like(alpha)
+    wrap_triton(mixed_node_dalpha_kernel)[(alpha.shape[0],)](
+        dw_part, alpha, wa["m"], dalpha, n_per_k, wa["m_stride_k"], HAS_MASK=wa["flags"]["HAS_MASK"],
+        A_FP64=wa["flags"]["A_FP64"], BLOCK_P=min(_pow2(n_per_k), 1024))
+    return dalpha
 
 
 # Registered for torch.compile (which traces into the kernels); eager calls run
