@@ -5,13 +5,14 @@
 #   scripts/gpu_check.sh
 # 1. pip install -e . without the extension; the extension (CUDA on, sm_90) builds
 #    in the background meanwhile                                   -> build.log
-# 2. while it builds (Triton only): mixed-node and Gumbel benchmarks, forward+backward;
-#    the mixed-node launch-parameter sweep                          -> tune_mixed_node.txt/json;
+# 2. while it builds (Triton only): mixed-node and Gumbel benchmarks, forward+backward
+#    and forward; kernels launched per call                          -> launch_counts.json;
 #    the Triton tests (mixed node, Gumbel, routed conv, fused norms) -> tests_triton.log;
-#    the routed-conv Triton forward against dense cuDNN, kernel time -> routed_triton*.txt
-# 3. with the extension: the CUDA tests (routed conv, modules, models) -> tests_cuda.log;
-#    the routed-conv CUDA kernels profiled                          -> routed_profile.txt;
-#    the forward benchmarks; kernels launched per call              -> launch_counts.json;
+#    the mixed-node launch-parameter sweep                          -> tune_mixed_node.txt/json;
+#    the routed-conv Triton forward and training step against dense cuDNN, kernel time
+#                                                                   -> routed_triton*.txt
+# 3. with the extension: the routed-conv CUDA kernels profiled      -> routed_profile.txt;
+#    the CUDA tests (routed conv, modules, models)                  -> tests_cuda.log;
 #    the routed-conv benchmark (CPU subset of shapes), routed vs dense -> bench_routed_conv.json
 # Results go to $OUT: env.txt (per-stage rc and seconds), summary.md, and every log
 # and JSON in results.tgz (the device tool brings back at most 8 files; the archive
@@ -32,8 +33,8 @@ DEADLINE=${DEADLINE:-570}
 T0=$(date +%s)
 
 # want PART: whether PART is not named in SKIP (space-separated; parts: bandwidth,
-# bench_fwd_bwd, tune_mixed_node, tests_triton, routed_triton, tests_cuda, routed_profile, bench_fwd,
-# launch_counts, routed_bench; the build has SKIP_BUILD).
+# bench_fwd_bwd, bench_fwd, launch_counts, tests_triton, tune_mixed_node, routed_triton,
+# routed_profile, tests_cuda, routed_bench; the build has SKIP_BUILD).
 want() { case " ${SKIP:-} " in *" $1 "*) return 1 ;; *) return 0 ;; esac; }
 
 # pack: copy the two short reports to $OUT and everything into $OUT/results.tgz
@@ -132,21 +133,28 @@ benches() {  # benches PART KEXPR TAG: the mixed-node and Gumbel benchmarks of o
 }
 
 # --- while the extension builds: the Triton kernels (none of this needs _C) ---
-echo "== mixed-node and Gumbel benchmarks, forward + backward"
+echo "== mixed-node and Gumbel benchmarks, forward + backward, then forward"
 benches bench_fwd_bwd "bwd" fwd_bwd
+benches bench_fwd "not bwd" fwd
+if want launch_counts; then
+  echo "== kernel launches per call"
+  stage launch_counts 60 sh -c 'exec python3 scripts/launch_counts.py --json "$1.json" > "$1.txt" 2>&1' \
+      sh "$RES/launch_counts"
+  tee -a "$RES/env.txt" < "$RES/launch_counts.txt"
+fi
+if want tests_triton; then
+  tests tests_triton "${TEST_LIMIT:-100}" ${TRITON_TESTS:-tests/test_mixed_node.py tests/test_mixed_node_module.py \
+    tests/test_gumbel_gate.py tests/test_routed_conv_triton.py tests/test_fused_norm.py}
+fi
 if want tune_mixed_node; then
   echo "== mixed-node launch-parameter sweep (CUDA-graph replay)"
-  stage tune_mixed_node "${TUNE_MN_LIMIT:-120}" sh -c 'cd benchmarks && exec python3 tune_mixed_node.py --json "$1.json" \
+  stage tune_mixed_node "${TUNE_MN_LIMIT:-90}" sh -c 'cd benchmarks && exec python3 tune_mixed_node.py --json "$1.json" \
       > "$1.txt" 2>&1' sh "$RES/tune_mixed_node"
   grep best "$RES/tune_mixed_node.txt"
 fi
-if want tests_triton; then
-  tests tests_triton "${TEST_LIMIT:-120}" ${TRITON_TESTS:-tests/test_mixed_node.py tests/test_mixed_node_module.py \
-    tests/test_gumbel_gate.py tests/test_routed_conv_triton.py tests/test_fused_norm.py}
-fi
 if want routed_triton; then
   # kernel time per call (torch.profiler): the do_bench sweep of 2026-11-27 was host-bound
-  echo "== routed-conv Triton forward vs dense cuDNN (kernel time)"
+  echo "== routed-conv Triton forward (and fp32 training step) vs dense cuDNN (kernel time)"
   stage routed_triton "${TUNE_LIMIT:-90}" sh -c 'python3 scripts/profile_routed_triton.py --train \
       --configs "${TUNE_CONFIGS:-default;128,128,32,8,3;64,128,64,4,3;128,64,32,4,4;64,64,32,4,3}" > "$1.txt" 2>&1 &&
     exec python3 scripts/profile_routed_triton.py --nchw-in-place > "$1_nchw.txt" 2>&1' sh "$RES/routed_triton"
@@ -155,23 +163,15 @@ fi
 
 # --- with the extension ---
 wait_build
-if want tests_cuda; then
-  tests tests_cuda "${TEST_LIMIT:-120}" ${CUDA_TESTS:-tests/test_routed_conv_cuda.py tests/test_routed_conv.py \
-    tests/test_routed_conv_triton.py tests/test_routed_modules.py tests/test_routed_conv_gn.py \
-    tests/test_routed_bottleneck.py tests/test_load_balancing.py tests/test_router.py tests/test_train_models.py}
-fi
 if want routed_profile; then
   echo "== routed-conv CUDA kernels profiled"
   stage routed_profile 60 sh -c 'exec python3 scripts/profile_routed_cuda.py > "$1" 2>&1' sh "$RES/routed_profile.txt"
   cat "$RES/routed_profile.txt"
 fi
-echo "== mixed-node and Gumbel benchmarks, forward"
-benches bench_fwd "not bwd" fwd
-if want launch_counts; then
-  echo "== kernel launches per call"
-  stage launch_counts 60 sh -c 'exec python3 scripts/launch_counts.py --json "$1.json" > "$1.txt" 2>&1' \
-      sh "$RES/launch_counts"
-  tee -a "$RES/env.txt" < "$RES/launch_counts.txt"
+if want tests_cuda; then
+  tests tests_cuda "${TEST_LIMIT:-100}" ${CUDA_TESTS:-tests/test_routed_conv_cuda.py tests/test_routed_conv.py \
+    tests/test_routed_conv_triton.py tests/test_routed_modules.py tests/test_routed_conv_gn.py \
+    tests/test_routed_bottleneck.py tests/test_load_balancing.py tests/test_router.py tests/test_train_models.py}
 fi
 if want routed_bench; then
   echo "== routed-conv benchmark (routed vs dense)"
