@@ -48,8 +48,8 @@ def pick_config(pixels: int, cols: int, k_len: int, dtype: torch.dtype) -> tuple
 
 
 def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, bias: torch.Tensor | None,
-                         stride: list[int], padding: list[int], dilation: list[int], gate_on: str,
-                         exact: bool, tf32: bool) -> torch.Tensor:
+                   stride: list[int], padding: list[int], dilation: list[int], gate_on: str,
+                   exact: bool, tf32: bool) -> torch.Tensor:
     """x [N, Cin, H, W], weight [Cout, Cin, KH, KW], gates [N, G], bias [Cout] or None
     (checked by routed_conv2d); gate_on "out" or "in"; exact: the router gradient of
     off blocks (router_grad "exact") or zero ("active"); tf32: fp32 products may use
@@ -92,7 +92,8 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, b
 
 def _setup_context(ctx, inputs, output):
     x, weight, gates, bias, stride, padding, dilation, gate_on, exact, tf32 = inputs
-    ctx.save_for_backward(x, weight, gates, bias, output)
+    # the output only feeds the "out" gates' gradient
+    ctx.save_for_backward(x, weight, gates, bias, output if gate_on == "out" and ctx.needs_input_grad[2] else None)
     ctx.args = (stride, padding, dilation, gate_on, exact, tf32)
 
 
