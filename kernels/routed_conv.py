@@ -1,5 +1,6 @@
-"""Triton kernels of the routed convolution's forward (fastmod.ops.routed_conv2d,
-``gate_on="out"`` and ``"in"``, ``groups == 1``).
+"""Triton kernels of the routed convolution's forward (fastmod.ops.routed_conv2d):
+``gate_on="out"`` and ``"in"`` with ``groups == 1`` (``routed_conv_fwd_kernel``),
+and ``"group"`` (``routed_conv_group_fwd_kernel``, below).
 
 An implicit GEMM over tensor cores (``tl.dot``): rows are the output pixels of one
 sample, columns its output channels, the reduction runs over (tap, input channel).
@@ -107,5 +108,61 @@ def routed_conv_fwd_kernel(
         # the gate rounded to x's dtype first, as the reference multiplies in that dtype
         gate = tl.load(g_ptr + n * sgn + (co // CPB) * sgg, mask=n_ok, other=0.0)
         acc *= gate.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
+    y = y_ptr + n.to(tl.int64) * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def routed_conv_group_fwd_kernel(
+        x_ptr, w_ptr, g_ptr, b_ptr, y_ptr,
+        H, W, Ho, Wo, n_ct,
+        sxn, sxc, sxh, sxw, swo, swc, swr, sws, sgn, sgg, syn, syc, syh, syw,
+        conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+        CG_IN: tl.constexpr, CG_OUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """gate_on="group" (a ResNeXt branch per group).  Program (pm, g * n_ct + ct, n):
+    output pixels [pm*BM, +BM) of sample n, output channels [ct*BN, +BN) of group g's
+    CG_OUT; it returns at once when gates[n, g] == 0 (the caller's zeros stay).  The
+    reduction runs over (tap, input channel of the group) as one flat index, so a
+    narrow group (8 channels x 9 taps = 72) pads to a multiple of BLOCK_K, not to
+    BLOCK_K per tap."""
+    pid_m = tl.program_id(0)
+    grp = tl.program_id(1) // n_ct
+    ct = tl.program_id(1) % n_ct
+    n = tl.program_id(2)
+    gate = tl.load(g_ptr + n * sgn + grp * sgg)
+    if gate == 0:
+        return
+    x_n = x_ptr + n.to(tl.int64) * sxn + (grp * CG_IN) * sxc
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < Ho * Wo
+    oh = offs_m // Wo
+    ow = offs_m % Wo
+    ih0 = oh * conv_sh - pad_h
+    iw0 = ow * conv_sw - pad_w
+    j = ct * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = j < CG_OUT
+    co = grp * CG_OUT + j
+    w_cols = w_ptr + co.to(tl.int64) * swo
+    K_LEN: tl.constexpr = KH * KW * CG_IN
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K_LEN, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < K_LEN
+        tap = kk // CG_IN
+        c = kk % CG_IN
+        kr = tap // KW
+        ks = tap % KW
+        ih = ih0[:, None] + (kr * dil_h)[None, :]
+        iw = iw0[:, None] + (ks * dil_w)[None, :]
+        a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_n + ih * sxh + iw * sxw + (c * sxc)[None, :], mask=a_ok, other=0.0)
+        b = tl.load(w_cols[None, :] + (c * swc + kr * swr + ks * sws)[:, None],
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc *= gate.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded to x's dtype, as the reference
     y = y_ptr + n.to(tl.int64) * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

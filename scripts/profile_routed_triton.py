@@ -19,7 +19,8 @@ from profile_routed_cuda import kernel_times  # noqa: E402  (scripts/ is sys.pat
 
 from fastmod.ops import routed_conv2d, routed_conv2d_reference  # noqa: E402
 
-DEFAULT_CASES = "frn3x3-64,frn3x3-128,frn3x3-256,frn3x3-512,brn1x1out-w128-hw28-c16,brn1x1in-w128-hw28-c16"
+DEFAULT_CASES = ("frn3x3-64,frn3x3-128,frn3x3-256,frn3x3-512,brn1x1out-w128-hw28-c16,brn1x1in-w128-hw28-c16,"
+                 "brn3x3-w64-hw56-c8,brn3x3-w128-hw28-c16,brn3x3-w256-hw14-c32")
 
 
 def kernel_us(fn):
@@ -68,10 +69,10 @@ def main():
 
 def forward(case, dtype, rho, args):
     """Dense against fastmod under each tile configuration, no grad."""
-    name, cin, cout, k, _groups, gate_on, G, hw = case
+    name, cin, cout, k, groups, gate_on, G, hw = case
     x = torch.randn(args.n, cin, hw, hw, device="cuda", dtype=dtype)
-    w = (torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).to(dtype)
-    kw = dict(padding=k // 2, gate_on=gate_on)
+    w = (torch.randn(cout, cin // groups, k, k, device="cuda") / (cin // groups * k * k) ** 0.5).to(dtype)
+    kw = dict(padding=k // 2, groups=groups, gate_on=gate_on)
     g = gates(args.n, G, rho, "cuda")
     with torch.no_grad():
         dense = lambda: routed_conv2d_reference(x, w, g, **kw)  # noqa: E731
@@ -85,7 +86,7 @@ def forward(case, dtype, rho, args):
                 os.environ["FASTMOD_ROUTED_TRITON_CONFIG"] = cfg
             fast = lambda: routed_conv2d(x, w, g, backend="triton", **kw)  # noqa: E731
             f_gpu, f_rows = kernel_us(fast)
-            conv = sum(us for k_, us in f_rows.items() if "routed_conv_fwd" in k_)
+            conv = sum(us for k_, us in f_rows.items() if k_.startswith("routed_conv"))
             print(f"{'':24s} {'':8s} {'':8s} fastmod[{cfg}]: gpu {f_gpu:7.1f} us "
                   f"({f_gpu / d_gpu:.2f}x dense; conv kernel {conv:.1f} us), wall {wall_us(fast):7.1f} us",
                   flush=True)

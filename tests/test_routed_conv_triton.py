@@ -1,5 +1,5 @@
-"""routed_conv2d's Triton forward (gate_on "out"/"in") against the reference: on the
-GPU where there is one, else in Triton's CPU interpreter (small shapes)."""
+"""routed_conv2d's Triton backend (every gate mode, forward and gradients) against the
+reference: on the GPU where there is one, else in Triton's CPU interpreter (small shapes)."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(not backends.available("triton", torch.device("c
 DEV = "cuda" if HAS_CUDA else "cpu"
 # The interpreter's bf16 arithmetic is unreliable (see the developers' guide): bf16 on a GPU only.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+MODES = ["out", "in", "group"]
 
 
 def _problem(mode, k, stride, dtype=torch.float32, **kw):
@@ -21,7 +22,7 @@ def _problem(mode, k, stride, dtype=torch.float32, **kw):
     return problem(mode, k, stride, dtype=dtype, device=DEV, n=2, cin=16, cout=16, hw=5, **kw)
 
 
-@pytest.mark.parametrize("mode", ["out", "in"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("k,stride", [(1, 1), (3, 1), (3, 2)])
 @pytest.mark.parametrize("kind", ["random", "on", "off", "nonbinary"])
 def test_forward_and_grads_fp32(mode, k, stride, kind):
@@ -32,12 +33,12 @@ def test_forward_and_grads_fp32(mode, k, stride, kind):
     assert_close(y, y_ref, torch.float32)
     for g, r in zip(grads, grads_ref):
         assert_close(g, r, torch.float32)
-    if mode == "out":  # off blocks are exactly zero
+    if mode != "in":  # off blocks are exactly zero
         off = (gates == 0).repeat_interleave(w.shape[0] // 4, dim=1)
         assert (y.permute(0, 2, 3, 1)[off[:, None, None, :].expand(-1, y.shape[2], y.shape[3], -1)] == 0).all()
 
 
-@pytest.mark.parametrize("mode", ["out", "in"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 def test_half_forward_and_grads(mode, dtype):
     x, w, b, kw = _problem(mode, 3, 1, dtype)
@@ -49,7 +50,7 @@ def test_half_forward_and_grads(mode, dtype):
         assert_close(g, r, dtype)
 
 
-@pytest.mark.parametrize("mode", ["out", "in"])
+@pytest.mark.parametrize("mode", MODES)
 def test_router_grad_active(mode):
     x, w, b, kw = _problem(mode, 3, 1)
     gates = make_gates("random", x.shape[0], 4, device=DEV)
@@ -76,32 +77,30 @@ def test_empty_batch():
     assert y.shape == (0, 16, 5, 5)
 
 
-def test_group_mode_and_float64_are_refused():
-    x, w, b, kw = problem("group", 3, 1, device=DEV)
-    with pytest.raises(ValueError, match="gate_on"):
-        routed_conv2d(x, w, torch.ones(x.shape[0], 4, device=DEV), b, backend="triton", **kw)
+def test_float64_is_refused():
     x, w, b, kw = _problem("out", 3, 1, torch.float64)
     with pytest.raises(TypeError, match="float64"):
         routed_conv2d(x, w, torch.ones(x.shape[0], 4, device=DEV), b, backend="triton", **kw)
 
 
 @settings(max_examples=12, deadline=None)
-@given(mode=st.sampled_from(["out", "in"]), n=st.integers(0, 3), blocks=st.sampled_from([1, 2, 4, 8]),
+@given(mode=st.sampled_from(MODES), n=st.integers(0, 3), blocks=st.sampled_from([1, 2, 4, 8]),
        cin=st.sampled_from([8, 16, 24, 40]), cout=st.sampled_from([8, 16, 40]), hw=st.integers(1, 7),
        k=st.sampled_from([1, 2, 3]), stride=st.integers(1, 3), dil=st.integers(1, 2), bias=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_hypothesis_shapes(mode, n, blocks, cin, cout, hw, k, stride, dil, bias, seed):
     torch.manual_seed(seed)
-    if (cout if mode == "out" else cin) % blocks:
+    if (cout if mode == "out" else cin) % blocks or (mode == "group" and cout % blocks):
         return
+    groups = blocks if mode == "group" else 1
     pad = (dil * (k - 1)) // 2
     if hw + 2 * pad < dil * (k - 1) + 1:
         return
     x = torch.randn(n, cin, hw, hw, device=DEV)
-    w = torch.randn(cout, cin, k, k, device=DEV) / (cin * k * k) ** 0.5
+    w = torch.randn(cout, cin // groups, k, k, device=DEV) / (cin // groups * k * k) ** 0.5
     b = torch.randn(cout, device=DEV) if bias else None
     gates = make_gates("nonbinary", n, blocks, device=DEV)
-    kw = dict(stride=stride, padding=pad, dilation=dil, gate_on=mode)
+    kw = dict(stride=stride, padding=pad, dilation=dil, groups=groups, gate_on=mode)
     assert_close(routed_conv2d(x, w, gates, b, backend="triton", **kw),
                  routed_conv2d_reference(x, w, gates, b, **kw), torch.float32)
 
@@ -126,7 +125,7 @@ def test_torch_compile_fullgraph():
 
 
 @requires_cuda
-@pytest.mark.parametrize("mode", ["out", "in"])
+@pytest.mark.parametrize("mode", MODES)
 def test_tf32_is_close(mode):
     # the benchmarks' setting: TF32 products, as cuDNN's default
     x, w, b, kw = problem(mode, 3, 1, device="cuda", n=4, cin=64, cout=64, hw=14, blocks=8)
@@ -138,7 +137,7 @@ def test_tf32_is_close(mode):
 
 
 
-@pytest.mark.parametrize("mode", ["out", "in"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (3, 1, 0), (1, 1, 1), (3, 2, 1)])
 @pytest.mark.parametrize("router_grad", ["exact", "active"])
 def test_every_gradient_path(mode, k, stride, pad, router_grad):
@@ -155,7 +154,7 @@ def test_every_gradient_path(mode, k, stride, pad, router_grad):
         assert_close(g, r, torch.float32)
 
 
-@pytest.mark.parametrize("mode", ["out", "in"])
+@pytest.mark.parametrize("mode", MODES)
 def test_nchw_in_place(mode, monkeypatch):
     from fastmod.ops import _routed_conv_triton
     monkeypatch.setitem(_routed_conv_triton.CONFIG, "nchw_in_place", True)

@@ -121,6 +121,15 @@ def _cases():
                {"num_warps": 4, "num_stages": 3})
 
 
+    group_ints = ints("H", "W", "Ho", "Wo", "n_ct", "sxn", "sxc", "sxh", "sxw", "swo", "swc", "swr", "sws", "sgn",
+                      "sgg", "syn", "syc", "syh", "syw", "conv_sh", "conv_sw", "pad_h", "pad_w", "dil_h", "dil_w")
+    for xt, prec in [("*fp32", "tf32"), ("*fp32", "ieee"), ("*bf16", "ieee")]:
+        sig = {"x_ptr": xt, "w_ptr": xt, "g_ptr": "*fp32", "b_ptr": xt, "y_ptr": xt, **group_ints}
+        yield (f"routed_conv_group_fwd {xt} {prec}", rk.routed_conv_group_fwd_kernel, sig,
+               {"CG_IN": 8, "CG_OUT": 8, "KH": 3, "KW": 3, "HAS_BIAS": True, "INPUT_PRECISION": prec,
+                "BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 16}, {"num_warps": 4, "num_stages": 3})
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("run without TRITON_INTERPRET=1", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""Triton backend of routed_conv2d's forward ("out" and "in" gates, groups == 1),
-registered with ``torch.library.triton_op`` so ``torch.compile`` traces into it.
+"""Triton backend of routed_conv2d (every gate mode), registered with
+``torch.library.triton_op`` so ``torch.compile`` traces into it.
 
 The kernels (``fastmod.kernels.routed_conv``) read x channels-last and the weight as
 [Cout, KH, KW, Cin], so both operands' reduction dimension is contiguous; the
@@ -23,7 +23,7 @@ from torch.library import triton_op, wrap_triton
 
 from fastmod.ops import _eager
 from fastmod.ops._routed_conv_triton_backward import routed_conv2d_triton_backward
-from fastmod.kernels.routed_conv import compact_kernel, routed_conv_fwd_kernel
+from fastmod.kernels.routed_conv import compact_kernel, routed_conv_fwd_kernel, routed_conv_group_fwd_kernel
 
 
 CONFIG = {"nchw_in_place": False}
@@ -50,10 +50,10 @@ def pick_config(pixels: int, cols: int, k_len: int, dtype: torch.dtype) -> tuple
 def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, bias: torch.Tensor | None,
                    stride: list[int], padding: list[int], dilation: list[int], gate_on: str,
                    exact: bool, tf32: bool) -> torch.Tensor:
-    """x [N, Cin, H, W], weight [Cout, Cin, KH, KW], gates [N, G], bias [Cout] or None
-    (checked by routed_conv2d); gate_on "out" or "in"; exact: the router gradient of
-    off blocks (router_grad "exact") or zero ("active"); tf32: fp32 products may use
-    TF32.  Returns [N, Cout, Ho, Wo] in x's dtype, channels-last (NCHW when
+    """x [N, Cin, H, W], weight [Cout, Cin, KH, KW] ([Cout, Cin/G, KH, KW] for
+    gate_on "group", where groups == G), gates [N, G], bias [Cout] or None (checked by
+    routed_conv2d); exact: the router gradient of off blocks (router_grad "exact") or
+    zero ("active"); tf32: fp32 products may use TF32.  Returns [N, Cout, Ho, Wo] in x's dtype, channels-last (NCHW when
     ``CONFIG["nchw_in_place"]`` and x is NCHW-contiguous)."""
     N, Cin, H, W = x.shape
     Cout, _, KH, KW = weight.shape
@@ -61,7 +61,7 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, b
     Ho = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
     Wo = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
     gate_in = gate_on == "in"
-    # "out" leaves off channels alone, so they start at zero; "in" writes every one.
+    # "out"/"group" leave off channels alone, so they start at zero; "in" writes every one.
     alloc = torch.empty if gate_in else torch.zeros
     nhwc = not (CONFIG["nchw_in_place"] and x.is_contiguous())
     if nhwc:
@@ -72,6 +72,10 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, b
         return y
     xc = x.contiguous(memory_format=torch.channels_last) if nhwc else x
     wc = weight.contiguous(memory_format=torch.channels_last)  # memory [Cout, KH, KW, Cin]: K contiguous
+    precision = "tf32" if tf32 and x.dtype == torch.float32 else "ieee"
+    if gate_on == "group":
+        _group_forward(xc, wc, gates, bias, y, stride, padding, dilation, precision)
+        return y
     lst = torch.empty((N, G), dtype=torch.int32, device=x.device)
     cnt = torch.empty((N,), dtype=torch.int32, device=x.device)
     wrap_triton(compact_kernel)[(N,)](gates, lst, cnt, G, gates.stride(0), gates.stride(1),
@@ -85,15 +89,35 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, b
         *xc.stride(), *wc.stride(), gates.stride(0), gates.stride(1), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH=KH, KW=KW, GATE_IN=gate_in, HAS_BIAS=bias is not None,
-        INPUT_PRECISION="tf32" if tf32 and x.dtype == torch.float32 else "ieee",
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        INPUT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return y
+
+
+def _group_forward(x, w, gates, bias, y, stride, padding, dilation, precision):
+    """gate_on="group": one program per (pixel tile, group's column tile, sample);
+    programs of off (sample, group) pairs return at once."""
+    N, Cin, H, W = x.shape
+    Cout, cg_in, KH, KW = w.shape
+    G = gates.shape[1]
+    cg_out = Cout // G
+    Ho, Wo = y.shape[2], y.shape[3]
+    k_len = KH * KW * cg_in
+    bm = 64 if Ho * Wo <= 64 else 128
+    bn = max(16, min(128, _pow2(cg_out)))
+    bk = 16 if k_len <= 128 else (64 if x.dtype.itemsize <= 2 else 32)
+    n_ct = triton.cdiv(cg_out, bn)
+    wrap_triton(routed_conv_group_fwd_kernel)[(triton.cdiv(Ho * Wo, bm), G * n_ct, N)](
+        x, w, gates, bias if bias is not None else x, y, H, W, Ho, Wo, n_ct,
+        *x.stride(), *w.stride(), gates.stride(0), gates.stride(1), *y.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        CG_IN=cg_in, CG_OUT=cg_out, KH=KH, KW=KW, HAS_BIAS=bias is not None, INPUT_PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, gates, bias, stride, padding, dilation, gate_on, exact, tf32 = inputs
-    # the output only feeds the "out" gates' gradient
-    ctx.save_for_backward(x, weight, gates, bias, output if gate_on == "out" and ctx.needs_input_grad[2] else None)
+    # the output only feeds the "out"/"group" gates' gradient
+    ctx.save_for_backward(x, weight, gates, bias, output if gate_on != "in" and ctx.needs_input_grad[2] else None)
     ctx.args = (stride, padding, dilation, gate_on, exact, tf32)
 
 

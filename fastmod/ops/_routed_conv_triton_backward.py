@@ -1,16 +1,17 @@
-"""Gradients of the Triton routed convolution ("out"/"in" gates, groups == 1).
+"""Gradients of the Triton routed convolution (every gate mode).
 
 Built from the forward kernel itself and the dense vendor gradients:
 
 * grad_x, stride 1: the transposed convolution is a convolution of dy with the
-  weight transposed and flipped, padding dil*(k-1) - pad, so the same kernel
-  skips the off blocks: "out" gates make it an "in"-gated conv over dy's channels
-  (the off output blocks are never read), "in" gates an "out"-gated conv (the off
-  input channels are never computed, left zero).  Other strides (or padding larger
+  weight transposed (per group) and flipped, padding dil*(k-1) - pad, so the same
+  kernels skip the off blocks: "out" gates make it an "in"-gated conv over dy's
+  channels (the off output blocks are never read), "in" gates an "out"-gated conv
+  (the off input channels are never computed, left zero), "group" gates a
+  group-gated conv again.  Other strides (or padding larger
   than dil*(k-1)): the dense vendor grad_input of the gated dy.
-* grad_weight: the dense vendor grad_weight of the gated operand (dy for "out",
-  x for "in"); off blocks contribute zeros, not skipped work.
-* grad_gates: for on blocks, from the saved output ("out": out = g * u) or from
+* grad_weight: the dense vendor grad_weight of the gated operand (dy for "out" and
+  "group", x for "in"); off blocks contribute zeros, not skipped work.
+* grad_gates: for on blocks, from the saved output ("out"/"group": out = g * u) or from
   grad_x ("in": dx = g * dxu), divided by the gate; for off blocks,
   ``exact=True`` runs the kernel once more with the off blocks switched on (the
   "exact" router gradient's documented cost), ``exact=False`` gives zero.
@@ -40,6 +41,14 @@ def _flipped_padding(weight, padding, dilation):
     return pads if min(pads) >= 0 else None
 
 
+def _transposed_flipped(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The weight of the stride-1 transposed conv written as a conv: per group,
+    [Cout_g, Cin_g, kh, kw] -> [Cin_g, Cout_g, kh, kw], flipped in both taps."""
+    cout, cin_g, kh, kw = weight.shape
+    w = weight.view(groups, cout // groups, cin_g, kh, kw).transpose(1, 2)
+    return w.reshape(groups * cin_g, cout // groups, kh, kw).flip(2, 3)
+
+
 def _on_gate_grad(sums: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     """sums[n, b] = g * <dy, u> on on-blocks -> <dy, u>; 0 where g == 0."""
     g = gates.float()
@@ -52,24 +61,27 @@ def routed_conv2d_triton_backward(fwd: Callable, grad, x, weight, gates, bias, o
     bias).  ``fwd`` is the forward op (routed_conv2d_triton's signature)."""
     need_x, need_w, need_g, need_b = need
     N, Cout, G = grad.shape[0], weight.shape[0], gates.shape[1]
+    groups = G if gate_on == "group" else 1
     one = [1, 1]
     off = (gates == 0).to(gates.dtype)  # the off blocks switched on, for "exact"
     pads = _flipped_padding(weight, padding, dilation) if list(stride) == one else None
-    w_flip = weight.transpose(0, 1).flip(2, 3) if pads is not None and (need_x or gate_on == "in") else None
+    w_flip = _transposed_flipped(weight, groups) if pads is not None and (need_x or gate_on == "in") else None
     gx = gw = gg = gb = None
-    if gate_on == "out":
+    if gate_on in ("out", "group"):  # y = g * (conv + bias) on the output blocks
         dy_g = grad * _expand(gates, Cout, grad.dtype)  # exactly zero on off blocks
         if need_b:
             gb = dy_g.sum((0, 2, 3))
         if need_w:
-            gw = conv2d_weight(x, weight.shape, dy_g, stride, padding, dilation)
+            gw = conv2d_weight(x, weight.shape, dy_g, stride, padding, dilation, groups)
         if need_x:
-            gx = fwd(grad, w_flip, gates, None, one, pads, list(dilation), "in", True, tf32) if pads is not None \
-                else conv2d_input(x.shape, weight, dy_g, stride, padding, dilation)
+            # "out": an "in"-gated conv over dy's channels; "group": the same groups, gated
+            gx = fwd(grad, w_flip, gates, None, one, pads, list(dilation), "in" if groups == 1 else "group", True,
+                     tf32) if pads is not None else conv2d_input(x.shape, weight, dy_g, stride, padding, dilation,
+                                                                 groups)
         if need_g:
             gg = _on_gate_grad(_block_dot(grad, out, G), gates)
             if exact:
-                u_off = fwd(x, weight, off, bias, list(stride), list(padding), list(dilation), "out", True, tf32)
+                u_off = fwd(x, weight, off, bias, list(stride), list(padding), list(dilation), gate_on, True, tf32)
                 gg = gg + _block_dot(grad, u_off, G)
     else:  # "in": y = conv(x * g, W) + bias
         Cin = x.shape[1]

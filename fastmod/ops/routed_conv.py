@@ -241,9 +241,6 @@ def routed_conv2d(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor,
                                        dilation=dilation, groups=groups, gate_on=gate_on,
                                        router_grad=router_grad)
     if chosen == "triton":
-        if gate_on == "group":
-            raise ValueError("routed_conv2d: backend='triton' supports gate_on='out' and 'in' (groups == 1), "
-                             "not gate_on='group'")
         if x.dtype == torch.float64:  # tl.dot has no float64 tensor-core path on the GPU
             raise TypeError("routed_conv2d: backend='triton' takes float16, bfloat16 or float32 x, got float64; "
                             "use backend='cuda' or 'reference'")
