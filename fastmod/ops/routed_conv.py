@@ -65,18 +65,20 @@ Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
   backend, ATen/cuDNN on host-compacted blocks, measured slower than dense on an
   H100 and was replaced.)
 * ``"triton"`` (``fastmod/ops/_routed_conv_triton.py``, ``kernels/routed_conv.py``):
-  forward for ``gate_on="out"`` and ``"in"`` (groups == 1; ``"group"`` raises
-  ValueError), float16/bfloat16/float32 (float64 raises TypeError): an implicit GEMM on tensor cores (wgmma on Hopper; TF32 for fp32 when
-  ``torch.backends.cudnn.allow_tf32`` allows it) over a per-sample list of active
-  blocks built on the device.  x is read channels-last (copied if it is not) and
-  the output is a channels-last tensor.  Backward
-  (``_routed_conv_triton_backward``): grad_x through the same kernel for stride 1
-  (off blocks skipped), the dense vendor grad_x otherwise; the dense vendor
-  grad_weight of the gated operand; gate gradients from the saved output, plus one
-  more kernel call over the off blocks for ``router_grad="exact"``.  Opt-in: on an
-  H100 (2026-11-27) the forward was 4-6x faster than the "cuda" tensor-core kernel
-  but still 1.5-2.8x the dense cuDNN path at FRN shapes
-  (benchmarks/results/h100-2026-11-27); the backward is not yet timed on a GPU.
+  every gate mode, float16/bfloat16/float32 (float64 raises TypeError).  Implicit
+  GEMMs on tensor cores (wgmma on Hopper; TF32 for fp32 when
+  ``torch.backends.cudnn.allow_tf32`` allows it): "out"/"in" over a per-sample
+  list of active blocks built on the device, "group" with one program per
+  (pixel tile, group, sample) that returns at once for an off pair.  x is read
+  channels-last (copied if it is not) and the output is a channels-last tensor.
+  Backward (``_routed_conv_triton_backward``): grad_x through the same kernels for
+  stride 1 (off blocks skipped), the dense vendor grad_x otherwise; the dense
+  vendor grad_weight of the gated operand; gate gradients from the saved output,
+  plus one more kernel call over the off blocks for ``router_grad="exact"``.
+  Opt-in: on an H100 (2026-11-27) the "out"/"in" forward was 4-6x faster than the
+  "cuda" tensor-core kernel but still 1.5-2.8x the dense cuDNN path at FRN shapes
+  (benchmarks/results/h100-2026-11-27); "group" and the backward are not yet timed
+  on a GPU.
 """
 from __future__ import annotations
 
