@@ -3,6 +3,8 @@ suite (bench_routed_conv.py) and the interleaved ratio script
 (interleaved_routed_conv.py), so both time exactly the same work."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fastmod.nn import RoutedBottleneck
@@ -48,8 +50,10 @@ def conv_runner(case, impl: str, rho: float, pass_: str, n: int, device, referen
     g = gates(n, G, rho, device)
     router_grad = "exact" if pass_ == "train-exact" else "active"
     kw = dict(padding=k // 2, groups=groups, gate_on=gate_on, router_grad=router_grad)
-    # The kernel backend explicitly: "auto" keeps the dense path on GPUs (see routed_conv._select).
-    kernel = backend or ("cuda" if torch.device(device).type == "cuda" else None)
+    # On a GPU the kernel backend explicitly ("auto" keeps the dense path there):
+    # FASTMOD_ROUTED_CONV_GPU's choice, else "cuda".
+    kernel = backend or (os.environ.get("FASTMOD_ROUTED_CONV_GPU", "cuda") if torch.device(device).type == "cuda"
+                         else None)
     fn = (lambda *a: routed_conv2d(*a, backend=kernel, **kw)) if impl == "routed" else \
         (lambda *a: reference(*a, **kw))
     flops = 2 * n * cout * (cin // groups) * k * k * hw * hw * (g.mean().item() if impl == "routed" else 1)

@@ -174,7 +174,8 @@ if want tests_cuda; then
     tests/test_routed_bottleneck.py tests/test_load_balancing.py tests/test_router.py tests/test_train_models.py}
 fi
 if want routed_bench; then
-  echo "== routed-conv benchmark (routed vs dense)"
+  echo "== routed-conv benchmark (routed vs dense; routed = FASTMOD_ROUTED_CONV_GPU, default triton)"
+  FASTMOD_ROUTED_CONV_GPU=${FASTMOD_ROUTED_CONV_GPU:-triton} \
   FASTMOD_BENCH_FULL=${FASTMOD_BENCH_FULL:-0} FASTMOD_BENCH_IMPLS=${FASTMOD_BENCH_IMPLS:-routed,dense} \
       bench routed_conv "${ROUTED_BENCH_LIMIT:-120}"
 fi

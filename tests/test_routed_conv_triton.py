@@ -165,3 +165,20 @@ def test_nchw_in_place(mode, monkeypatch):
     assert_close(y, routed_conv2d_reference(x, w, gates, b, **kw), torch.float32)
     xcl = x.contiguous(memory_format=torch.channels_last)  # a channels-last x is still read as such
     assert routed_conv2d(xcl, w, gates, b, backend="triton", **kw).is_contiguous(memory_format=torch.channels_last)
+
+
+@requires_cuda
+def test_env_sends_automatic_gpu_calls_to_triton(monkeypatch):
+    from fastmod.nn import RoutedConv2d
+    conv = RoutedConv2d(16, 16, 3, padding=1, gate_on="out", num_blocks=4).cuda()
+    x, gates = torch.randn(2, 16, 5, 5, device="cuda"), make_gates("random", 2, 4, device="cuda")
+    assert conv(x, gates).is_contiguous()  # default: the dense cuDNN path, NCHW
+    monkeypatch.setenv("FASTMOD_ROUTED_CONV_GPU", "triton")
+    y = conv(x, gates)
+    assert y.is_contiguous(memory_format=torch.channels_last)  # the Triton kernel's layout
+    conv.use_kernels = False
+    assert_close(y, conv(x, gates), torch.float16)  # TF32 off in tests; fp16 tolerance covers the kernel's order
+    monkeypatch.setenv("FASTMOD_ROUTED_CONV_GPU", "tpu")
+    conv.use_kernels = True
+    with pytest.raises(ValueError, match="FASTMOD_ROUTED_CONV_GPU"):
+        conv(x, gates)

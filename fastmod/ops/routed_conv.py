@@ -61,7 +61,8 @@ Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
   tests pass).  Timed there, they are still slower than the dense cuDNN conv + mask
   at most shapes (benchmarks/results/h100-2026-11-27), so on CUDA tensors
   ``backend=None`` runs the reference (dense cuDNN conv + mask) and the kernels run
-  only when asked for with ``backend="cuda"``.  (An earlier "cuda"
+  only when asked for with ``backend="cuda"`` (or, for every automatic call, the
+  environment variable ``FASTMOD_ROUTED_CONV_GPU=cuda``; ``=triton`` likewise).  (An earlier "cuda"
   backend, ATen/cuDNN on host-compacted blocks, measured slower than dense on an
   H100 and was replaced.)
 * ``"triton"`` (``fastmod/ops/_routed_conv_triton.py``, ``kernels/routed_conv.py``):
@@ -81,6 +82,8 @@ Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
   on a GPU.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -215,12 +218,18 @@ if _extension.has_op("routed_conv2d"):
     torch.library.register_autograd("fastmod::routed_conv2d", _backward, setup_context=_setup_context)
 
 
+GPU_ENV = "FASTMOD_ROUTED_CONV_GPU"  # what backend=None runs on CUDA tensors
+
+
 def _select(backend: str | None, device: torch.device) -> str:
     if backend in (None, "auto") and device.type == "cuda":
-        # The CUDA kernels are correct on an H100 but slower than cuDNN there (see
-        # the module docstring): "auto" keeps the dense cuDNN path until they beat
-        # it; backend="cuda" runs them.
-        return "reference"
+        # The kernels are correct on an H100 but slower than cuDNN there (see the
+        # module docstring): "auto" keeps the dense cuDNN path until they beat it.
+        # FASTMOD_ROUTED_CONV_GPU=triton|cuda sends automatic calls (and so the
+        # modules and models) to a kernel backend, e.g. to time whole networks.
+        backend = os.environ.get(GPU_ENV, "reference") if backends.kernels_enabled() else "reference"
+        if backend not in ("reference", "triton", "cuda"):
+            raise ValueError(f"{GPU_ENV} must be reference, triton or cuda, got {backend!r}")
     return backends.select("routed_conv2d", backend, device, _IMPLEMENTED, cpp_op="routed_conv2d")
 
 
