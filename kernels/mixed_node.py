@@ -192,6 +192,18 @@ def mixed_node_fwd_kernel(
 
 
 @triton.jit
+def _flat_coords(K, CS, n_blk, BLOCK: tl.constexpr):
+    """The flat kernels' program -> (node k, sample b, block, element indices of the
+    slice's C * S, in-range mask); k fastest, as in _row_coords."""
+    pid = tl.program_id(0).to(tl.int64)
+    k = pid % K
+    rest = pid // K
+    blk = rest % n_blk
+    flat = blk * BLOCK + tl.arange(0, BLOCK)
+    return k, rest // n_blk, blk, flat, flat < CS
+
+
+@triton.jit
 def _flat_operand(ptr, flat, S, sc, ss, CONTIG: tl.constexpr):
     # Element `flat` = c * S + s of one (k, b) slice: written as ptr + flat when the
     # operand is contiguous over (C, S), so Triton sees contiguous, aligned runs and
@@ -214,14 +226,8 @@ def mixed_node_fwd_flat_kernel(
     C * S elements: no padding of short spatial rows (S = 196 in tiles of 128 left
     a quarter of the lanes idle), and contiguous operands and the output are read
     and written in aligned vectors (row starts c * S are not provably aligned)."""
-    pid = tl.program_id(0).to(tl.int64)
-    k = pid % K  # k fastest, as in _row_coords
-    rest = pid // K
-    blk = rest % n_blk
-    b = rest // n_blk
+    k, b, blk, flat, m = _flat_coords(K, CS, n_blk, BLOCK)
     w0, w1, w2, w3, w4, w5 = _load_weights(a_ptr, m_ptr, k, m_stride_k, HAS_MASK, HARD, A_FP64, IS_FP64)
-    flat = blk * BLOCK + tl.arange(0, BLOCK)
-    m = flat < CS
     a = _upcast(tl.load(_flat_operand(x1_ptr + k * s1k + b * s1b, flat, S, s1c, s1s, CONTIG1), mask=m, other=0.0),
                 IS_FP64)
     bb = _upcast(tl.load(_flat_operand(x2_ptr + k * s2k + b * s2b, flat, S, s2c, s2s, CONTIG2), mask=m, other=0.0),
@@ -243,14 +249,8 @@ def mixed_node_bwd_flat_kernel(
     elements, every operand and gradient in aligned vectors, nothing to reduce but
     the six dalpha partial sums (one row per program, node-major like the tiled
     kernel's)."""
-    pid = tl.program_id(0).to(tl.int64)
-    k = pid % K
-    rest = pid // K
-    blk = rest % n_blk
-    b = rest // n_blk
+    k, b, blk, flat, m = _flat_coords(K, CS, n_blk, BLOCK)
     w0, w1, w2, w3, w4, w5 = _load_weights(a_ptr, m_ptr, k, m_stride_k, HAS_MASK, HARD, A_FP64, IS_FP64)
-    flat = blk * BLOCK + tl.arange(0, BLOCK)
-    m = flat < CS
     row = (k * B + b) * CS  # of grad and of both (full-shape, contiguous) gradients
     a = _upcast(tl.load(x1_ptr + k * s1k + b * s1b + flat, mask=m, other=0.0), IS_FP64)
     bb = _upcast(tl.load(x2_ptr + k * s2k + b * s2b + flat, mask=m, other=0.0), IS_FP64)

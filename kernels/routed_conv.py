@@ -36,6 +36,16 @@ def compact_kernel(g_ptr, list_ptr, cnt_ptr, G, sgn, sgg, BLOCK_G: tl.constexpr)
 
 
 @triton.jit
+def _pixel_rows(pid_m, Ho, Wo, conv_sh, conv_sw, pad_h, pad_w, BLOCK_M: tl.constexpr):
+    """Output pixels [pid_m*BM, +BM) of one sample: (valid, oh, ow, first input row,
+    first input column) of each."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    oh = offs_m // Wo
+    ow = offs_m % Wo
+    return offs_m < Ho * Wo, oh, ow, oh * conv_sh - pad_h, ow * conv_sw - pad_w
+
+
+@triton.jit
 def routed_conv_fwd_kernel(
         x_ptr, w_ptr, g_ptr, b_ptr, y_ptr, list_ptr, cnt_ptr,
         H, W, Cin, Ho, Wo, Cout, G, CPB,
@@ -57,12 +67,7 @@ def routed_conv_fwd_kernel(
     x_n = x_ptr + n.to(tl.int64) * sxn
     lst = list_ptr + n * G
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < Ho * Wo
-    oh = offs_m // Wo
-    ow = offs_m % Wo
-    ih0 = oh * conv_sh - pad_h
-    iw0 = ow * conv_sw - pad_w
+    m_ok, oh, ow, ih0, iw0 = _pixel_rows(pid_m, Ho, Wo, conv_sh, conv_sw, pad_h, pad_w, BLOCK_M)
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if GATE_IN:
@@ -135,12 +140,7 @@ def routed_conv_group_fwd_kernel(
     if gate == 0:
         return
     x_n = x_ptr + n.to(tl.int64) * sxn + (grp * CG_IN) * sxc
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < Ho * Wo
-    oh = offs_m // Wo
-    ow = offs_m % Wo
-    ih0 = oh * conv_sh - pad_h
-    iw0 = ow * conv_sw - pad_w
+    m_ok, oh, ow, ih0, iw0 = _pixel_rows(pid_m, Ho, Wo, conv_sh, conv_sw, pad_h, pad_w, BLOCK_M)
     j = ct * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = j < CG_OUT
     co = grp * CG_OUT + j
