@@ -182,3 +182,14 @@ def test_env_sends_automatic_gpu_calls_to_triton(monkeypatch):
     conv.use_kernels = True
     with pytest.raises(ValueError, match="FASTMOD_ROUTED_CONV_GPU"):
         conv(x, gates)
+
+
+def test_group_grads_with_a_channels_last_weight():
+    x = torch.randn(2, 16, 6, 6, device=DEV)
+    w = (torch.randn(16, 4, 3, 3, device=DEV) / 6).contiguous(memory_format=torch.channels_last)
+    gates = make_gates("nonbinary", 2, 4, device=DEV)
+    kw = dict(padding=1, groups=4, gate_on="group")
+    (y, grads), (y_ref, grads_ref) = run_both(x, w, gates, None, kw, "triton")
+    assert_close(y, y_ref, torch.float32)
+    for g, r in zip(grads, grads_ref):
+        assert_close(g, r, torch.float32)

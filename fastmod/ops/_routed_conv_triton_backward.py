@@ -45,7 +45,7 @@ def _transposed_flipped(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """The weight of the stride-1 transposed conv written as a conv: per group,
     [Cout_g, Cin_g, kh, kw] -> [Cin_g, Cout_g, kh, kw], flipped in both taps."""
     cout, cin_g, kh, kw = weight.shape
-    w = weight.view(groups, cout // groups, cin_g, kh, kw).transpose(1, 2)
+    w = weight.reshape(groups, cout // groups, cin_g, kh, kw).transpose(1, 2)
     return w.reshape(groups * cin_g, cout // groups, kh, kw).flip(2, 3)
 
 
