@@ -36,6 +36,15 @@ def compact_kernel(g_ptr, list_ptr, cnt_ptr, G, sgn, sgg, BLOCK_G: tl.constexpr)
 
 
 @triton.jit
+def _tile_and_sample(Ho, Wo, BLOCK_M: tl.constexpr):
+    """Grid axis 0 is (sample, pixel tile), tiles fastest: axis 0 takes 2^31 - 1
+    programs where axes 1 and 2 stop at 65535, so any batch size launches."""
+    n_mt = tl.cdiv(Ho * Wo, BLOCK_M)
+    pid = tl.program_id(0)
+    return pid % n_mt, pid // n_mt
+
+
+@triton.jit
 def _pixel_rows(pid_m, Ho, Wo, conv_sh, conv_sw, pad_h, pad_w, BLOCK_M: tl.constexpr):
     """Output pixels [pid_m*BM, +BM) of one sample: (valid, oh, ow, first input row,
     first input column) of each."""
@@ -54,12 +63,11 @@ def routed_conv_fwd_kernel(
         KH: tl.constexpr, KW: tl.constexpr, GATE_IN: tl.constexpr, HAS_BIAS: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr):
-    """Program (pm, pn, n): output pixels [pm*BM, +BM) of sample n, times BLOCK_N
+    """Program (n * pixel tiles + pm, pn): output pixels [pm*BM, +BM) of sample n, times BLOCK_N
     columns: output channels pn*BN.. ("in"), or active channels pn*BN.. of the
     sample's compacted list ("out").  CPB = channels per gate block."""
-    pid_m = tl.program_id(0)
+    pid_m, n = _tile_and_sample(Ho, Wo, BLOCK_M)
     pid_n = tl.program_id(1)
-    n = tl.program_id(2)
     n_act = tl.load(cnt_ptr + n) * CPB  # active channels (input ones for "in")
     if not GATE_IN:
         if pid_n * BLOCK_N >= n_act:
@@ -126,16 +134,15 @@ def routed_conv_group_fwd_kernel(
         CG_IN: tl.constexpr, CG_OUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
         HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """gate_on="group" (a ResNeXt branch per group).  Program (pm, g * n_ct + ct, n):
+    """gate_on="group" (a ResNeXt branch per group).  Program (n * pixel tiles + pm, g * n_ct + ct):
     output pixels [pm*BM, +BM) of sample n, output channels [ct*BN, +BN) of group g's
     CG_OUT; it returns at once when gates[n, g] == 0 (the caller's zeros stay).  The
     reduction runs over (tap, input channel of the group) as one flat index, so a
     narrow group (8 channels x 9 taps = 72) pads to a multiple of BLOCK_K, not to
     BLOCK_K per tap."""
-    pid_m = tl.program_id(0)
+    pid_m, n = _tile_and_sample(Ho, Wo, BLOCK_M)
     grp = tl.program_id(1) // n_ct
     ct = tl.program_id(1) % n_ct
-    n = tl.program_id(2)
     gate = tl.load(g_ptr + n * sgn + grp * sgg)
     if gate == 0:
         return

@@ -82,7 +82,7 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, b
                                       BLOCK_G=max(16, _pow2(G)))
     cpb = (Cin if gate_in else Cout) // G
     bm, bn, bk, warps, stages = pick_config(Ho * Wo, Cout, Cin, x.dtype)
-    grid = (triton.cdiv(Ho * Wo, bm), triton.cdiv(Cout, bn), N)
+    grid = (triton.cdiv(Ho * Wo, bm) * N, triton.cdiv(Cout, bn))
     wrap_triton(routed_conv_fwd_kernel)[grid](
         xc, wc, gates, bias if bias is not None else xc, y, lst, cnt,
         H, W, Cin, Ho, Wo, Cout, G, cpb,
@@ -106,7 +106,7 @@ def _group_forward(x, w, gates, bias, y, stride, padding, dilation, precision):
     bn = max(16, min(128, _pow2(cg_out)))
     bk = 16 if k_len <= 128 else (64 if x.dtype.itemsize <= 2 else 32)
     n_ct = triton.cdiv(cg_out, bn)
-    wrap_triton(routed_conv_group_fwd_kernel)[(triton.cdiv(Ho * Wo, bm), G * n_ct, N)](
+    wrap_triton(routed_conv_group_fwd_kernel)[(triton.cdiv(Ho * Wo, bm) * N, G * n_ct)](
         x, w, gates, bias if bias is not None else x, y, H, W, Ho, Wo, n_ct,
         *x.stride(), *w.stride(), gates.stride(0), gates.stride(1), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
