@@ -64,7 +64,7 @@ def _weight_args(alpha, op_mask, hard):
 
 
 def triton_fwd(x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor, op_mask: torch.Tensor | None,
-                          hard: bool, normalize: bool) -> torch.Tensor:
+               hard: bool, normalize: bool) -> torch.Tensor:
     """x1, x2 canonical 4-D; alpha [K, 6] (float32/float64); op_mask None or bool [1|K, 6].
     The weights (softmax or one-hot of alpha, times the mask) are made in the kernel."""
     K, B, C, S = full4(x1, x2, alpha)

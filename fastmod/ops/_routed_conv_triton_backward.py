@@ -23,16 +23,14 @@ from typing import Callable
 import torch
 from torch.nn.grad import conv2d_input, conv2d_weight
 
+from fastmod.ops.routed_conv import _block_scale
+
 
 def _block_dot(a: torch.Tensor, b: torch.Tensor, G: int) -> torch.Tensor:
     """[N, C, H, W] x 2 -> [N, G]: <a, b> over each block of C // G channels and all
     pixels, in fp32."""
     n, c = a.shape[:2]
     return (a.float() * b.float()).sum((2, 3)).view(n, G, c // G).sum(2)
-
-
-def _expand(gates: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
-    return gates.to(dtype).repeat_interleave(channels // gates.shape[1], dim=1)[:, :, None, None]
 
 
 def _flipped_padding(weight, padding, dilation):
@@ -60,7 +58,7 @@ def routed_conv2d_triton_backward(fwd: Callable, grad, x, weight, gates, bias, o
     """(gx, gw, gg, gb), each None unless asked for by ``need`` = (x, weight, gates,
     bias).  ``fwd`` is the forward op (routed_conv2d_triton's signature)."""
     need_x, need_w, need_g, need_b = need
-    N, Cout, G = grad.shape[0], weight.shape[0], gates.shape[1]
+    Cout, G = weight.shape[0], gates.shape[1]
     groups = G if gate_on == "group" else 1
     one = [1, 1]
     off = (gates == 0).to(gates.dtype)  # the off blocks switched on, for "exact"
@@ -68,16 +66,17 @@ def routed_conv2d_triton_backward(fwd: Callable, grad, x, weight, gates, bias, o
     w_flip = _transposed_flipped(weight, groups) if pads is not None and (need_x or gate_on == "in") else None
     gx = gw = gg = gb = None
     if gate_on in ("out", "group"):  # y = g * (conv + bias) on the output blocks
-        dy_g = grad * _expand(gates, Cout, grad.dtype)  # exactly zero on off blocks
+        dy_g = grad * _block_scale(gates, Cout, grad.dtype)  # exactly zero on off blocks
         if need_b:
             gb = dy_g.sum((0, 2, 3))
         if need_w:
             gw = conv2d_weight(x, weight.shape, dy_g, stride, padding, dilation, groups)
-        if need_x:
+        if need_x and pads is not None:
             # "out": an "in"-gated conv over dy's channels; "group": the same groups, gated
             gx = fwd(grad, w_flip, gates, None, one, pads, list(dilation), "in" if groups == 1 else "group", True,
-                     tf32) if pads is not None else conv2d_input(x.shape, weight, dy_g, stride, padding, dilation,
-                                                                 groups)
+                     tf32)
+        elif need_x:
+            gx = conv2d_input(x.shape, weight, dy_g, stride, padding, dilation, groups)
         if need_g:
             gg = _on_gate_grad(_block_dot(grad, out, G), gates)
             if exact:
@@ -88,7 +87,7 @@ def routed_conv2d_triton_backward(fwd: Callable, grad, x, weight, gates, bias, o
         if need_b:
             gb = grad.sum((0, 2, 3))
         if need_w:
-            gw = conv2d_weight(x * _expand(gates, Cin, x.dtype), weight.shape, grad, stride, padding, dilation)
+            gw = conv2d_weight(x * _block_scale(gates, Cin, x.dtype), weight.shape, grad, stride, padding, dilation)
         if need_x or need_g:
             if pads is not None:  # dx = g * dxu on on-blocks, zero elsewhere
                 gx = fwd(grad, w_flip, gates, None, one, pads, list(dilation), "out", True, tf32)
@@ -96,12 +95,12 @@ def routed_conv2d_triton_backward(fwd: Callable, grad, x, weight, gates, bias, o
                     if need_g and exact else None
             else:
                 dxu = conv2d_input(x.shape, weight, grad, stride, padding, dilation)
-                gx = dxu * _expand(gates, Cin, dxu.dtype)
-                dxu_off = dxu * _expand(off, Cin, dxu.dtype) if need_g and exact else None
+                gx = dxu * _block_scale(gates, Cin, dxu.dtype)
+                dxu_off = dxu * _block_scale(off, Cin, dxu.dtype) if need_g and exact else None
             if need_g:
                 gg = _on_gate_grad(_block_dot(x, gx, G), gates)
                 if dxu_off is not None:
                     gg = gg + _block_dot(x, dxu_off, G)
     if gg is not None:
         gg = gg.to(gates.dtype)
-    return gx, gw, gg, gb
+    return gx if need_x else None, gw, gg, gb  # ("in" computes gx for the gates' gradient too)

@@ -137,9 +137,9 @@ def gumbel_sigmoid_gate(logits: torch.Tensor, tau: float = 1.0, *, hard: bool = 
     x = logits.contiguous()
     if which == "cpu":
         return torch.ops.fastmod.gumbel_sigmoid_gate(x, seed, tau, hard)
-    if isinstance(seed, int):
-        return _eager.call(torch.ops.fastmod.gumbel_sigmoid_gate_triton, _GateFunction, x, None, tau, hard, seed)
-    return _eager.call(torch.ops.fastmod.gumbel_sigmoid_gate_triton, _GateFunction, x, seed, tau, hard, -1)
+    seed_tensor, host_seed = _triton_seed(seed)
+    return _eager.call(torch.ops.fastmod.gumbel_sigmoid_gate_triton, _GateFunction, x, seed_tensor, tau, hard,
+                       host_seed)
 
 
 def _select(backend: str | None, device: torch.device) -> str:
@@ -166,6 +166,12 @@ def _next_seed(which: str, device: torch.device, generator: torch.Generator | No
     return _host_key(gen.initial_seed(), offset)
 
 
+def _triton_seed(seed: torch.Tensor | int | None) -> tuple[torch.Tensor | None, int]:
+    """(seed tensor, host seed) for the Triton ops: one of the two, the host seed -1
+    when it is absent (a None seed: deterministic)."""
+    return (None, seed) if isinstance(seed, int) else (seed, -1)
+
+
 def _host_key(seed: int, offset: int) -> int:
     """A Philox key from a generator's (seed, offset): splitmix64 of the pair, put in
     [2^62, 2^63) so the kernel argument is always an int64 (Triton types a Python int
@@ -185,9 +191,8 @@ def _noise(logits: torch.Tensor, seed: torch.Tensor | int, backend: str | None =
     if which == "cpu":
         return torch.ops.fastmod.gumbel_sigmoid_noise(logits, seed)
     if which == "triton":
-        if isinstance(seed, int):
-            return torch.ops.fastmod.gumbel_sigmoid_noise_triton(logits, None, seed)
-        return torch.ops.fastmod.gumbel_sigmoid_noise_triton(logits, seed)
+        seed_tensor, host_seed = _triton_seed(seed)
+        return torch.ops.fastmod.gumbel_sigmoid_noise_triton(logits, seed_tensor, host_seed)
     raise ValueError("the reference backend draws its noise with torch.rand; there is no kernel stream to regenerate")
 
 
