@@ -391,6 +391,36 @@ def test_cpu_training_step_saves_only_the_soft_gate(dtype):
         assert saved == []
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the C++ CPU op")
+@pytest.mark.parametrize("hard", [True, False])
+def test_cpu_sampled_op_draws_the_python_seed(hard):
+    """Eager CPU calls draw their seed in C++ (gumbel_sigmoid_gate_sampled): the same seed
+    as _draw_seed's torch.randint, and the generator left in the same state after."""
+    x = torch.randn(5, 300, requires_grad=True)
+    sampled, gate = torch.ops.fastmod.gumbel_sigmoid_gate_sampled, torch.ops.fastmod.gumbel_sigmoid_gate
+    for make_gen in (lambda: None, lambda: torch.Generator().manual_seed(21)):
+        torch.manual_seed(8)
+        gen = make_gen()
+        a = sampled(x, 0.7, hard, gen)
+        after_a = torch.rand(4, generator=gen)
+        torch.manual_seed(8)
+        gen = make_gen()
+        b = gate(x, gg._draw_seed(x.device, gen), 0.7, hard)
+        assert torch.equal(a, b)
+        assert torch.equal(after_a, torch.rand(4, generator=gen))
+        g = torch.randn_like(x)
+        assert torch.equal(*(torch.autograd.grad(y, x, g)[0] for y in (a, b)))
+    # the public call takes this path, and _call_with_noise's regenerated noise matches it
+    out, u = _call_with_noise(x.detach(), 0.7, hard, "cpu")
+    expect = gumbel_sigmoid_gate_reference(x.detach(), 0.7, hard=hard, noise=u)
+    torch.testing.assert_close(out, expect, atol=2e-6, rtol=0)
+    # eager only (the seed is written into a real tensor): schema and autograd checks
+    torch.library.opcheck(sampled.default, (x, 0.5, hard, None),
+                          test_utils=("test_schema", "test_autograd_registration"))
+    with pytest.raises(RuntimeError, match="CPU tensor"):
+        sampled(torch.randn(3, device="meta"), 0.5, hard, None)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     utils = None

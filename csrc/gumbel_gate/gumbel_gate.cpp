@@ -16,6 +16,11 @@ TORCH_LIBRARY_FRAGMENT(fastmod, m) {
   m.def("gumbel_sigmoid_gate_hard_train(Tensor logits, Tensor? seed, float tau) -> (Tensor, Tensor)");
   // grad * soft * (1 - soft) / tau: the straight-through backward from the saved B~.
   m.def("gumbel_sigmoid_gate_backward_soft(Tensor grad, Tensor soft, float tau) -> Tensor");
+  // gumbel_sigmoid_gate with a seed drawn here, on the CPU, from `generator` (default:
+  // torch's CPU generator) exactly as torch.randint(0, 2**62, (1,)) draws it (one
+  // random64).  The eager CPU path: a Python-side randint cost ~10 us per gate in a
+  // training step.  Not for torch.compile, which needs the seed as a graph tensor.
+  m.def("gumbel_sigmoid_gate_sampled(Tensor logits, float tau, bool hard, Generator? generator=None) -> Tensor");
   // The float32 uniform noise u a gate call with this seed uses (for tests).
   m.def("gumbel_sigmoid_noise(Tensor logits, Tensor seed) -> Tensor");
 }

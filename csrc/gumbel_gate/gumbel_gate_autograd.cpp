@@ -12,10 +12,12 @@
 // regenerating the Philox noise and the log/exp (which was half the step's cost).
 // For the soft gate: the logits and the one-element seed (the backward kernel
 // regenerates the noise).  The backward itself is not differentiable.
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <mutex>
 #include <tuple>
 
 namespace {
@@ -91,8 +93,30 @@ at::Tensor gate_autograd(const at::Tensor& logits, const OptTensor& seed, double
   return GumbelSigmoidGate::apply(logits, seed, tau, hard, needs_grad);
 }
 
+// gumbel_sigmoid_gate_sampled: the seed drawn in C++, then the ordinary op (so its
+// autograd kernel above applies).  random64() % 2^62 is what torch.randint(0, 2**62)
+// computes from one random64() on the CPU, so the generator advances and the seed
+// comes out exactly as with the Python-side draw.
+at::Tensor gate_sampled(const at::Tensor& logits, double tau, bool hard, c10::optional<at::Generator> generator) {
+  TORCH_CHECK(logits.device().is_cpu(), "gumbel_sigmoid_gate_sampled: logits must be a CPU tensor, got ",
+              logits.device());
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  uint64_t r;
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    r = gen->random64();
+  }
+  at::Tensor seed = at::empty({1}, at::TensorOptions().dtype(at::kLong));
+  *seed.data_ptr<int64_t>() = static_cast<int64_t>(r % (uint64_t{1} << 62));
+  return call_gate(logits, seed, tau, hard);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmod, Autograd, m) {
   m.impl("gumbel_sigmoid_gate", &gate_autograd);
+}
+
+TORCH_LIBRARY_IMPL(fastmod, CompositeImplicitAutograd, m) {
+  m.impl("gumbel_sigmoid_gate_sampled", &gate_sampled);
 }
