@@ -83,6 +83,21 @@ def test_float64_is_refused():
         routed_conv2d(x, w, torch.ones(x.shape[0], 4, device=DEV), b, backend="triton", **kw)
 
 
+def test_sizes_past_int32_offsets_are_refused():
+    """The kernels address a sample's x and y, and the weight, with int32 offsets:
+    larger tensors get a ValueError, not a wrapped address (meta tensors: no memory)."""
+    from fastmod.ops import _routed_conv_triton as rct
+    w = torch.empty(16, 16, 3, 3, device="meta")
+    rct._check_int32_offsets(torch.empty(2, 16, 2 ** 13, 2 ** 13, device="meta"), w,
+                             torch.empty(2, 16, 2 ** 13, 2 ** 13, device="meta"))  # 2^30 per sample: fine
+    with pytest.raises(ValueError, match="x of shape"):
+        rct._check_int32_offsets(torch.empty(1, 32, 2 ** 13, 2 ** 13, device="meta"), w,
+                                 torch.empty(1, 16, 4, 4, device="meta"))
+    with pytest.raises(ValueError, match="weight of shape"):
+        rct._check_int32_offsets(torch.empty(1, 16, 4, 4, device="meta"),
+                                 torch.empty(2 ** 16, 2 ** 15, 1, 1, device="meta"), torch.empty(1, 16, 4, 4, device="meta"))
+
+
 @settings(max_examples=12, deadline=None)
 @given(mode=st.sampled_from(MODES), n=st.integers(0, 3), blocks=st.sampled_from([1, 2, 4, 8]),
        cin=st.sampled_from([8, 16, 24, 40]), cout=st.sampled_from([8, 16, 40]), hw=st.integers(1, 7),

@@ -117,8 +117,29 @@ def _cases():
                "cnt_ptr": "*i32", **conv_ints}
         tiles = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32 if xt == "*fp32" else 64}
         yield (f"routed_conv_fwd {xt} gate_in={gate_in} {prec}", rk.routed_conv_fwd_kernel, sig,
-               {"KH": 3, "KW": 3, "GATE_IN": gate_in, "HAS_BIAS": True, "INPUT_PRECISION": prec, **tiles},
-               {"num_warps": 4, "num_stages": 3})
+               {"KH": 3, "KW": 3, "GATE_IN": gate_in, "HAS_BIAS": True, "INPUT_PRECISION": prec, **tiles,
+                "CPB_VEC": 1}, {"num_warps": 4, "num_stages": 3})
+    # The benchmark shapes with the values Triton specialises on at run time (unit
+    # strides become constants, multiples of 16 get divisibility hints): BRN's 1x1
+    # "in"/"out" convs (8 channels per gate block) and an FRN 3x3 (one per block).
+    for name, xt, gate_in, (cin, cout, g, k, hw), tiles in [
+            ("brn1x1in", "*bf16", True, (128, 256, 16, 1, 28), (128, 128, 64)),
+            ("brn1x1in", "*fp32", True, (128, 256, 16, 1, 28), (128, 128, 32)),
+            ("brn1x1out", "*fp32", False, (256, 128, 16, 1, 28), (128, 128, 32)),
+            ("frn3x3-512", "*bf16", False, (512, 512, 512, 3, 7), (64, 128, 64))]:
+        cpb = (cin if gate_in else cout) // g
+        values = {"H": hw, "W": hw, "Cin": cin, "Ho": hw, "Wo": hw, "Cout": cout, "G": g, "CPB": cpb,
+                  "sxn": hw * hw * cin, "sxc": 1, "sxh": hw * cin, "sxw": cin, "swo": k * k * cin, "swc": 1,
+                  "swr": k * cin, "sws": cin, "sgn": g, "sgg": 1, "syn": hw * hw * cout, "syc": 1,
+                  "syh": hw * cout, "syw": cout, "conv_sh": 1, "conv_sw": 1, "pad_h": k // 2, "pad_w": k // 2,
+                  "dil_h": 1, "dil_w": 1}
+        sig = {"x_ptr": xt, "w_ptr": xt, "g_ptr": "*fp32", "b_ptr": xt, "y_ptr": xt, "list_ptr": "*i32",
+               "cnt_ptr": "*i32", **values}
+        bm, bn, bk = tiles
+        yield (f"routed_conv_fwd {name} {xt} specialised", rk.routed_conv_fwd_kernel, sig,
+               {"KH": k, "KW": k, "GATE_IN": gate_in, "HAS_BIAS": False,
+                "INPUT_PRECISION": "tf32" if xt == "*fp32" else "ieee", "BLOCK_M": bm, "BLOCK_N": bn,
+                "BLOCK_K": bk, "CPB_VEC": min(cpb & -cpb, 16)}, {"num_warps": 4, "num_stages": 3})
 
 
     group_ints = ints("H", "W", "Ho", "Wo", "n_ct", "sxn", "sxc", "sxh", "sxw", "swo", "swc", "swr", "sws", "sgn",
@@ -128,6 +149,48 @@ def _cases():
         yield (f"routed_conv_group_fwd {xt} {prec}", rk.routed_conv_group_fwd_kernel, sig,
                {"CG_IN": 8, "CG_OUT": 8, "KH": 3, "KW": 3, "HAS_BIAS": True, "INPUT_PRECISION": prec,
                 "BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 16}, {"num_warps": 4, "num_stages": 3})
+
+
+def _specialise(kernel, sig: dict, consts: dict):
+    """(signature, constexprs, attrs) in the kernel's parameter order.  A signature
+    entry is a type ("*fp32", "i32") or, for an integer argument, its value, which is
+    specialised as Triton's launcher does: 1 becomes a constant, a multiple of 16 gets
+    the ``tt.divisibility`` hint.  Pointers get that hint too (torch allocations are
+    16-byte aligned) where the case gives values, as a launch would."""
+    full = {**sig, **{k: "constexpr" for k in consts}}
+    consts, out, attrs = dict(consts), {}, {}
+    with_values = any(isinstance(v, int) for v in sig.values())
+    for i, name in enumerate(kernel.arg_names):
+        v = full[name]
+        if isinstance(v, int) and v == 1:
+            out[name], consts[name] = "constexpr", 1
+            continue
+        if isinstance(v, int):
+            out[name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+        else:
+            out[name] = v
+        if (isinstance(v, int) and v % 16 == 0) or (with_values and v.startswith("*") if isinstance(v, str) else False):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return out, consts, attrs
+
+
+def _stack_note(compiled) -> str:
+    """" stack N" when the cubin's stack frame is not empty (register spills), from
+    the cuobjdump that ships with Triton; "" when it is empty or cannot be read."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if "cubin" not in compiled.asm or not os.path.exists(tool):
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", res)
+    return f" (regs {m.group(1)}, stack {m.group(2)} B)" if m and m.group(2) != "0" else ""
 
 
 def main() -> int:
@@ -147,10 +210,9 @@ def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     failed = 0
     for name, kernel, sig, consts, *options in _cases():
-        full = {**sig, **{k: "constexpr" for k in consts}}
-        sig = {n: full[n] for n in kernel.arg_names}  # in the kernel's parameter order
+        sig, consts, attrs = _specialise(kernel, sig, consts)
         try:
-            src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
+            src = ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
         except TypeError as e:  # the signature format of another Triton version
             print(f"unsupported Triton API: {e}", file=sys.stderr)
             return 3
@@ -158,7 +220,7 @@ def main() -> int:
             compiled = triton_compile(src, target=target, options=options[0] if options else None)
             # whether tl.dot became Hopper warpgroup MMAs (wgmma) or the older mma.sync
             mma = "".join(f" {op}" for op in ("wgmma", "mma.sync") if op in compiled.asm.get("ptx", ""))
-            print(f"ok   {name}{mma}")
+            print(f"ok   {name}{mma}{_stack_note(compiled)}")
         except Exception as e:  # noqa: BLE001 - report every kernel, then fail
             failed += 1
             print(f"FAIL {name}: {type(e).__name__}: {str(e).strip().splitlines()[:8]}")

@@ -70,6 +70,7 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, b
         y = alloc((N, Cout, Ho, Wo), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
+    _check_int32_offsets(x, weight, y)
     xc = x.contiguous(memory_format=torch.channels_last) if nhwc else x
     wc = weight.contiguous(memory_format=torch.channels_last)  # memory [Cout, KH, KW, Cin]: K contiguous
     precision = "tf32" if tf32 and x.dtype == torch.float32 else "ieee"
@@ -89,8 +90,19 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, b
         *xc.stride(), *wc.stride(), gates.stride(0), gates.stride(1), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH=KH, KW=KW, GATE_IN=gate_in, HAS_BIAS=bias is not None,
-        INPUT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        INPUT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CPB_VEC=min(cpb & -cpb, 16),
+        num_warps=warps, num_stages=stages)
     return y
+
+
+def _check_int32_offsets(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> None:
+    """The kernels address one sample's x and y, and the weight, with int32 offsets
+    (64-bit address tensors cost registers: the sm_90 compile spilled without it)."""
+    for name, t, numel in (("x", x, x[0].numel()), ("weight", weight, weight.numel()), ("output", y, y[0].numel())):
+        if numel >= 2 ** 31:
+            raise ValueError(f"routed_conv2d (backend 'triton'): {name} of shape {tuple(t.shape)} has "
+                             f"{numel} elements per sample or in all, over the kernel's 2^31 - 1 limit; "
+                             "use backend='cuda' or 'reference'")
 
 
 def _group_forward(x, w, gates, bias, y, stride, padding, dilation, precision):
