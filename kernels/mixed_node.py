@@ -237,6 +237,24 @@ def mixed_node_fwd_flat_kernel(
 
 
 @triton.jit
+def _add6(a0, a1, a2, a3, a4, a5, b0, b1, b2, b3, b4, b5):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5
+
+
+@triton.jit
+def _store_six_sums(pw, t0, t1, t2, t3, t4, t5):
+    # One six-operand reduction rather than six tl.sum calls: one exchange through
+    # shared memory and its barriers instead of six.
+    s0, s1, s2, s3, s4, s5 = tl.reduce((t0, t1, t2, t3, t4, t5), 0, _add6)
+    tl.store(pw + 0, s0)
+    tl.store(pw + 1, s1)
+    tl.store(pw + 2, s2)
+    tl.store(pw + 3, s3)
+    tl.store(pw + 4, s4)
+    tl.store(pw + 5, s5)
+
+
+@triton.jit
 def mixed_node_bwd_flat_kernel(
     g_ptr, x1_ptr, x2_ptr, a_ptr, m_ptr, dx1_ptr, dx2_ptr, dw_ptr,
     K, B, CS, n_blk, m_stride_k, s1k, s1b, s2k, s2b,
@@ -257,12 +275,7 @@ def mixed_node_bwd_flat_kernel(
     du = _upcast(tl.load(g_ptr + row + flat, mask=m, other=0.0), IS_FP64)
     mn, mx = _min_max(a, bb)
     pw = dw_ptr + (k * B * n_blk + b * n_blk + blk) * 6
-    tl.store(pw + 0, tl.sum(du * mn, axis=0))
-    tl.store(pw + 1, tl.sum(du * mx, axis=0))
-    tl.store(pw + 2, tl.sum(du * (a + bb), axis=0))
-    tl.store(pw + 3, tl.sum(du * (a * bb), axis=0))
-    tl.store(pw + 4, tl.sum(du * a, axis=0))
-    tl.store(pw + 5, tl.sum(du * bb, axis=0))
+    _store_six_sums(pw, du * mn, du * mx, du * (a + bb), du * (a * bb), du * a, du * bb)
     eq = a == bb
     if NEED1:
         d1 = du * _input_coef(a, bb, eq, w0, w1, w2, w3, w4)
