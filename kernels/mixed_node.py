@@ -435,12 +435,8 @@ def mixed_node_bwd_kernel(
             _flush_grad(q2, acc2, offs_s, mask_s, RED2_C, RED2_S, ATOMIC2, d2s)
         # One row of 6 partial sums per (node, program); summed per node on the host side.
         pw = dw_ptr + (k * B * n_cprog * n_sblk + prog_in_k) * 6
-        tl.store(pw + 0, tl.sum(tl.sum(g0, axis=1), axis=0))
-        tl.store(pw + 1, tl.sum(tl.sum(g1, axis=1), axis=0))
-        tl.store(pw + 2, tl.sum(tl.sum(g2, axis=1), axis=0))
-        tl.store(pw + 3, tl.sum(tl.sum(g3, axis=1), axis=0))
-        tl.store(pw + 4, tl.sum(tl.sum(g4, axis=1), axis=0))
-        tl.store(pw + 5, tl.sum(tl.sum(g5, axis=1), axis=0))
+        _store_six_sums(pw, tl.sum(g0, axis=1), tl.sum(g1, axis=1), tl.sum(g2, axis=1), tl.sum(g3, axis=1),
+                        tl.sum(g4, axis=1), tl.sum(g5, axis=1))
 
     # Gradients of node-shared operands, summed over K in registers (K_INNER only:
     # a single C chunk, so cvec/m below are that chunk's).
