@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 
 
@@ -151,6 +152,10 @@ def _cases():
                 "BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 16}, {"num_warps": 4, "num_stages": 3})
 
 
+# A PTX global load of one element (ld.global.v2/.v4 are vector loads).
+SCALAR_LOAD = re.compile(r"ld\.global(?![.\w:]*\.v[248]\.)[.\w:]*\.b(?:8|16|32|64)\s")
+
+
 def _specialise(kernel, sig: dict, consts: dict):
     """(signature, constexprs, attrs) in the kernel's parameter order.  A signature
     entry is a type ("*fp32", "i32") or, for an integer argument, its value, which is
@@ -177,7 +182,6 @@ def _specialise(kernel, sig: dict, consts: dict):
 def _stack_note(compiled) -> str:
     """" stack N" when the cubin's stack frame is not empty (register spills), from
     the cuobjdump that ships with Triton; "" when it is empty or cannot be read."""
-    import re
     import subprocess
     import tempfile
 
@@ -220,7 +224,10 @@ def main() -> int:
             compiled = triton_compile(src, target=target, options=options[0] if options else None)
             # whether tl.dot became Hopper warpgroup MMAs (wgmma) or the older mma.sync
             mma = "".join(f" {op}" for op in ("wgmma", "mma.sync") if op in compiled.asm.get("ptx", ""))
-            print(f"ok   {name}{mma}{_stack_note(compiled)}")
+            note = _stack_note(compiled)
+            if "specialised" in name:  # element-by-element global loads (a lost vectorisation)
+                note += f" scalar-loads {len(SCALAR_LOAD.findall(compiled.asm['ptx']))}"
+            print(f"ok   {name}{mma}{note}")
         except Exception as e:  # noqa: BLE001 - report every kernel, then fail
             failed += 1
             print(f"FAIL {name}: {type(e).__name__}: {str(e).strip().splitlines()[:8]}")
