@@ -2,7 +2,7 @@
 routed-conv forward, next to the dense cuDNN conv + mask: separates what the GPU
 spends from the host's launch overhead, which do_bench's back-to-back calls mix in.
 
-    python scripts/profile_routed_triton.py [--cases ...] [--configs default;128,128,32,8,3]
+    python scripts/profile_routed_triton.py [--cases ...] [--configs default;128,128,32,8,3] [--channels-last]
 
 GPU only; exits 2 without one.
 """
@@ -52,6 +52,9 @@ def main():
                    help="also a training step (fp32, fwd + bwd, router_grad='active') against dense")
     p.add_argument("--nchw-in-place", action="store_true",
                    help="read an NCHW x in place (_routed_conv_triton.CONFIG) instead of copying it to channels-last")
+    p.add_argument("--channels-last", action="store_true",
+                   help="x and the weight channels-last on both sides (cuDNN's NHWC kernels; no copy of x for "
+                        "fastmod), as in a network run in torch.channels_last")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("no GPU", file=sys.stderr)
@@ -72,6 +75,8 @@ def forward(case, dtype, rho, args):
     name, cin, cout, k, groups, gate_on, G, hw = case
     x = torch.randn(args.n, cin, hw, hw, device="cuda", dtype=dtype)
     w = (torch.randn(cout, cin // groups, k, k, device="cuda") / (cin // groups * k * k) ** 0.5).to(dtype)
+    if args.channels_last:
+        x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
     kw = dict(padding=k // 2, groups=groups, gate_on=gate_on)
     g = gates(args.n, G, rho, "cuda")
     with torch.no_grad():
