@@ -199,15 +199,18 @@ def _flat_coords(K, CS, n_blk, BLOCK: tl.constexpr):
     k = pid % K
     rest = pid // K
     blk = rest % n_blk
-    flat = blk * BLOCK + tl.arange(0, BLOCK)
+    # int32 within a slice (the wrappers keep C * S < 2^31): cheaper index arithmetic
+    flat = blk.to(tl.int32) * BLOCK + tl.arange(0, BLOCK)
     return k, rest // n_blk, blk, flat, flat < CS
 
 
 @triton.jit
-def _flat_operand(ptr, flat, S, sc, ss, CONTIG: tl.constexpr):
+def _flat_operand(ptr, flat, S: tl.constexpr, sc, ss, CONTIG: tl.constexpr):
     # Element `flat` = c * S + s of one (k, b) slice: written as ptr + flat when the
     # operand is contiguous over (C, S), so Triton sees contiguous, aligned runs and
-    # vectorises; else through its (possibly 0 = broadcast) strides.
+    # vectorises; else through its (possibly 0 = broadcast) strides.  S is a
+    # compile-time constant, so // and % become a multiply and shifts (a division by
+    # a run-time S cost ~50 more instructions per element on sm_90).
     if CONTIG:
         return ptr + flat
     return ptr + (flat // S) * sc + (flat % S) * ss
@@ -216,16 +219,18 @@ def _flat_operand(ptr, flat, S, sc, ss, CONTIG: tl.constexpr):
 @triton.jit
 def mixed_node_fwd_flat_kernel(
     x1_ptr, x2_ptr, a_ptr, m_ptr, out_ptr,
-    K, B, CS, S, n_blk, m_stride_k,
+    K, B, CS, n_blk, m_stride_k,
     s1k, s1b, s1c, s1s, s2k, s2b, s2c, s2s,
-    CONTIG1: tl.constexpr, CONTIG2: tl.constexpr,
+    S: tl.constexpr, CONTIG1: tl.constexpr, CONTIG2: tl.constexpr,
     HAS_MASK: tl.constexpr, HARD: tl.constexpr, A_FP64: tl.constexpr, IS_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """The forward without normalize, on 1-D blocks of each (node, sample) slice's
     C * S elements: no padding of short spatial rows (S = 196 in tiles of 128 left
     a quarter of the lanes idle), and contiguous operands and the output are read
-    and written in aligned vectors (row starts c * S are not provably aligned)."""
+    and written in aligned vectors (row starts c * S are not provably aligned).
+    S (the spatial size) is only used, as a constant, when an operand is not
+    contiguous; pass 1 otherwise, so one compiled kernel serves every S."""
     k, b, blk, flat, m = _flat_coords(K, CS, n_blk, BLOCK)
     w0, w1, w2, w3, w4, w5 = _load_weights(a_ptr, m_ptr, k, m_stride_k, HAS_MASK, HARD, A_FP64, IS_FP64)
     a = _upcast(tl.load(_flat_operand(x1_ptr + k * s1k + b * s1b, flat, S, s1c, s1s, CONTIG1), mask=m, other=0.0),

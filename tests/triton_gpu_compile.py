@@ -40,9 +40,10 @@ def _cases():
                {**weights, "NORMALIZE": not hard, "IS_FP64": x64, "EPS": 1e-12, "BLOCK_C": 16, "BLOCK_S": 64})
         if not hard:  # the flat forward (no normalize): both operand layouts
             sig = {"x1_ptr": xt, "x2_ptr": xt, "a_ptr": at, "m_ptr": "*i1" if mask else at, "out_ptr": xt,
-                   **ints("K", "B", "CS", "S", "n_blk", "m_stride_k", *strides)}
+                   **ints("K", "B", "CS", "n_blk", "m_stride_k", *strides)}
             yield (f"mixed_node_fwd_flat a64={a64} x64={x64} mask={mask}", mk.mixed_node_fwd_flat_kernel, sig,
-                   {**weights, "CONTIG1": True, "CONTIG2": mask, "IS_FP64": x64, "BLOCK": 2048})
+                   {**weights, "S": 1 if mask else 196, "CONTIG1": True, "CONTIG2": mask, "IS_FP64": x64,
+                    "BLOCK": 2048})
         if x64 != a64:
             continue  # the backward: same weight code, one pairing of dtypes each
         sig = {"g_ptr": xt, "x1_ptr": xt, "x2_ptr": xt, "a_ptr": at, "m_ptr": "*i1" if mask else at,

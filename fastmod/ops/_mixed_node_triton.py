@@ -72,12 +72,13 @@ def triton_fwd(x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor, op_mask:
     if out.numel() == 0:
         return out
     wa = _weight_args(alpha, op_mask, hard)
-    if CONFIG["fwd_flat"] and not normalize:
+    if CONFIG["fwd_flat"] and not normalize and C * S < 2 ** 31:  # (flat kernels index a slice in int32)
+        contig1, contig2 = _contiguous_cs(x1, C, S), _contiguous_cs(x2, C, S)
         n_blk = -(-(C * S) // CONFIG["fwd_tile"])
         wrap_triton(mixed_node_fwd_flat_kernel)[(K * B * n_blk,)](
-            x1, x2, alpha, wa["m"], out, K, B, C * S, S, n_blk, wa["m_stride_k"],
-            *_eff_strides(x1), *_eff_strides(x2), CONTIG1=_contiguous_cs(x1, C, S),
-            CONTIG2=_contiguous_cs(x2, C, S), **wa["flags"], IS_FP64=x1.dtype == torch.float64,
+            x1, x2, alpha, wa["m"], out, K, B, C * S, n_blk, wa["m_stride_k"],
+            *_eff_strides(x1), *_eff_strides(x2), S=1 if contig1 and contig2 else S, CONTIG1=contig1,
+            CONTIG2=contig2, **wa["flags"], IS_FP64=x1.dtype == torch.float64,
             BLOCK=CONFIG["fwd_tile"], num_warps=CONFIG["fwd_warps"])
         return out
     block_c, block_s, n_sblk, n_cprog, c_per_prog = _plan(K, B, C, S, normalize, False, CONFIG["fwd_tile"])
@@ -123,7 +124,7 @@ def triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, alpha: to
         return (x1.new_zeros(x1.shape if need_dx1 else (0,)), x2.new_zeros(x2.shape if need_dx2 else (0,)),
                 torch.zeros_like(alpha) if need_dalpha else alpha.new_empty((0,)))
     wa = _weight_args(alpha, op_mask, hard)
-    if CONFIG["bwd_flat"] and not normalize and all(
+    if CONFIG["bwd_flat"] and not normalize and C * S < 2 ** 31 and all(
             tuple(x.shape) == full and _contiguous_cs(x, C, S) for x in (x1, x2)):
         tile = CONFIG["bwd_tile"]
         n_blk = -(-(C * S) // tile)
