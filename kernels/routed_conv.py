@@ -18,12 +18,21 @@ K loads contiguous), the weight as [Cout, Cin, KH, KW] through its strides (the
 caller permutes it to [Cout, KH, KW, Cin] for contiguous K), y likewise.
 Accumulation is fp32; fp32 inputs use TF32 only when ``INPUT_PRECISION`` says so.
 
-Registers.  Offsets inside one sample's x and y, and into the weight, are int32 (the
-wrapper refuses larger tensors), and ``CPB_VEC`` tells the compiler how long the
-runs of consecutive channels in a gathered block list are.  Without the hint the
-sm_90 compile of the "in" kernel loaded x element by element and spilled inside
-its main loop (bf16, BRN 1x1: 3573 instructions per iteration, 400 of them spill
-traffic; with it 440 and none, 16-byte cp.async loads).
+Registers and fixed costs (sm_90 compiles at the benchmark shapes, specialised as
+at run time; not yet timed on a GPU):
+
+* Offsets inside one sample's x and y, and into the weight, are int32 (the wrapper
+  refuses larger tensors).
+* ``CPB_VEC`` tells the compiler how long the runs of consecutive channels in a
+  gathered block list are.  Without it the "in" kernel loaded x element by element
+  and spilled inside its main loop (bf16, BRN 1x1: 3573 instructions per
+  iteration, 400 of them spill traffic; with it 440 and none, 16-byte cp.async).
+* The output width ``Wo`` and the channels per block ``CPB`` are compile-time
+  constants (one compiled kernel per layer shape), so the pixel and block index
+  divisions become multiplies and shifts.  With run-time values a program spent
+  0.9-3.2K instructions before its main loop (signed divisions; register spills
+  for FRN's 3x3), as much as the whole loop of a 1x1 conv; with constants 0.7-0.9K
+  and no spills.
 """
 import triton
 import triton.language as tl
@@ -64,7 +73,7 @@ def _pixel_rows(pid_m, Ho, Wo, conv_sh, conv_sw, pad_h, pad_w, BLOCK_M: tl.const
 @triton.jit
 def routed_conv_fwd_kernel(
         x_ptr, w_ptr, g_ptr, b_ptr, y_ptr, list_ptr, cnt_ptr,
-        H, W, Cin, Ho, Wo, Cout, G, CPB,
+        H, W, Cin, Ho, Wo: tl.constexpr, Cout, G, CPB: tl.constexpr,
         sxn, sxc, sxh, sxw, swo, swc, swr, sws, sgn, sgg, syn, syc, syh, syw,
         conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, GATE_IN: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -131,14 +140,14 @@ def routed_conv_fwd_kernel(
         # the gate rounded to x's dtype first, as the reference multiplies in that dtype
         gate = tl.load(g_ptr + n * sgn + (co // CPB) * sgg, mask=n_ok, other=0.0)
         acc *= gate.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
-    y = y_ptr + n.to(tl.int64) * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
+    y = (y_ptr + n.to(tl.int64) * syn) + ((oh * syh + ow * syw)[:, None] + (co * syc)[None, :])  # int32 offsets
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def routed_conv_group_fwd_kernel(
         x_ptr, w_ptr, g_ptr, b_ptr, y_ptr,
-        H, W, Ho, Wo, n_ct,
+        H, W, Ho, Wo: tl.constexpr, n_ct,
         sxn, sxc, sxh, sxw, swo, swc, swr, sws, sgn, sgg, syn, syc, syh, syw,
         conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
         CG_IN: tl.constexpr, CG_OUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
@@ -181,5 +190,5 @@ def routed_conv_group_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     acc *= gate.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded to x's dtype, as the reference
-    y = y_ptr + n.to(tl.int64) * syn + (oh * syh + ow * syw)[:, None] + (co * syc)[None, :]
+    y = (y_ptr + n.to(tl.int64) * syn) + ((oh * syh + ow * syw)[:, None] + (co * syc)[None, :])  # int32 offsets
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])

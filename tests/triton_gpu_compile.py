@@ -110,7 +110,7 @@ def _cases():
     # fastmod.ops._routed_conv_triton uses (so the software pipeline is compiled too).
     yield ("routed_conv compact", rk.compact_kernel,
            {"g_ptr": "*fp32", "list_ptr": "*i32", "cnt_ptr": "*i32", **ints("G", "sgn", "sgg")}, {"BLOCK_G": 64})
-    conv_ints = ints("H", "W", "Cin", "Ho", "Wo", "Cout", "G", "CPB", "sxn", "sxc", "sxh", "sxw", "swo", "swc",
+    conv_ints = ints("H", "W", "Cin", "Ho", "Cout", "G", "sxn", "sxc", "sxh", "sxw", "swo", "swc",
                      "swr", "sws", "sgn", "sgg", "syn", "syc", "syh", "syw", "conv_sh", "conv_sw", "pad_h", "pad_w",
                      "dil_h", "dil_w")
     for xt, gate_in, prec in [("*fp32", False, "tf32"), ("*fp32", True, "ieee"), ("*fp16", False, "ieee"),
@@ -120,7 +120,7 @@ def _cases():
         tiles = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32 if xt == "*fp32" else 64}
         yield (f"routed_conv_fwd {xt} gate_in={gate_in} {prec}", rk.routed_conv_fwd_kernel, sig,
                {"KH": 3, "KW": 3, "GATE_IN": gate_in, "HAS_BIAS": True, "INPUT_PRECISION": prec, **tiles,
-                "CPB_VEC": 1}, {"num_warps": 4, "num_stages": 3})
+                "Wo": 14, "CPB": 3, "CPB_VEC": 1}, {"num_warps": 4, "num_stages": 3})
     # The benchmark shapes with the values Triton specialises on at run time (unit
     # strides become constants, multiples of 16 get divisibility hints): BRN's 1x1
     # "in"/"out" convs (8 channels per gate block) and an FRN 3x3 (one per block).
@@ -130,7 +130,7 @@ def _cases():
             ("brn1x1out", "*fp32", False, (256, 128, 16, 1, 28), (128, 128, 32)),
             ("frn3x3-512", "*bf16", False, (512, 512, 512, 3, 7), (64, 128, 64))]:
         cpb = (cin if gate_in else cout) // g
-        values = {"H": hw, "W": hw, "Cin": cin, "Ho": hw, "Wo": hw, "Cout": cout, "G": g, "CPB": cpb,
+        values = {"H": hw, "W": hw, "Cin": cin, "Ho": hw, "Cout": cout, "G": g,
                   "sxn": hw * hw * cin, "sxc": 1, "sxh": hw * cin, "sxw": cin, "swo": k * k * cin, "swc": 1,
                   "swr": k * cin, "sws": cin, "sgn": g, "sgg": 1, "syn": hw * hw * cout, "syc": 1,
                   "syh": hw * cout, "syw": cout, "conv_sh": 1, "conv_sw": 1, "pad_h": k // 2, "pad_w": k // 2,
@@ -141,16 +141,17 @@ def _cases():
         yield (f"routed_conv_fwd {name} {xt} specialised", rk.routed_conv_fwd_kernel, sig,
                {"KH": k, "KW": k, "GATE_IN": gate_in, "HAS_BIAS": False,
                 "INPUT_PRECISION": "tf32" if xt == "*fp32" else "ieee", "BLOCK_M": bm, "BLOCK_N": bn,
-                "BLOCK_K": bk, "CPB_VEC": min(cpb & -cpb, 16)}, {"num_warps": 4, "num_stages": 3})
+                "BLOCK_K": bk, "Wo": hw, "CPB": cpb, "CPB_VEC": min(cpb & -cpb, 16)},
+               {"num_warps": 4, "num_stages": 3})
 
 
-    group_ints = ints("H", "W", "Ho", "Wo", "n_ct", "sxn", "sxc", "sxh", "sxw", "swo", "swc", "swr", "sws", "sgn",
+    group_ints = ints("H", "W", "Ho", "n_ct", "sxn", "sxc", "sxh", "sxw", "swo", "swc", "swr", "sws", "sgn",
                       "sgg", "syn", "syc", "syh", "syw", "conv_sh", "conv_sw", "pad_h", "pad_w", "dil_h", "dil_w")
     for xt, prec in [("*fp32", "tf32"), ("*fp32", "ieee"), ("*bf16", "ieee")]:
         sig = {"x_ptr": xt, "w_ptr": xt, "g_ptr": "*fp32", "b_ptr": xt, "y_ptr": xt, **group_ints}
         yield (f"routed_conv_group_fwd {xt} {prec}", rk.routed_conv_group_fwd_kernel, sig,
                {"CG_IN": 8, "CG_OUT": 8, "KH": 3, "KW": 3, "HAS_BIAS": True, "INPUT_PRECISION": prec,
-                "BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 16}, {"num_warps": 4, "num_stages": 3})
+                "BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 16, "Wo": 28}, {"num_warps": 4, "num_stages": 3})
 
 
 # A PTX global load of one element (ld.global.v2/.v4 are vector loads).
