@@ -319,6 +319,44 @@ def test_device_mismatch():
         ops.mixed_node(torch.zeros(2, 3), torch.zeros(2, 3, device="meta"), torch.zeros(6))
 
 
+def test_row_align_hints():
+    """The tiled kernels' ALIGN* values: a power of two (at most 16) dividing S and an
+    S-contiguous operand's k, b and c strides; 1 for an operand broadcast over S."""
+    import sys
+
+    import fastmod.ops.mixed_node  # noqa: F401  (loads the Triton wrapper where Triton exists)
+    impl = sys.modules.get("fastmod.ops._mixed_node_triton")
+    if impl is None:
+        pytest.skip("needs Triton")
+    assert impl._row_align(196) == 4 and impl._row_align(256) == 16 and impl._row_align(7) == 1
+    assert impl._row_align(196, [0, 384 * 196, 196, 1]) == 4
+    assert impl._row_align(196, [0, 384, 1, 0]) == 1       # broadcast over S
+    assert impl._row_align(256, [0, 24, 256, 1]) == 8      # a b stride of 24 limits it
+    assert impl._row_align(12, [0, 12, 12, 1]) == 4
+
+
+@pytest.mark.skipif(not any(b == "triton" for _, b in PAIRS), reason="no Triton backend here")
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("s1,s2", [((2, 8, 4, 4), (2, 8, 1, 1)), ((2, 8, 4, 3), (2, 8, 4, 3)),
+                                   ((2, 8, 4, 2), (1, 8, 4, 2))])
+def test_triton_aligned_rows(monkeypatch, s1, s2, normalize):
+    """Shapes whose S is a multiple of 2, 4 or 16 take the tiled kernels' row-alignment
+    hints (x // A * A of each hinted size must give it back unchanged)."""
+    import sys
+
+    impl = sys.modules["fastmod.ops._mixed_node_triton"]
+    device = "cuda" if HAS_CUDA else "cpu"
+    x1, x2, alpha = _inputs(s1, s2, None, torch.float64, device)
+    g = torch.randn(ops.mixed_node_reference(x1, x2, alpha).shape, dtype=torch.float64, device=device)
+    ref, rg = _run(ops.mixed_node_reference, x1, x2, alpha, g, normalize=normalize)
+    monkeypatch.setitem(impl.CONFIG, "fwd_flat", False)  # the tiled kernels carry the hints
+    monkeypatch.setitem(impl.CONFIG, "bwd_flat", False)
+    out, og = _run(ops.mixed_node, x1, x2, alpha, g, normalize=normalize, backend="triton")
+    _assert_close(out, ref, torch.float64)
+    for a, b in zip(og, rg):
+        _assert_close(a, b, torch.float64)
+
+
 @pytest.mark.skipif(not any(b == "triton" for _, b in PAIRS), reason="no Triton backend here")
 @pytest.mark.parametrize("s1,s2,K", [
     ((2, 3, 2, 3), (2, 3, 1, 1), None), ((2, 3, 2, 3), (2, 1, 2, 3), None), ((2, 3, 2, 3), (1, 3, 2, 3), None),

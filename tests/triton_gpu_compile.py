@@ -67,6 +67,23 @@ def _cases():
         yield (f"mixed_node_dalpha a64={a64} mask={mask}", mk.mixed_node_dalpha_kernel, sig,
                {"HAS_MASK": mask, "A_FP64": a64, "BLOCK_P": 256})
 
+    # LNMN's normalised node at B = 64, D = 384, 14 x 14 (S = 196), specialised as at
+    # run time, with the row-alignment hints the wrapper passes (S % 4 == 0).
+    B, C, S = 64, 384, 196
+    shape = {"K": 2, "B": B, "C": C, "S": S, "n_sblk": 2, "n_cprog": 1, "c_per_prog": C, "m_stride_k": 6,
+             "s1k": B * C * S, "s1b": C * S, "s1c": S, "s1s": 1, "s2k": 0, "s2b": C, "s2c": 1, "s2s": 0}
+    ptrs = {"x1_ptr": "*fp32", "x2_ptr": "*fp32", "a_ptr": "*fp32", "m_ptr": "*fp32"}
+    tiles = {"HAS_MASK": False, "HARD": False, "A_FP64": False, "NORMALIZE": True, "IS_FP64": False, "EPS": 1e-12,
+             "BLOCK_C": 16, "BLOCK_S": 128, "ALIGN_S": 4, "ALIGN1": 4, "ALIGN2": 1}
+    yield ("mixed_node_fwd normalize textual specialised", mk.mixed_node_fwd_kernel,
+           {**ptrs, "out_ptr": "*fp32", **shape}, tiles)
+    grads = {"d1k": B * C * S, "d1b": C * S, "d1c": S, "d1s": 1, "d2k": 0, "d2b": C, "d2c": 1, "d2s": 0}
+    flags = {"NEED1": True, "RED1_K": False, "RED1_C": False, "RED1_S": False, "ATOMIC1": False, "NEED2": True,
+             "RED2_K": False, "RED2_C": False, "RED2_S": True, "ATOMIC2": True, "K_INNER": False, "DALIGN1": 4}
+    yield ("mixed_node_bwd normalize textual specialised", mk.mixed_node_bwd_kernel,
+           {"g_ptr": "*fp32", **ptrs, "dx1_ptr": "*fp32", "dx2_ptr": "*fp32", "dw_ptr": "*fp32", **shape, **grads},
+           {**tiles, **flags, "BLOCK_C": 8})
+
     for from_ptr, stochastic, hard in [(True, True, True), (False, True, False), (False, False, True)]:
         seed = {"seed_ptr": "*i64" if from_ptr else "*fp16", "seed_val": "i64"}
         seeding = {"SEED_FROM_PTR": from_ptr, "STOCHASTIC": stochastic, "BLOCK": 1024}
@@ -167,7 +184,11 @@ def _specialise(kernel, sig: dict, consts: dict):
     full = {**sig, **{k: "constexpr" for k in consts}}
     consts, out, attrs = dict(consts), {}, {}
     with_values = any(isinstance(v, int) for v in sig.values())
+    defaults = {p.name: p.default for p in kernel.params if p.has_default}
     for i, name in enumerate(kernel.arg_names):
+        if name not in full and name in defaults:  # a constexpr the case leaves at its default
+            out[name], consts[name] = "constexpr", defaults[name]
+            continue
         v = full[name]
         if isinstance(v, int) and v == 1:
             out[name], consts[name] = "constexpr", 1

@@ -35,6 +35,21 @@ def _contiguous_cs(x: torch.Tensor, C: int, S: int) -> bool:
     return tuple(x.shape[2:]) == (C, S) and (S == 1 or x.stride(3) == 1) and (C == 1 or x.stride(2) == S)
 
 
+def _row_align(S: int, x_strides=None) -> int:
+    """The largest power of two up to 16 dividing S and, given an operand's (k, b, c,
+    s) strides, its k, b and c strides; 1 when that operand is not contiguous over S.
+    The tiled kernels' ALIGN* hints: with them rows of S = 196 load in vectors."""
+    values = [S]
+    if x_strides is not None:
+        if x_strides[3] != 1:
+            return 1
+        values += list(x_strides[:3])
+    a = 16
+    while a > 1 and any(v % a for v in values):
+        a //= 2
+    return a
+
+
 def _plan(K, B, C, S, normalize, s_reduced, tile, c_iters=1):
     """Block sizes and the program grid for a [K, B, C, S] problem.
 
@@ -83,11 +98,13 @@ def triton_fwd(x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor, op_mask:
         return out
     block_c, block_s, n_sblk, n_cprog, c_per_prog = _plan(K, B, C, S, normalize, False, CONFIG["fwd_tile"])
     grid = (K * B * n_cprog * n_sblk,)
+    st1, st2 = _eff_strides(x1), _eff_strides(x2)
     wrap_triton(mixed_node_fwd_kernel)[grid](
         x1, x2, alpha, wa["m"], out, K, B, C, S, n_sblk, n_cprog, c_per_prog, wa["m_stride_k"],
-        *_eff_strides(x1), *_eff_strides(x2), **wa["flags"],
+        *st1, *st2, **wa["flags"],
         NORMALIZE=normalize, IS_FP64=x1.dtype == torch.float64, EPS=NORM_EPS,
-        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=CONFIG["fwd_warps"],
+        BLOCK_C=block_c, BLOCK_S=block_s, ALIGN_S=_row_align(S), ALIGN1=_row_align(S, st1),
+        ALIGN2=_row_align(S, st2), num_warps=CONFIG["fwd_warps"],
     )
     return out
 
@@ -150,13 +167,16 @@ def triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, alpha: to
     g2, st2, rk2, rc2, rs2, at2 = _grad_layout(x2, full, need_dx2, n_sblk, n_cprog, k_inner, acc)
     dw_part = torch.empty((K * n_per_k, 6), dtype=acc, device=x1.device)
     grid = (n_per_k if k_inner else K * n_per_k,)
+    e1, e2 = _eff_strides(x1), _eff_strides(x2)
     wrap_triton(mixed_node_bwd_kernel)[grid](
         grad, x1, x2, alpha, wa["m"], g1, g2, dw_part, K, B, C, S, n_sblk, n_cprog, c_per_prog, wa["m_stride_k"],
-        *_eff_strides(x1), *_eff_strides(x2), *st1, *st2,
+        *e1, *e2, *st1, *st2,
         NEED1=need_dx1, RED1_K=rk1, RED1_C=rc1, RED1_S=rs1, ATOMIC1=at1,
         NEED2=need_dx2, RED2_K=rk2, RED2_C=rc2, RED2_S=rs2, ATOMIC2=at2, **wa["flags"],
         K_INNER=k_inner, NORMALIZE=normalize, IS_FP64=x1.dtype == torch.float64, EPS=NORM_EPS,
-        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=CONFIG["bwd_warps"],
+        BLOCK_C=block_c, BLOCK_S=block_s, ALIGN_S=_row_align(S), ALIGN1=_row_align(S, e1),
+        ALIGN2=_row_align(S, e2), DALIGN1=_row_align(S, st1), DALIGN2=_row_align(S, st2),
+        num_warps=CONFIG["bwd_warps"],
     )
     dx1 = g1.to(x1.dtype) if need_dx1 else x1.new_empty((0,))
     dx2 = g2.to(x2.dtype) if need_dx2 else x2.new_empty((0,))
