@@ -9,9 +9,13 @@ loops.  Per-row sums go to [N * C] buffers that the host side reduces over N
 (tiny), so no atomics and a deterministic result.
 GroupNorm + add + ReLU: one program per (sample, group) block, which is contiguous;
 tiles of BLOCK_C channels x BLOCK pixels, so per-channel sums come out of one pass.
+Every kernel takes HW_ALIGN, a power of two dividing HW (``_hints``): rows of
+14 x 14 = 196 pixels then load in vectors.
 """
 import triton
 import triton.language as tl
+
+from ._hints import known_multiple
 
 
 @triton.jit
@@ -29,8 +33,9 @@ def _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS: tl.constexpr):
 
 @triton.jit
 def routed_bn_row_stats_kernel(x_ptr, gates_ptr, mean_ptr, m2_ptr, C, HW, G, Cb, n_rows,
-                               ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                               ROWS: tl.constexpr, BLOCK: tl.constexpr, HW_ALIGN: tl.constexpr = 1):
     """Per row: mean and centred sum of squares (0, 0 for off rows: they are zeros)."""
+    HW = known_multiple(HW, HW_ALIGN)
     rows, on, end = _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS)
     base = rows[:, None] * HW
     s = tl.zeros((ROWS,), dtype=tl.float32)
@@ -53,8 +58,9 @@ def routed_bn_row_stats_kernel(x_ptr, gates_ptr, mean_ptr, m2_ptr, C, HW, G, Cb,
 
 @triton.jit
 def routed_bn_relu_apply_kernel(x_ptr, gates_ptr, a_ptr, b_ptr, out_ptr, C, HW, G, Cb, n_rows,
-                                ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                                ROWS: tl.constexpr, BLOCK: tl.constexpr, HW_ALIGN: tl.constexpr = 1):
     """out = relu(x * a[c] + b[c]) on rows gated on, 0 on the others (out may be x)."""
+    HW = known_multiple(HW, HW_ALIGN)
     rows, on, _end = _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS)
     valid = rows < n_rows
     c = rows % C
@@ -73,8 +79,10 @@ def routed_bn_relu_apply_kernel(x_ptr, gates_ptr, a_ptr, b_ptr, out_ptr, C, HW, 
 
 @triton.jit
 def routed_bn_relu_bwd_sums_kernel(dy_ptr, x_ptr, gates_ptr, a_ptr, b_ptr, mean_ptr, s0_ptr, s1_ptr,
-                                   C, HW, G, Cb, n_rows, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                                   C, HW, G, Cb, n_rows, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                                   HW_ALIGN: tl.constexpr = 1):
     """Per row: sum(dz) and sum(dz * (x - mean)), dz = dy where the ReLU passed."""
+    HW = known_multiple(HW, HW_ALIGN)
     rows, on, end = _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS)
     valid = rows < n_rows
     c = rows % C
@@ -99,8 +107,10 @@ def routed_bn_relu_bwd_sums_kernel(dy_ptr, x_ptr, gates_ptr, a_ptr, b_ptr, mean_
 
 @triton.jit
 def routed_bn_relu_bwd_apply_kernel(dy_ptr, x_ptr, gates_ptr, a_ptr, b_ptr, mean_ptr, k1_ptr, k2_ptr, k3_ptr,
-                                    dx_ptr, C, HW, G, Cb, n_rows, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                                    dx_ptr, C, HW, G, Cb, n_rows, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                                    HW_ALIGN: tl.constexpr = 1):
     """dx = k1 * dz + k2 + k3 * (x - mean) on rows gated on, 0 on the others."""
+    HW = known_multiple(HW, HW_ALIGN)
     rows, on, _end = _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS)
     valid = rows < n_rows
     c = rows % C
@@ -133,8 +143,9 @@ def _group_tile(c0, start, Cg, HW, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def gn_add_relu_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr, C, HW, G, Cg, eps,
-                           BLOCK_C: tl.constexpr, BLOCK: tl.constexpr):
+                           BLOCK_C: tl.constexpr, BLOCK: tl.constexpr, HW_ALIGN: tl.constexpr = 1):
     """One (sample, group) block: statistics, then out = relu(GN(x) + r) (out may be x)."""
+    HW = known_multiple(HW, HW_ALIGN)
     blk = tl.program_id(0).to(tl.int64)
     base = (blk // G) * C * HW + (blk % G) * Cg * HW
     c_first = (blk % G) * Cg
@@ -172,11 +183,13 @@ def gn_add_relu_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_p
 
 @triton.jit
 def gn_add_relu_bwd_kernel(dy_ptr, out_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_ptr, dres_ptr, s0_ptr, s1_ptr,
-                           C, HW, G, Cg, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr):
+                           C, HW, G, Cg, BLOCK_C: tl.constexpr, BLOCK: tl.constexpr,
+                           HW_ALIGN: tl.constexpr = 1):
     """One (sample, group) block: dres = dz (dy where out > 0); per-channel sum(dz) and
     sum(dz * (x - mean)) into s0/s1 [N, C]; dx = rstd * (w dz - mean(w dz) - xhat
     mean(w dz xhat)).  dz is recomputed in the second pass rather than read back from
     dres: another thread of this program may have written it."""
+    HW = known_multiple(HW, HW_ALIGN)
     blk = tl.program_id(0).to(tl.int64)
     n = blk // G
     base = n * C * HW + (blk % G) * Cg * HW

@@ -17,6 +17,8 @@ partial sums into dalpha in one more, tiny, launch.  Weights are computed in fp3
 import triton
 import triton.language as tl
 
+from ._hints import known_multiple
+
 
 @triton.jit
 def _upcast(x, IS_FP64: tl.constexpr):
@@ -137,18 +139,6 @@ def _finish_k_reduced(t, q, cvec, offs_s, m, mask_s, RED_C: tl.constexpr, RED_S:
 
 
 @triton.jit
-def _mult(x, A: tl.constexpr):
-    """x, which the caller guarantees is a multiple of A, rewritten so the compiler
-    knows it (it only learns multiples of 16 from the arguments): rows of S = 196
-    elements then start 16-byte aligned and load in vectors.  (tl.multiple_of on a
-    kernel argument is not kept.)"""
-    if A > 1:
-        return x // A * A
-    else:
-        return x
-
-
-@triton.jit
 def _row_coords(pid, K, n_sblk, n_cprog, BLOCK_S: tl.constexpr):
     # 1-D grid (grid dims 1 and 2 are capped at 65535): pid -> (k, b, c-program,
     # s-block), k fastest so the K programs reading a node-shared operand's tile
@@ -176,9 +166,9 @@ def mixed_node_fwd_kernel(
     # ALIGN_S: a power of two dividing S; ALIGN1/2: one dividing x1's/x2's k, b and c
     # strides when its s stride is 1 (else 1).  Rows then start aligned, which the
     # compiler cannot see for S = 196 on its own, and load and store in vectors.
-    S = _mult(S, ALIGN_S)
-    s1k, s1b, s1c = _mult(s1k, ALIGN1), _mult(s1b, ALIGN1), _mult(s1c, ALIGN1)
-    s2k, s2b, s2c = _mult(s2k, ALIGN2), _mult(s2b, ALIGN2), _mult(s2c, ALIGN2)
+    S = known_multiple(S, ALIGN_S)
+    s1k, s1b, s1c = known_multiple(s1k, ALIGN1), known_multiple(s1b, ALIGN1), known_multiple(s1c, ALIGN1)
+    s2k, s2b, s2c = known_multiple(s2k, ALIGN2), known_multiple(s2b, ALIGN2), known_multiple(s2c, ALIGN2)
     pid = tl.program_id(0).to(tl.int64)
     k, b, c_prog, offs_s = _row_coords(pid, K, n_sblk, n_cprog, BLOCK_S)
     mask_s = offs_s < S
@@ -369,11 +359,11 @@ def mixed_node_bwd_kernel(
     # operand shared by the nodes (RED*_K) sums its gradient in registers
     # instead of with atomics.  Only used without NORMALIZE (one C chunk).
     # ALIGN*: see mixed_node_fwd_kernel; DALIGN* likewise for the gradients' strides.
-    S = _mult(S, ALIGN_S)
-    s1k, s1b, s1c = _mult(s1k, ALIGN1), _mult(s1b, ALIGN1), _mult(s1c, ALIGN1)
-    s2k, s2b, s2c = _mult(s2k, ALIGN2), _mult(s2b, ALIGN2), _mult(s2c, ALIGN2)
-    d1k, d1b, d1c = _mult(d1k, DALIGN1), _mult(d1b, DALIGN1), _mult(d1c, DALIGN1)
-    d2k, d2b, d2c = _mult(d2k, DALIGN2), _mult(d2b, DALIGN2), _mult(d2c, DALIGN2)
+    S = known_multiple(S, ALIGN_S)
+    s1k, s1b, s1c = known_multiple(s1k, ALIGN1), known_multiple(s1b, ALIGN1), known_multiple(s1c, ALIGN1)
+    s2k, s2b, s2c = known_multiple(s2k, ALIGN2), known_multiple(s2b, ALIGN2), known_multiple(s2c, ALIGN2)
+    d1k, d1b, d1c = known_multiple(d1k, DALIGN1), known_multiple(d1b, DALIGN1), known_multiple(d1c, DALIGN1)
+    d2k, d2b, d2c = known_multiple(d2k, DALIGN2), known_multiple(d2b, DALIGN2), known_multiple(d2c, DALIGN2)
     pid = tl.program_id(0).to(tl.int64)
     s_blk = pid % n_sblk
     rest = pid // n_sblk

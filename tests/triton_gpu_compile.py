@@ -88,7 +88,8 @@ def _cases():
         seed = {"seed_ptr": "*i64" if from_ptr else "*fp16", "seed_val": "i64"}
         seeding = {"SEED_FROM_PTR": from_ptr, "STOCHASTIC": stochastic, "BLOCK": 1024}
         sig = {"x_ptr": "*fp16", **seed, "out_ptr": "*fp16", "n": "i32", "inv_tau": "fp32"}
-        yield f"gumbel fwd from_ptr={from_ptr} stochastic={stochastic}", gk.gate_fwd_kernel, sig, {"HARD": hard, **seeding}
+        yield (f"gumbel fwd from_ptr={from_ptr} stochastic={stochastic}", gk.gate_fwd_kernel, sig,
+               {"HARD": hard, **seeding})
         if from_ptr:  # the smallest block (small inputs), one element per thread
             yield ("gumbel fwd BLOCK=128", gk.gate_fwd_kernel, sig,
                    {"HARD": hard, **seeding, "BLOCK": gk.MIN_BLOCK})
@@ -121,6 +122,17 @@ def _cases():
         yield (f"gn_add_relu_bwd {xt}", fk.gn_add_relu_bwd_kernel,
                {"dy_ptr": xt, "out_ptr": xt, "x_ptr": xt, "w_ptr": f32, "mean_ptr": f32, "rstd_ptr": f32,
                 "dx_ptr": xt, "dres_ptr": xt, "s0_ptr": f32, "s1_ptr": f32, **gdims}, tile)
+    # The BRN bottleneck's 14 x 14 stage (HW = 196, a multiple of 4 only), specialised as
+    # at run time with the HW_ALIGN hint the wrapper passes.
+    f32, C, HW, G = "*fp32", 256, 196, 32
+    shape = {"C": C, "HW": HW, "G": G, "Cb": C // G, "n_rows": 64 * C}
+    yield ("routed_bn_relu_apply hw14 specialised", fk.routed_bn_relu_apply_kernel,
+           {"x_ptr": f32, "gates_ptr": f32, "a_ptr": f32, "b_ptr": f32, "out_ptr": f32, **shape},
+           {"ROWS": 4, "BLOCK": 256, "HW_ALIGN": 4})
+    yield ("gn_add_relu_fwd hw14 specialised", fk.gn_add_relu_fwd_kernel,
+           {"x_ptr": f32, "r_ptr": f32, "w_ptr": f32, "b_ptr": f32, "out_ptr": f32, "mean_ptr": f32,
+            "rstd_ptr": f32, "C": 2 * C, "HW": HW, "G": G, "Cg": 2 * C // G, "eps": "fp32"},
+           {"BLOCK_C": 8, "BLOCK": 256, "HW_ALIGN": 4})
 
 
     # Routed conv forward: each gate mode and activation dtype, at the launch options

@@ -13,6 +13,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from fastmod.kernels import fused_norm as k
+from fastmod.kernels._hints import pow2_divisor
 
 # Elements per program tile, and warps per program.
 TILE = 2048
@@ -53,7 +54,8 @@ def _routed_bn_into(x, gates, weight, bias, running_mean, running_var, training,
         row_mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         row_m2 = torch.empty_like(row_mean)
         wrap_triton(k.routed_bn_row_stats_kernel)[grid](x, gates, row_mean, row_m2, C, HW, G, C // G, n_rows,
-                                                        ROWS=rows, BLOCK=block, num_warps=NUM_WARPS)
+                                                        ROWS=rows, BLOCK=block, HW_ALIGN=pow2_divisor(HW),
+                                                        num_warps=NUM_WARPS)
         # Chan's combination of per-row (mean, M2); off rows are HW zeros: (0, 0).
         row_mean, row_m2 = row_mean.view(N, C), row_m2.view(N, C)
         mean = row_mean.mean(0)
@@ -63,7 +65,8 @@ def _routed_bn_into(x, gates, weight, bias, running_mean, running_var, training,
         var = running_var.to(torch.float32, copy=True)
     a, b, _ = _bn_affine(weight, bias, mean, var, eps)
     wrap_triton(k.routed_bn_relu_apply_kernel)[grid](x, gates, a, b, out, C, HW, G, C // G, n_rows,
-                                                     ROWS=rows, BLOCK=block, num_warps=NUM_WARPS)
+                                                     ROWS=rows, BLOCK=block, HW_ALIGN=pow2_divisor(HW),
+                                                     num_warps=NUM_WARPS)
     return mean, var
 
 
@@ -99,7 +102,8 @@ def routed_batch_norm_relu_backward_triton(grad_out: torch.Tensor, x: torch.Tens
     s0 = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     s1 = torch.empty_like(s0)
     wrap_triton(k.routed_bn_relu_bwd_sums_kernel)[grid](dy, x, gates, a, b, mean, s0, s1, C, HW, G, C // G,
-                                                        n_rows, ROWS=rows, BLOCK=block, num_warps=NUM_WARPS)
+                                                        n_rows, ROWS=rows, BLOCK=block, HW_ALIGN=pow2_divisor(HW),
+                                                        num_warps=NUM_WARPS)
     sdz, sdzx = s0.view(N, C).sum(0), s1.view(N, C).sum(0)
     # dx = w invstd (dz - mean(dz) - xhat mean(dz xhat)); the batch terms exist only
     # when the statistics came from the batch.
@@ -110,7 +114,7 @@ def routed_batch_norm_relu_backward_triton(grad_out: torch.Tensor, x: torch.Tens
     dx = torch.empty_like(x)
     wrap_triton(k.routed_bn_relu_bwd_apply_kernel)[grid](dy, x, gates, a, b, mean, k1, k2, k3, dx, C, HW, G,
                                                          C // G, n_rows, ROWS=rows, BLOCK=block,
-                                                         num_warps=NUM_WARPS)
+                                                         HW_ALIGN=pow2_divisor(HW), num_warps=NUM_WARPS)
     return dx, (sdzx * invstd).to(weight.dtype), sdz.to(bias.dtype)
 
 
@@ -121,7 +125,7 @@ def _gn_into(x, residual, weight, bias, num_groups, eps, out):
     block_c, block = _group_plan(C // num_groups, HW)
     wrap_triton(k.gn_add_relu_fwd_kernel)[(N * num_groups,)](
         x, residual.contiguous(), weight, bias, out, mean, rstd, C, HW, num_groups, C // num_groups, eps,
-        BLOCK_C=block_c, BLOCK=block, num_warps=NUM_WARPS)
+        BLOCK_C=block_c, BLOCK=block, HW_ALIGN=pow2_divisor(HW), num_warps=NUM_WARPS)
     return mean, rstd
 
 
@@ -156,6 +160,6 @@ def group_norm_add_relu_backward_triton(grad_out: torch.Tensor, out: torch.Tenso
     block_c, block = _group_plan(cg, HW)
     wrap_triton(k.gn_add_relu_bwd_kernel)[(N * num_groups,)](
         dy, out, x, weight, mean.contiguous(), rstd.contiguous(), dx, dres, s0, s1, C, HW, num_groups, cg,
-        BLOCK_C=block_c, BLOCK=block, num_warps=NUM_WARPS)
+        BLOCK_C=block_c, BLOCK=block, HW_ALIGN=pow2_divisor(HW), num_warps=NUM_WARPS)
     dw = (rstd.repeat_interleave(cg, dim=1) * s1).sum(0)
     return dx, dres, dw.to(weight.dtype), s0.sum(0).to(weight.dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch.library import triton_op, wrap_triton
 
+from fastmod.kernels._hints import pow2_divisor
 from fastmod.kernels.mixed_node import (mixed_node_bwd_flat_kernel, mixed_node_bwd_kernel, mixed_node_dalpha_kernel,
                                        mixed_node_fwd_flat_kernel, mixed_node_fwd_kernel)
 from fastmod.ops._mixed_node_canonical import full4
@@ -39,15 +40,9 @@ def _row_align(S: int, x_strides=None) -> int:
     """The largest power of two up to 16 dividing S and, given an operand's (k, b, c,
     s) strides, its k, b and c strides; 1 when that operand is not contiguous over S.
     The tiled kernels' ALIGN* hints: with them rows of S = 196 load in vectors."""
-    values = [S]
-    if x_strides is not None:
-        if x_strides[3] != 1:
-            return 1
-        values += list(x_strides[:3])
-    a = 16
-    while a > 1 and any(v % a for v in values):
-        a //= 2
-    return a
+    if x_strides is not None and x_strides[3] != 1:
+        return 1
+    return pow2_divisor(S, *(x_strides[:3] if x_strides is not None else ()))
 
 
 def _plan(K, B, C, S, normalize, s_reduced, tile, c_iters=1):
