@@ -411,6 +411,7 @@ def test_cpu_sampled_op_draws_the_python_seed(hard):
         g = torch.randn_like(x)
         assert torch.equal(*(torch.autograd.grad(y, x, g)[0] for y in (a, b)))
     # the public call takes this path, and _call_with_noise's regenerated noise matches it
+    assert gg._HAS_SAMPLED
     out, u = _call_with_noise(x.detach(), 0.7, hard, "cpu")
     expect = gumbel_sigmoid_gate_reference(x.detach(), 0.7, hard=hard, noise=u)
     torch.testing.assert_close(out, expect, atol=2e-6, rtol=0)

@@ -136,7 +136,7 @@ def gumbel_sigmoid_gate(logits: torch.Tensor, tau: float = 1.0, *, hard: bool = 
             noise = torch.rand(logits.shape, device=logits.device, generator=generator)
         return gumbel_sigmoid_gate_reference(logits, tau, hard=hard, noise=noise)
     x = logits.contiguous()
-    if which == "cpu" and stochastic and not torch.compiler.is_compiling():
+    if which == "cpu" and stochastic and _HAS_SAMPLED and not torch.compiler.is_compiling():
         # The seed drawn in C++ (the same draw as _draw_seed): ~10 us less per gate.
         return torch.ops.fastmod.gumbel_sigmoid_gate_sampled(x, tau, hard, generator)
     seed = _next_seed(which, logits.device, generator) if stochastic else None
@@ -220,6 +220,9 @@ def _make_backward(backward_op):
         return (grad_in, None, None, None) + (None,) * len(ctx.host_seed)
     return backward
 
+
+# (an extension built from older sources lacks it: the Python-side draw then serves)
+_HAS_SAMPLED = _extension.has_op("gumbel_sigmoid_gate_sampled")
 
 if _extension.has_op(OP):
     @torch.library.register_fake("fastmod::gumbel_sigmoid_gate")
