@@ -33,9 +33,15 @@ at run time; not yet timed on a GPU):
   0.9-3.2K instructions before its main loop (signed divisions; register spills
   for FRN's 3x3), as much as the whole loop of a 1x1 conv; with constants 0.7-0.9K
   and no spills.
+* ``FLAT_PIX`` (1x1, stride 1, unpadded): pixel p at p * stride, no row/column
+  split.  BRN's 1x1 convs: 196-289 instructions per main-loop iteration instead of
+  273-387 and ~0.5K before the loop instead of ~0.7-1.1K; and an NCHW x is read in
+  place with the same 16-byte loads (bf16) instead of one element at a time.
 """
 import triton
 import triton.language as tl
+
+from ._hints import known_multiple
 
 
 @triton.jit
@@ -78,10 +84,14 @@ def routed_conv_fwd_kernel(
         conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, GATE_IN: tl.constexpr, HAS_BIAS: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, CPB_VEC: tl.constexpr):
+        BLOCK_K: tl.constexpr, CPB_VEC: tl.constexpr, FLAT_PIX: tl.constexpr = False,
+        PIX_ALIGN: tl.constexpr = 1):
     """Program (n * pixel tiles + pm, pn): output pixels [pm*BM, +BM) of sample n, times BLOCK_N
     columns: output channels pn*BN.. ("in"), or active channels pn*BN.. of the
-    sample's compacted list ("out").  CPB = channels per gate block."""
+    sample's compacted list ("out").  CPB = channels per gate block.  FLAT_PIX: a 1x1,
+    stride-1, unpadded conv whose x and y keep (h, w) as one run, so pixel p sits at
+    p * sxw in x and p * syw in y (no row/column split; in NCHW the pixel loads are
+    contiguous); PIX_ALIGN is then a power of two dividing Ho * Wo."""
     pid_m, n = _tile_and_sample(Ho, Wo, BLOCK_M)
     pid_n = tl.program_id(1)
     # active channels (input ones for "in"); CPB_VEC (a power of two dividing CPB) tells
@@ -93,7 +103,14 @@ def routed_conv_fwd_kernel(
     x_n = x_ptr + n.to(tl.int64) * sxn
     lst = list_ptr + n * G
 
-    m_ok, oh, ow, ih0, iw0 = _pixel_rows(pid_m, Ho, Wo, conv_sh, conv_sw, pad_h, pad_w, BLOCK_M)
+    if FLAT_PIX:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < known_multiple(Ho * Wo, PIX_ALIGN)
+        x_pix = offs_m * sxw
+        y_pix = offs_m * syw
+    else:
+        m_ok, oh, ow, ih0, iw0 = _pixel_rows(pid_m, Ho, Wo, conv_sh, conv_sw, pad_h, pad_w, BLOCK_M)
+        y_pix = oh * syh + ow * syw
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if GATE_IN:
@@ -122,11 +139,14 @@ def routed_conv_fwd_kernel(
             cin = tl.max_contiguous(tl.multiple_of(cin, CPB_VEC), CPB_VEC)
         else:
             cin = kk
-        ih = ih0 + kr * dil_h
-        iw = iw0 + ks * dil_w
-        p_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        a = tl.load(x_n + (ih * sxh + iw * sxw)[:, None] + (cin * sxc)[None, :],
-                    mask=p_ok[:, None] & k_ok[None, :], other=0.0)
+        if FLAT_PIX:
+            a = tl.load(x_n + x_pix[:, None] + (cin * sxc)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        else:
+            ih = ih0 + kr * dil_h
+            iw = iw0 + ks * dil_w
+            p_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_n + (ih * sxh + iw * sxw)[:, None] + (cin * sxc)[None, :],
+                        mask=p_ok[:, None] & k_ok[None, :], other=0.0)
         if GATE_IN:  # scale each input channel by its gate, in x's dtype as the reference does
             s = tl.load(g_ptr + n * sgn + (cin // CPB) * sgg, mask=k_ok, other=0.0).to(a.dtype)
             a = a * s[None, :]
@@ -140,7 +160,7 @@ def routed_conv_fwd_kernel(
         # the gate rounded to x's dtype first, as the reference multiplies in that dtype
         gate = tl.load(g_ptr + n * sgn + (co // CPB) * sgg, mask=n_ok, other=0.0)
         acc *= gate.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
-    y = (y_ptr + n.to(tl.int64) * syn) + ((oh * syh + ow * syw)[:, None] + (co * syc)[None, :])  # int32 offsets
+    y = (y_ptr + n.to(tl.int64) * syn) + (y_pix[:, None] + (co * syc)[None, :])  # int32 offsets
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 

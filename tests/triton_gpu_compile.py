@@ -153,16 +153,22 @@ def _cases():
     # The benchmark shapes with the values Triton specialises on at run time (unit
     # strides become constants, multiples of 16 get divisibility hints): BRN's 1x1
     # "in"/"out" convs (8 channels per gate block) and an FRN 3x3 (one per block).
-    for name, xt, gate_in, (cin, cout, g, k, hw), tiles in [
-            ("brn1x1in", "*bf16", True, (128, 256, 16, 1, 28), (128, 128, 64)),
-            ("brn1x1in", "*fp32", True, (128, 256, 16, 1, 28), (128, 128, 32)),
-            ("brn1x1out", "*fp32", False, (256, 128, 16, 1, 28), (128, 128, 32)),
-            ("frn3x3-512", "*bf16", False, (512, 512, 512, 3, 7), (64, 128, 64))]:
+    # BRN's 1x1 convs run with FLAT_PIX (pixels as one run), channels-last or, reading
+    # an NCHW x in place, NCHW.
+    for name, xt, gate_in, (cin, cout, g, k, hw), tiles, nchw in [
+            ("brn1x1in", "*bf16", True, (128, 256, 16, 1, 28), (128, 128, 64), False),
+            ("brn1x1in", "*fp32", True, (128, 256, 16, 1, 28), (128, 128, 32), False),
+            ("brn1x1out", "*fp32", False, (256, 128, 16, 1, 28), (128, 128, 32), False),
+            ("brn1x1in nchw", "*bf16", True, (128, 256, 16, 1, 28), (128, 128, 64), True),
+            ("brn1x1out nchw", "*bf16", False, (256, 128, 16, 1, 28), (128, 128, 64), True),
+            ("frn3x3-512", "*bf16", False, (512, 512, 512, 3, 7), (64, 128, 64), False)]:
         cpb = (cin if gate_in else cout) // g
+        p = hw * hw
         values = {"H": hw, "W": hw, "Cin": cin, "Ho": hw, "Cout": cout, "G": g,
-                  "sxn": hw * hw * cin, "sxc": 1, "sxh": hw * cin, "sxw": cin, "swo": k * k * cin, "swc": 1,
-                  "swr": k * cin, "sws": cin, "sgn": g, "sgg": 1, "syn": hw * hw * cout, "syc": 1,
-                  "syh": hw * cout, "syw": cout, "conv_sh": 1, "conv_sw": 1, "pad_h": k // 2, "pad_w": k // 2,
+                  "sxn": p * cin, "sxc": p if nchw else 1, "sxh": hw if nchw else hw * cin, "sxw": 1 if nchw else cin,
+                  "swo": k * k * cin, "swc": 1, "swr": k * cin, "sws": cin, "sgn": g, "sgg": 1,
+                  "syn": p * cout, "syc": p if nchw else 1, "syh": hw if nchw else hw * cout,
+                  "syw": 1 if nchw else cout, "conv_sh": 1, "conv_sw": 1, "pad_h": k // 2, "pad_w": k // 2,
                   "dil_h": 1, "dil_w": 1}
         sig = {"x_ptr": xt, "w_ptr": xt, "g_ptr": "*fp32", "b_ptr": xt, "y_ptr": xt, "list_ptr": "*i32",
                "cnt_ptr": "*i32", **values}
@@ -170,8 +176,8 @@ def _cases():
         yield (f"routed_conv_fwd {name} {xt} specialised", rk.routed_conv_fwd_kernel, sig,
                {"KH": k, "KW": k, "GATE_IN": gate_in, "HAS_BIAS": False,
                 "INPUT_PRECISION": "tf32" if xt == "*fp32" else "ieee", "BLOCK_M": bm, "BLOCK_N": bn,
-                "BLOCK_K": bk, "Wo": hw, "CPB": cpb, "CPB_VEC": min(cpb & -cpb, 16)},
-               {"num_warps": 4, "num_stages": 3})
+                "BLOCK_K": bk, "Wo": hw, "CPB": cpb, "CPB_VEC": min(cpb & -cpb, 16), "FLAT_PIX": k == 1,
+                "PIX_ALIGN": 16 if p % 16 == 0 else 1}, {"num_warps": 4, "num_stages": 3})
 
 
     group_ints = ints("H", "W", "Ho", "n_ct", "sxn", "sxc", "sxh", "sxw", "swo", "swc", "swr", "sws", "sgn",

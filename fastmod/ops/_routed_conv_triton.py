@@ -5,10 +5,13 @@ The kernels (``fastmod.kernels.routed_conv``) read x channels-last and the weigh
 [Cout, KH, KW, Cin], so both operands' reduction dimension is contiguous; the
 output is written channels-last too (a [N, Cout, Ho, Wo] tensor in
 ``torch.channels_last`` memory format), which saves the transpose cuDNN's NCHW
-path pays.  An NCHW x is copied to channels-last first (25-60 us of the H100
-calls timed on 2026-11-27); ``CONFIG["nchw_in_place"] = True`` reads it in place
-instead (coalesced along pixels rather than channels) and writes an NCHW output, so
-scripts/profile_routed_triton.py can time the two.
+path pays.  An NCHW x is copied to channels-last first (25-100 us of the H100
+calls timed on 2026-11-27), except for 1x1, stride-1, unpadded "out"/"in" convs
+(BRN's two 1x1 convs): there each channel's pixels are one contiguous run, so the
+kernel reads the NCHW x in place, in vectors, and writes an NCHW output (its sm_90
+code is as lean as the channels-last one's; untimed).  ``CONFIG["nchw_in_place"] =
+True`` reads every NCHW x in place (3x3 convs too, coalesced along pixels but not in
+vectors) and writes NCHW, so scripts/profile_routed_triton.py can time the two.
 
 Gradients: ``_routed_conv_triton_backward`` (the same kernel for grad_x, the
 vendor's dense grad_weight).
@@ -21,9 +24,10 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
+from fastmod.kernels._hints import pow2_divisor
+from fastmod.kernels.routed_conv import compact_kernel, routed_conv_fwd_kernel, routed_conv_group_fwd_kernel
 from fastmod.ops import _eager
 from fastmod.ops._routed_conv_triton_backward import routed_conv2d_triton_backward
-from fastmod.kernels.routed_conv import compact_kernel, routed_conv_fwd_kernel, routed_conv_group_fwd_kernel
 
 
 CONFIG = {"nchw_in_place": False}
@@ -53,8 +57,9 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, b
     """x [N, Cin, H, W], weight [Cout, Cin, KH, KW] ([Cout, Cin/G, KH, KW] for
     gate_on "group", where groups == G), gates [N, G], bias [Cout] or None (checked by
     routed_conv2d); exact: the router gradient of off blocks (router_grad "exact") or
-    zero ("active"); tf32: fp32 products may use TF32.  Returns [N, Cout, Ho, Wo] in x's dtype, channels-last (NCHW when
-    ``CONFIG["nchw_in_place"]`` and x is NCHW-contiguous)."""
+    zero ("active"); tf32: fp32 products may use TF32.  Returns [N, Cout, Ho, Wo] in x's
+    dtype, channels-last; NCHW when x is NCHW-contiguous and the conv is 1x1, stride 1,
+    unpadded and not "group" (or ``CONFIG["nchw_in_place"]``)."""
     N, Cin, H, W = x.shape
     Cout, _, KH, KW = weight.shape
     G = gates.shape[1]
@@ -63,7 +68,10 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, b
     gate_in = gate_on == "in"
     # "out"/"group" leave off channels alone, so they start at zero; "in" writes every one.
     alloc = torch.empty if gate_in else torch.zeros
-    nhwc = not (CONFIG["nchw_in_place"] and x.is_contiguous())
+    # A 1x1, stride-1, unpadded conv sees each channel's pixels as one run (FLAT_PIX),
+    # so it reads an NCHW x in place, in vectors, and writes NCHW: no channels-last copy.
+    pointwise = KH == KW == 1 and list(stride) == [1, 1] and list(padding) == [0, 0] and gate_on != "group"
+    nhwc = not (x.is_contiguous() and (pointwise or CONFIG["nchw_in_place"]))
     if nhwc:
         y = alloc((N, Ho, Wo, Cout), dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
     else:
@@ -91,7 +99,7 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, b
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH=KH, KW=KW, GATE_IN=gate_in, HAS_BIAS=bias is not None,
         INPUT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CPB_VEC=min(cpb & -cpb, 16),
-        num_warps=warps, num_stages=stages)
+        FLAT_PIX=pointwise, PIX_ALIGN=pow2_divisor(Ho * Wo), num_warps=warps, num_stages=stages)
     return y
 
 
