@@ -73,6 +73,26 @@ def test_layouts_dilation_no_bias_and_wide_blocks():
                      routed_conv2d_reference(x, w, gates, **kw), torch.float32)
 
 
+@pytest.mark.parametrize("mode", ["out", "in"])
+def test_pointwise_layouts(mode):
+    """1x1 stride-1 unpadded convs index pixels as one run (FLAT_PIX): an NCHW x is read
+    in place and gives NCHW, a channels-last x gives channels-last, a strided x is
+    copied first; a padded or strided 1x1 takes the general path."""
+    w = torch.randn(16, 24, 1, 1, device=DEV) / 5
+    gates = torch.tensor([[1.0, 0.0, 0.5, 1.0], [0.0, 2.0, 1.0, 1.0]], device=DEV)
+    base = torch.randn(2, 24, 6, 7, device=DEV)
+    cases = [(base, torch.contiguous_format, {}),
+             (base.contiguous(memory_format=torch.channels_last), torch.channels_last, {}),
+             (torch.randn(2, 24, 7, 6, device=DEV).transpose(2, 3), torch.channels_last, {}),
+             (base, torch.channels_last, dict(padding=1)),
+             (base, torch.channels_last, dict(stride=2))]
+    for x, layout, extra in cases:
+        kw = dict(gate_on=mode, **extra)
+        y = routed_conv2d(x, w, gates, backend="triton", **kw)
+        assert y.is_contiguous(memory_format=layout), (layout, extra)
+        assert_close(y, routed_conv2d_reference(x, w, gates, **kw), torch.float32)
+
+
 def test_empty_batch():
     x, w, b, kw = _problem("out", 3, 1)
     y = routed_conv2d(x[:0], w, torch.ones(0, 4, device=DEV), b, backend="triton", **kw)
