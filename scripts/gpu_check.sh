@@ -10,7 +10,8 @@
 #    the Triton tests (mixed node, Gumbel, routed conv, fused norms) -> tests_triton.log;
 #    the mixed-node launch-parameter sweep                          -> tune_mixed_node.txt/json;
 #    the routed-conv Triton forward and training step against dense cuDNN, kernel time
-#    (NCHW x, then x and weight channels-last on both sides)       -> routed_triton*.txt
+#    (NCHW x; x and weight channels-last on both sides; the grouped 3x3
+#    reading NCHW in place)                                         -> routed_triton*.txt
 # 3. with the extension: the routed-conv CUDA kernels profiled      -> routed_profile.txt;
 #    the CUDA tests (routed conv, modules, models)                  -> tests_cuda.log;
 #    the routed-conv benchmark (CPU subset of shapes), routed vs dense -> bench_routed_conv.json
@@ -157,8 +158,10 @@ if want routed_triton; then
   echo "== routed-conv Triton forward (and fp32 training step) vs dense cuDNN (kernel time)"
   stage routed_triton "${TUNE_LIMIT:-90}" sh -c 'python3 scripts/profile_routed_triton.py --train \
       --configs "${TUNE_CONFIGS:-default;128,128,32,8,3;64,128,64,4,3;128,64,32,4,4;64,64,32,4,3}" > "$1.txt" 2>&1 &&
-    exec python3 scripts/profile_routed_triton.py --channels-last > "$1_cl.txt" 2>&1' sh "$RES/routed_triton"
-  cat "$RES/routed_triton.txt" "$RES/routed_triton_cl.txt"
+    python3 scripts/profile_routed_triton.py --channels-last > "$1_cl.txt" 2>&1 &&
+    exec python3 scripts/profile_routed_triton.py --nchw-in-place \
+      --cases brn3x3-w64-hw56-c8,brn3x3-w128-hw28-c16,brn3x3-w256-hw14-c32 > "$1_nchw.txt" 2>&1' sh "$RES/routed_triton"
+  cat "$RES/routed_triton.txt" "$RES/routed_triton_cl.txt" "$RES/routed_triton_nchw.txt"
 fi
 
 # --- with the extension ---
