@@ -157,8 +157,8 @@ if want routed_triton; then
   # kernel time per call (torch.profiler): the do_bench sweep of 2026-11-27 was host-bound
   echo "== routed-conv Triton forward (and fp32 training step) vs dense cuDNN (kernel time)"
   stage routed_triton "${TUNE_LIMIT:-90}" sh -c 'python3 scripts/profile_routed_triton.py --train \
-      --configs "${TUNE_CONFIGS:-default;128,128,32,8,3;64,128,64,4,3;128,64,32,4,4;64,64,32,4,3}" > "$1.txt" 2>&1 &&
-    python3 scripts/profile_routed_triton.py --channels-last > "$1_cl.txt" 2>&1 &&
+      --configs "${TUNE_CONFIGS:-default;128,128,32,8,3;64,128,64,4,3;128,64,32,4,4;64,64,32,4,3}" > "$1.txt" 2>&1;
+    python3 scripts/profile_routed_triton.py --channels-last > "$1_cl.txt" 2>&1;
     exec python3 scripts/profile_routed_triton.py --nchw-in-place \
       --cases brn3x3-w64-hw56-c8,brn3x3-w128-hw28-c16,brn3x3-w256-hw14-c32 > "$1_nchw.txt" 2>&1' sh "$RES/routed_triton"
   cat "$RES/routed_triton.txt" "$RES/routed_triton_cl.txt" "$RES/routed_triton_nchw.txt"
