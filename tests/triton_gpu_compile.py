@@ -26,6 +26,7 @@ def _cases():
     from fastmod.kernels import gumbel_gate as gk
     from fastmod.kernels import mixed_node as mk
     from fastmod.kernels import routed_conv as rk
+    from fastmod.kernels._hints import pow2_divisor
 
     def ints(*names):
         return {n: "i32" for n in names}
@@ -176,8 +177,8 @@ def _cases():
         yield (f"routed_conv_fwd {name} {xt} specialised", rk.routed_conv_fwd_kernel, sig,
                {"KH": k, "KW": k, "GATE_IN": gate_in, "HAS_BIAS": False,
                 "INPUT_PRECISION": "tf32" if xt == "*fp32" else "ieee", "BLOCK_M": bm, "BLOCK_N": bn,
-                "BLOCK_K": bk, "Wo": hw, "CPB": cpb, "CPB_VEC": min(cpb & -cpb, 16), "FLAT_PIX": k == 1,
-                "PIX_ALIGN": 16 if p % 16 == 0 else 1}, {"num_warps": 4, "num_stages": 3})
+                "BLOCK_K": bk, "Wo": hw, "CPB": cpb, "CPB_VEC": pow2_divisor(cpb), "FLAT_PIX": k == 1,
+                "PIX_ALIGN": pow2_divisor(p)}, {"num_warps": 4, "num_stages": 3})
 
 
     group_ints = ints("H", "W", "Ho", "n_ct", "sxn", "sxc", "sxh", "sxw", "swo", "swc", "swr", "sws", "sgn",

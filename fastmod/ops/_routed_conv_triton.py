@@ -98,7 +98,7 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, b
         *xc.stride(), *wc.stride(), gates.stride(0), gates.stride(1), *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         KH=KH, KW=KW, GATE_IN=gate_in, HAS_BIAS=bias is not None,
-        INPUT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CPB_VEC=min(cpb & -cpb, 16),
+        INPUT_PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, CPB_VEC=pow2_divisor(cpb),
         FLAT_PIX=pointwise, PIX_ALIGN=pow2_divisor(Ho * Wo), num_warps=warps, num_stages=stages)
     return y
 

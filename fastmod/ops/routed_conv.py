@@ -71,7 +71,9 @@ Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
   ``torch.backends.cudnn.allow_tf32`` allows it): "out"/"in" over a per-sample
   list of active blocks built on the device, "group" with one program per
   (pixel tile, group, sample) that returns at once for an off pair.  x is read
-  channels-last (copied if it is not) and the output is a channels-last tensor.
+  channels-last (copied if it is not) and the output is a channels-last tensor,
+  except for 1x1, stride-1, unpadded "out"/"in" convs, which read an NCHW x in
+  place and return NCHW.
   Backward (``_routed_conv_triton_backward``): grad_x through the same kernels for
   stride 1 (off blocks skipped), the dense vendor grad_x otherwise; the dense
   vendor grad_weight of the gated operand; gate gradients from the saved output,
@@ -82,8 +84,6 @@ Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
   on a GPU.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -227,7 +227,7 @@ def _select(backend: str | None, device: torch.device) -> str:
         # module docstring): "auto" keeps the dense cuDNN path until they beat it.
         # FASTMOD_ROUTED_CONV_GPU=triton|cuda sends automatic calls (and so the
         # modules and models) to a kernel backend, e.g. to time whole networks.
-        backend = os.environ.get(GPU_ENV, "reference") if backends.kernels_enabled() else "reference"
+        backend = backends.getenv(GPU_ENV, "reference") if backends.kernels_enabled() else "reference"
         if backend not in ("reference", "triton", "cuda"):
             raise ValueError(f"{GPU_ENV} must be reference, triton or cuda, got {backend!r}")
     return backends.select("routed_conv2d", backend, device, _IMPLEMENTED, cpp_op="routed_conv2d")
