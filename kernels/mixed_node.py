@@ -259,6 +259,8 @@ def _add6(a0, a1, a2, a3, a4, a5, b0, b1, b2, b3, b4, b5):
 def _store_six_sums(pw, t0, t1, t2, t3, t4, t5):
     # One six-operand reduction rather than six tl.sum calls: one exchange through
     # shared memory and its barriers instead of six.
+    if len(t0.shape) == 2:  # a [C, S] tile: its rows first, still as one six-operand reduction
+        t0, t1, t2, t3, t4, t5 = tl.reduce((t0, t1, t2, t3, t4, t5), 1, _add6)
     s0, s1, s2, s3, s4, s5 = tl.reduce((t0, t1, t2, t3, t4, t5), 0, _add6)
     tl.store(pw + 0, s0)
     tl.store(pw + 1, s1)
@@ -457,8 +459,7 @@ def mixed_node_bwd_kernel(
             _flush_grad(q2, acc2, offs_s, mask_s, RED2_C, RED2_S, ATOMIC2, d2s)
         # One row of 6 partial sums per (node, program); summed per node on the host side.
         pw = dw_ptr + (k * B * n_cprog * n_sblk + prog_in_k) * 6
-        _store_six_sums(pw, tl.sum(g0, axis=1), tl.sum(g1, axis=1), tl.sum(g2, axis=1), tl.sum(g3, axis=1),
-                        tl.sum(g4, axis=1), tl.sum(g5, axis=1))
+        _store_six_sums(pw, g0, g1, g2, g3, g4, g5)
 
     # Gradients of node-shared operands, summed over K in registers (K_INNER only:
     # a single C chunk, so cvec/m below are that chunk's).

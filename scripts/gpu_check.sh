@@ -10,8 +10,8 @@
 #    the Triton tests (mixed node, Gumbel, routed conv, fused norms) -> tests_triton.log;
 #    the mixed-node launch-parameter sweep                          -> tune_mixed_node.txt/json;
 #    the routed-conv Triton forward and training step against dense cuDNN, kernel time
-#    (NCHW x; x and weight channels-last on both sides; the grouped 3x3
-#    reading NCHW in place)                                         -> routed_triton*.txt
+#    (NCHW x; x and weight channels-last on both sides; the grouped 3x3 with its x
+#    copied to channels-last, as before)                            -> routed_triton*.txt
 # 3. with the extension: the routed-conv CUDA kernels profiled      -> routed_profile.txt;
 #    the CUDA tests (routed conv, modules, models)                  -> tests_cuda.log;
 #    the routed-conv benchmark (CPU subset of shapes), routed vs dense -> bench_routed_conv.json
@@ -22,7 +22,8 @@
 # whichever comes first, so a slow stage still leaves the later ones some time.
 # Overrides: DEADLINE, BUILD_LIMIT, ROUTED_BENCH_LIMIT, TEST_LIMIT, BENCH_LIMIT,
 # TUNE_LIMIT, TUNE_MN_LIMIT (seconds); TRITON_TESTS, CUDA_TESTS, TEST_WORKERS; TUNE_CONFIGS (see
-# scripts/profile_routed_triton.py --configs); SKIP (parts to leave out, see want below);
+# scripts/profile_routed_triton.py --configs); ROUTED_CASES (its --cases); TUNE_MN_ARGS (more
+# arguments of benchmarks/tune_mixed_node.py); SKIP (parts to leave out, see want below);
 # FASTMOD_BENCH_FULL=1 for every routed shape; SKIP_BUILD=1 installs nothing and uses
 # the installed fastmod (a dry run of this script off the GPU).
 set -uo pipefail
@@ -35,7 +36,8 @@ T0=$(date +%s)
 
 # want PART: whether PART is not named in SKIP (space-separated; parts: bandwidth,
 # bench_fwd_bwd, bench_fwd, launch_counts, tests_triton, tune_mixed_node, routed_triton,
-# routed_profile, tests_cuda, routed_bench; the build has SKIP_BUILD).
+# routed_triton_cl, routed_triton_copy, routed_profile, tests_cuda, routed_bench; the build
+# has SKIP_BUILD).
 want() { case " ${SKIP:-} " in *" $1 "*) return 1 ;; *) return 0 ;; esac; }
 
 # pack: copy the two short reports to $OUT and everything into $OUT/results.tgz
@@ -100,6 +102,9 @@ wait_build() {
   return 0
 }
 
+# failures are also written to failures.txt as they happen (tests/conftest.py), so a
+# run cut by its limit still names them
+export FASTMOD_FAIL_LOG="$RES/failures.txt"
 PYTEST=(python3 -m pytest -q --maxfail=15 -p no:cacheprovider --benchmark-disable -rfs)
 # Most of the tests' time is Triton and Inductor compiling on the CPU cores (the
 # 2026-11-27 H100 run: about 1 s a test), so with pytest-xdist (in the GPU image)
@@ -150,18 +155,27 @@ fi
 if want tune_mixed_node; then
   echo "== mixed-node launch-parameter sweep (CUDA-graph replay)"
   stage tune_mixed_node "${TUNE_MN_LIMIT:-90}" sh -c 'cd benchmarks && exec python3 tune_mixed_node.py --json "$1.json" \
-      > "$1.txt" 2>&1' sh "$RES/tune_mixed_node"
+      ${TUNE_MN_ARGS:-} > "$1.txt" 2>&1' sh "$RES/tune_mixed_node"
   grep best "$RES/tune_mixed_node.txt"
 fi
+ROUTED_CASES=${ROUTED_CASES:-frn3x3-64,frn3x3-128,frn3x3-256,frn3x3-512,brn1x1out-w128-hw28-c16,brn1x1in-w128-hw28-c16,brn3x3-w64-hw56-c8,brn3x3-w128-hw28-c16,brn3x3-w256-hw14-c32}
 if want routed_triton; then
   # kernel time per call (torch.profiler): the do_bench sweep of 2026-11-27 was host-bound
   echo "== routed-conv Triton forward (and fp32 training step) vs dense cuDNN (kernel time)"
-  stage routed_triton "${TUNE_LIMIT:-90}" sh -c 'python3 scripts/profile_routed_triton.py --train \
-      --configs "${TUNE_CONFIGS:-default;128,128,32,8,3;64,128,64,4,3;128,64,32,4,4;64,64,32,4,3}" > "$1.txt" 2>&1;
-    python3 scripts/profile_routed_triton.py --channels-last > "$1_cl.txt" 2>&1;
-    exec python3 scripts/profile_routed_triton.py --nchw-in-place \
-      --cases brn3x3-w64-hw56-c8,brn3x3-w128-hw28-c16,brn3x3-w256-hw14-c32 > "$1_nchw.txt" 2>&1' sh "$RES/routed_triton"
-  cat "$RES/routed_triton.txt" "$RES/routed_triton_cl.txt" "$RES/routed_triton_nchw.txt"
+  stage routed_triton "${TUNE_LIMIT:-90}" sh -c 'exec python3 scripts/profile_routed_triton.py --train --cases "$2" \
+      --configs "${TUNE_CONFIGS:-default;128,128,32,8,3;64,128,64,4,3;128,64,32,4,4;64,64,32,4,3}" > "$1.txt" 2>&1' \
+      sh "$RES/routed_triton" "$ROUTED_CASES"
+  cat "$RES/routed_triton.txt"
+fi
+if want routed_triton_cl; then  # a network run in torch.channels_last
+  stage routed_triton_cl 60 sh -c 'exec python3 scripts/profile_routed_triton.py --channels-last --cases "$2" \
+      > "$1" 2>&1' sh "$RES/routed_triton_cl.txt" "$ROUTED_CASES"
+  cat "$RES/routed_triton_cl.txt"
+fi
+if want routed_triton_copy; then  # the grouped 3x3 with its x copied to channels-last (before 2026-11-27)
+  stage routed_triton_copy 40 sh -c 'exec python3 scripts/profile_routed_triton.py --nchw copy \
+      --cases brn3x3-w64-hw56-c8,brn3x3-w128-hw28-c16,brn3x3-w256-hw14-c32 > "$1" 2>&1' sh "$RES/routed_triton_copy.txt"
+  cat "$RES/routed_triton_copy.txt"
 fi
 
 # --- with the extension ---

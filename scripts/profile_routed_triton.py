@@ -3,6 +3,7 @@ routed-conv forward, next to the dense cuDNN conv + mask: separates what the GPU
 spends from the host's launch overhead, which do_bench's back-to-back calls mix in.
 
     python scripts/profile_routed_triton.py [--cases ...] [--configs default;128,128,32,8,3] [--channels-last]
+        [--nchw auto|in-place|copy] [--train]
 
 GPU only; exits 2 without one.
 """
@@ -50,8 +51,9 @@ def main():
     p.add_argument("-n", type=int, default=64)
     p.add_argument("--train", action="store_true",
                    help="also a training step (fp32, fwd + bwd, router_grad='active') against dense")
-    p.add_argument("--nchw-in-place", action="store_true",
-                   help="read an NCHW x in place (_routed_conv_triton.CONFIG) instead of copying it to channels-last")
+    p.add_argument("--nchw", choices=("auto", "in-place", "copy"), default="auto",
+                   help="an NCHW x: read in place or copied to channels-last first, for every conv, or the "
+                        "default rule (auto; _routed_conv_triton.CONFIG['nchw_in_place'])")
     p.add_argument("--channels-last", action="store_true",
                    help="x and the weight channels-last on both sides (cuDNN's NHWC kernels; no copy of x for "
                         "fastmod), as in a network run in torch.channels_last")
@@ -61,7 +63,7 @@ def main():
         sys.exit(2)
     torch.backends.cudnn.allow_tf32 = True
     from fastmod.ops import _routed_conv_triton
-    _routed_conv_triton.CONFIG["nchw_in_place"] = args.nchw_in_place
+    _routed_conv_triton.CONFIG["nchw_in_place"] = {"auto": None, "in-place": True, "copy": False}[args.nchw]
     for case in [c for c in conv_cases(full=True) if c[0] in args.cases.split(",")]:
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             for rho in (float(r) for r in args.rhos.split(",")):

@@ -40,3 +40,13 @@ def _seed_and_full_fp32():
 
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def pytest_runtest_logreport(report):
+    """With FASTMOD_FAIL_LOG set, append each failure (node id and traceback) to that
+    file as it happens: a GPU run cut by its time limit (pytest-xdist prints failures
+    only at the end) still names what failed."""
+    path = os.environ.get("FASTMOD_FAIL_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"FAILED {report.nodeid} ({report.when})\n{report.longreprtext[-4000:]}\n\n")

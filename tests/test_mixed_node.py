@@ -364,12 +364,14 @@ def test_triton_aligned_rows(monkeypatch, s1, s2, normalize):
     ((2, 3, 2, 3), (2, 3, 2, 3), None), ((3, 2, 3, 2, 3), (3, 2, 3, 2, 3), 3)])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("c_iters", [1, 2])
-@pytest.mark.parametrize("flat", [True, False])
-def test_triton_tiny_tiles_exercise_atomics(monkeypatch, s1, s2, K, normalize, c_iters, flat):
+@pytest.mark.parametrize("layout", ["flat", "tiles", "tiles-atomic"])
+def test_triton_tiny_tiles_exercise_atomics(monkeypatch, s1, s2, K, normalize, c_iters, layout):
     """Tiles far smaller than the problem: several C programs and S blocks per row,
     so every reduction path (in-register, across K, atomics) is taken; with
     c_iters = 2 a backward program also walks two C chunks (a ragged last one).
-    Both kernels each way (flat blocks of C * S, and [C, S] tiles)."""
+    Both kernels each way (flat blocks of C * S, and [C, S] tiles); "tiles-atomic"
+    also sums a node-shared operand's gradient with atomics (k_inner off) and splits
+    S under an operand broadcast over it (s_cap_reduced)."""
     import sys
 
     impl = sys.modules["fastmod.ops._mixed_node_triton"]
@@ -377,8 +379,12 @@ def test_triton_tiny_tiles_exercise_atomics(monkeypatch, s1, s2, K, normalize, c
     monkeypatch.setitem(impl.CONFIG, "bwd_tile", 4)
     monkeypatch.setitem(impl.CONFIG, "s_cap", 2)
     monkeypatch.setitem(impl.CONFIG, "bwd_c_iters", c_iters)
+    flat = layout == "flat"
     monkeypatch.setitem(impl.CONFIG, "fwd_flat", flat)  # flat blocks of C * S, or [C, S] tiles
     monkeypatch.setitem(impl.CONFIG, "bwd_flat", flat)
+    if layout == "tiles-atomic":
+        monkeypatch.setitem(impl.CONFIG, "k_inner", False)
+        monkeypatch.setitem(impl.CONFIG, "s_cap_reduced", 2)
     device = "cuda" if HAS_CUDA else "cpu"
     x1, x2, alpha = _inputs(s1, s2, K, torch.float64, device)
     g = torch.randn(ops.mixed_node_reference(x1, x2, alpha).shape, dtype=torch.float64, device=device)

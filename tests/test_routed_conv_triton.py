@@ -29,9 +29,10 @@ def test_forward_and_grads_fp32(mode, k, stride, kind):
     x, w, b, kw = _problem(mode, k, stride)
     gates = make_gates(kind, x.shape[0], 4, device=DEV)
     (y, grads), (y_ref, grads_ref) = run_both(x, w, gates, b, kw, "triton")
-    # channels-last out, except a 1x1 stride-1 unpadded "out"/"in" conv of an NCHW x: read in place, NCHW out
-    pointwise = k == 1 and stride == 1 and mode != "group"
-    assert y.is_contiguous(memory_format=torch.contiguous_format if pointwise else torch.channels_last)
+    # channels-last out, except where an NCHW x is read in place (NCHW out): a grouped conv,
+    # or a 1x1 stride-1 unpadded "out"/"in" conv
+    in_place = mode == "group" or (k == 1 and stride == 1)
+    assert y.is_contiguous(memory_format=torch.contiguous_format if in_place else torch.channels_last)
     assert_close(y, y_ref, torch.float32)
     for g, r in zip(grads, grads_ref):
         assert_close(g, r, torch.float32)
@@ -192,13 +193,15 @@ def test_every_gradient_path(mode, k, stride, pad, router_grad):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_nchw_in_place(mode, monkeypatch):
+@pytest.mark.parametrize("in_place", [True, False])
+def test_nchw_in_place_forced(mode, in_place, monkeypatch):
+    """CONFIG["nchw_in_place"] forces either layout for every conv."""
     from fastmod.ops import _routed_conv_triton
-    monkeypatch.setitem(_routed_conv_triton.CONFIG, "nchw_in_place", True)
+    monkeypatch.setitem(_routed_conv_triton.CONFIG, "nchw_in_place", in_place)
     x, w, b, kw = _problem(mode, 3, 2)
     gates = make_gates("nonbinary", x.shape[0], 4, device=DEV)
     y = routed_conv2d(x, w, gates, b, backend="triton", **kw)
-    assert y.is_contiguous()
+    assert y.is_contiguous(memory_format=torch.contiguous_format if in_place else torch.channels_last)
     assert_close(y, routed_conv2d_reference(x, w, gates, b, **kw), torch.float32)
     xcl = x.contiguous(memory_format=torch.channels_last)  # a channels-last x is still read as such
     assert routed_conv2d(xcl, w, gates, b, backend="triton", **kw).is_contiguous(memory_format=torch.channels_last)

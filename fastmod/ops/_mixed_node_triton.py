@@ -17,9 +17,18 @@ NORM_EPS = 1e-12
 # tiles); benchmarks/tune_mixed_node.py times alternatives on a GPU.
 # fwd_flat / bwd_flat: without normalize, the forward (always) and the backward (when
 # both operands have the full shape, contiguous over C and S) run on flat 1-D blocks
-# of C * S (the *_flat kernels) rather than [C, S] tiles.
-CONFIG = {"fwd_tile": 2048, "bwd_tile": 1024, "fwd_warps": 4, "bwd_warps": 4, "s_cap": 128, "bwd_c_iters": 1,
-          "fwd_flat": True, "bwd_flat": True}
+# of C * S (the *_flat kernels) rather than [C, S] tiles.  k_inner: with K > 1 nodes
+# sharing an operand, one backward program walks all K (that operand's gradient summed
+# in registers) rather than one node each with atomics.  s_cap_reduced: the S-block
+# cap when an operand is broadcast over S (1024: one block spans S, so its gradient is
+# summed without atomics; smaller: atomics across S blocks, fewer idle lanes at S = 196).
+# Chosen from benchmarks/tune_mixed_node.py on an H200 (2026-11-27,
+# benchmarks/results/h200-2026-11-27): s_cap 64 halved the normalised node's time
+# (fwd 0.112 -> 0.056 ms), bwd_c_iters 4 cut the textual fwd+bwd 0.114 -> 0.086 ms,
+# bwd_tile 2048 was best or within 2% everywhere.
+CONFIG = {"fwd_tile": 2048, "bwd_tile": 2048, "fwd_warps": 4, "bwd_warps": 4, "s_cap": 64, "bwd_c_iters": 4,
+          "fwd_flat": True, "bwd_flat": True, "k_inner": True,
+          "s_cap_reduced": 1024}
 
 
 def _pow2(n: int) -> int:
@@ -53,7 +62,7 @@ def _plan(K, B, C, S, normalize, s_reduced, tile, c_iters=1):
     broadcast over S (e.g. a [B, D, 1, 1] textual parameter), one block spans
     all of S so its gradient is reduced without atomics.
     """
-    cap_s = 1024 if s_reduced else CONFIG["s_cap"]
+    cap_s = CONFIG["s_cap_reduced"] if s_reduced else CONFIG["s_cap"]
     block_s = min(_pow2(S), cap_s)
     block_c = max(1, min(_pow2(C), tile // block_s))
     n_sblk = -(-S // block_s)
@@ -152,7 +161,7 @@ def triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, alpha: to
                 _dalpha(dw_part, alpha, wa, n_per_k) if need_dalpha else alpha.new_empty((0,)))
     needed = [x for x, need in ((x1, need_dx1), (x2, need_dx2)) if need]
     s_reduced = any(x.shape[3] == 1 and S > 1 for x in needed)
-    k_inner = not normalize and K > 1 and any(x.shape[0] == 1 for x in needed)
+    k_inner = CONFIG["k_inner"] and not normalize and K > 1 and any(x.shape[0] == 1 for x in needed)
     # K_INNER sums node-shared gradients over one C chunk in registers: one chunk a program
     c_iters = 1 if k_inner else CONFIG["bwd_c_iters"]
     block_c, block_s, n_sblk, n_cprog, c_per_prog = _plan(K, B, C, S, normalize, s_reduced, CONFIG["bwd_tile"],

@@ -5,13 +5,18 @@ The kernels (``fastmod.kernels.routed_conv``) read x channels-last and the weigh
 [Cout, KH, KW, Cin], so both operands' reduction dimension is contiguous; the
 output is written channels-last too (a [N, Cout, Ho, Wo] tensor in
 ``torch.channels_last`` memory format), which saves the transpose cuDNN's NCHW
-path pays.  An NCHW x is copied to channels-last first (25-100 us of the H100
-calls timed on 2026-11-27), except for 1x1, stride-1, unpadded "out"/"in" convs
-(BRN's two 1x1 convs): there each channel's pixels are one contiguous run, so the
-kernel reads the NCHW x in place, in vectors, and writes an NCHW output (its sm_90
-code is as lean as the channels-last one's; untimed).  ``CONFIG["nchw_in_place"] =
-True`` reads every NCHW x in place (3x3 convs too, coalesced along pixels but not in
-vectors) and writes NCHW, so scripts/profile_routed_triton.py can time the two.
+path pays.  An NCHW x is read in place, and an NCHW output written, by
+
+- 1x1, stride-1, unpadded "out"/"in" convs (BRN's two 1x1 convs): each channel's
+  pixels are one contiguous run, read in vectors;
+- grouped ("group") convs (BRN's 3x3): coalesced along pixels but not in vectors.
+  The kernel is slower than on channels-last, but less so than the two layout
+  copies cost: on an H200 (2026-11-27) the whole call at rho 0.57 went from 0.93x to
+  0.50x of cuDNN's time in bf16 and 0.94x to 0.80x in fp32 at 64 x 56 x 56 x 64.
+
+Other NCHW x are copied to channels-last first (25-100 us of the H100 calls timed on
+2026-11-27).  ``CONFIG["nchw_in_place"]``: None for the rule above, True or False to
+force either for every conv (scripts/profile_routed_triton.py times the two).
 
 Gradients: ``_routed_conv_triton_backward`` (the same kernel for grad_x, the
 vendor's dense grad_weight).
@@ -30,7 +35,7 @@ from fastmod.ops import _eager
 from fastmod.ops._routed_conv_triton_backward import routed_conv2d_triton_backward
 
 
-CONFIG = {"nchw_in_place": False}
+CONFIG = {"nchw_in_place": None}
 
 
 def _pow2(n: int) -> int:
@@ -58,8 +63,8 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, b
     gate_on "group", where groups == G), gates [N, G], bias [Cout] or None (checked by
     routed_conv2d); exact: the router gradient of off blocks (router_grad "exact") or
     zero ("active"); tf32: fp32 products may use TF32.  Returns [N, Cout, Ho, Wo] in x's
-    dtype, channels-last; NCHW when x is NCHW-contiguous and the conv is 1x1, stride 1,
-    unpadded and not "group" (or ``CONFIG["nchw_in_place"]``)."""
+    dtype, channels-last; NCHW when x is NCHW-contiguous and the conv is grouped, or
+    1x1, stride 1 and unpadded (``CONFIG["nchw_in_place"]`` overrides this)."""
     N, Cin, H, W = x.shape
     Cout, _, KH, KW = weight.shape
     G = gates.shape[1]
@@ -71,7 +76,10 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, b
     # A 1x1, stride-1, unpadded conv sees each channel's pixels as one run (FLAT_PIX),
     # so it reads an NCHW x in place, in vectors, and writes NCHW: no channels-last copy.
     pointwise = KH == KW == 1 and list(stride) == [1, 1] and list(padding) == [0, 0] and gate_on != "group"
-    nhwc = not (x.is_contiguous() and (pointwise or CONFIG["nchw_in_place"]))
+    in_place = CONFIG["nchw_in_place"]
+    if in_place is None:
+        in_place = pointwise or gate_on == "group"
+    nhwc = not (x.is_contiguous() and in_place)
     if nhwc:
         y = alloc((N, Ho, Wo, Cout), dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
     else:
