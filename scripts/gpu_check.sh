@@ -23,7 +23,7 @@
 # Overrides: DEADLINE, BUILD_LIMIT, ROUTED_BENCH_LIMIT, TEST_LIMIT, BENCH_LIMIT,
 # TUNE_LIMIT, TUNE_MN_LIMIT (seconds); TRITON_TESTS, CUDA_TESTS, TEST_WORKERS; TUNE_CONFIGS (see
 # scripts/profile_routed_triton.py --configs); ROUTED_CASES (its --cases); TUNE_MN_ARGS (more
-# arguments of benchmarks/tune_mixed_node.py); SKIP (parts to leave out, see want below);
+# arguments of benchmarks/tune_mixed_node.py); BENCHES (default "mixed_node gumbel_gate"); SKIP (parts to leave out, see want below);
 # FASTMOD_BENCH_FULL=1 for every routed shape; SKIP_BUILD=1 installs nothing and uses
 # the installed fastmod (a dry run of this script off the GPU).
 set -uo pipefail
@@ -133,7 +133,7 @@ bench() {  # bench NAME LIMIT [KEXPR TAG]: one JSON per call (pytest-benchmark w
 }
 
 benches() {  # benches PART KEXPR TAG: the mixed-node and Gumbel benchmarks of one pass
-  for name in mixed_node gumbel_gate; do
+  for name in ${BENCHES:-mixed_node gumbel_gate}; do
     want "$1" && bench "$name" "${BENCH_LIMIT:-60}" "$2" "$3"
   done
 }
