@@ -5,7 +5,7 @@
 Prints, per LNMN benchmark case, the forward and forward+backward medians of
 each configuration in fastmod.ops._mixed_node_triton.CONFIG's space (forward:
 [C, S] tiles and the flat kernel; backward: tile, warps, S cap, C chunks per
-program; the flat kernel for the "full" case), and the
+program; the flat kernel without normalize), and the
 achieved GB/s, so the defaults can be chosen from measurements.  Times are
 CUDA-graph replays (GPU time, launch overhead excluded).  --profile first prints,
 per case, the GPU time of each kernel of one fastmod forward+backward at the
@@ -78,7 +78,7 @@ def main():
             print(rows[-1], flush=True)  # as it goes: a run cut by a time limit keeps what it measured
         bwd_cfgs = [dict(bwd_tile=t, bwd_warps=w, s_cap=s, bwd_c_iters=c)
                     for (t, w), s, c in itertools.product(BWD, (64, 128), C_ITERS)]
-        if name == "full":  # the flat backward (both operands full): tile and warps only
+        if not norm:  # the flat backward: tile and warps only
             bwd_cfgs += [dict(bwd_tile=t, bwd_warps=w, bwd_flat=True) for t, w in BWD]
         if K:  # one node per program, the shared operand's gradient summed with atomics
             bwd_cfgs += [dict(bwd_tile=t, bwd_warps=w, k_inner=False) for t, w in BWD]

@@ -273,32 +273,73 @@ def _store_six_sums(pw, t0, t1, t2, t3, t4, t5):
 @triton.jit
 def mixed_node_bwd_flat_kernel(
     g_ptr, x1_ptr, x2_ptr, a_ptr, m_ptr, dx1_ptr, dx2_ptr, dw_ptr,
-    K, B, CS, n_blk, m_stride_k, s1k, s1b, s2k, s2b,
-    NEED1: tl.constexpr, NEED2: tl.constexpr,
+    K, B, CS, n_blk, m_stride_k,
+    s1k, s1b, s1c, s1s, s2k, s2b, s2c, s2s,
+    S: tl.constexpr, CONTIG1: tl.constexpr, CONTIG2: tl.constexpr,
+    NEED1: tl.constexpr, NEED2: tl.constexpr, SHARED1: tl.constexpr, SHARED2: tl.constexpr,
     HAS_MASK: tl.constexpr, HARD: tl.constexpr, A_FP64: tl.constexpr, IS_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """The backward when both operands have the output's full shape and are
-    contiguous over (C, S), without normalize: flat 1-D blocks of each slice's C * S
-    elements, every operand and gradient in aligned vectors, nothing to reduce but
-    the six dalpha partial sums (one row per program, node-major like the tiled
-    kernel's)."""
-    k, b, blk, flat, m = _flat_coords(K, CS, n_blk, BLOCK)
-    w0, w1, w2, w3, w4, w5 = _load_weights(a_ptr, m_ptr, k, m_stride_k, HAS_MASK, HARD, A_FP64, IS_FP64)
-    row = (k * B + b) * CS  # of grad and of both (full-shape, contiguous) gradients
-    a = _upcast(tl.load(x1_ptr + k * s1k + b * s1b + flat, mask=m, other=0.0), IS_FP64)
-    bb = _upcast(tl.load(x2_ptr + k * s2k + b * s2b + flat, mask=m, other=0.0), IS_FP64)
-    du = _upcast(tl.load(g_ptr + row + flat, mask=m, other=0.0), IS_FP64)
-    mn, mx = _min_max(a, bb)
-    pw = dw_ptr + (k * B * n_blk + b * n_blk + blk) * 6
-    _store_six_sums(pw, du * mn, du * mx, du * (a + bb), du * (a * bb), du * a, du * bb)
-    eq = a == bb
-    if NEED1:
-        d1 = du * _input_coef(a, bb, eq, w0, w1, w2, w3, w4)
-        tl.store(dx1_ptr + row + flat, d1.to(dx1_ptr.dtype.element_ty), mask=m)
-    if NEED2:
-        d2 = du * _input_coef(bb, a, eq, w0, w1, w2, w3, w5)
-        tl.store(dx2_ptr + row + flat, d2.to(dx2_ptr.dtype.element_ty), mask=m)
+    """The backward without normalize, on flat 1-D blocks of each (node, sample)
+    slice's C * S elements (see mixed_node_fwd_flat_kernel; operands are read as
+    there).  Each operand's gradient is written element-wise, contiguous, over the
+    full [K, B, C, S] (dx*_ptr; [1, B, C, S] for an operand shared by the K nodes,
+    SHARED*, whose gradient is summed over the nodes in registers: then one program
+    walks every node of its block).  The wrapper sums, with torch, what an operand
+    is broadcast over besides K (S for the textual parameter): one more write and
+    read of a full-size buffer, but no per-row reductions in the kernel (the tiled
+    kernel's, at S = 196, ran at a quarter of copy bandwidth).  The six dalpha partial
+    sums: one row per (node, program), node-major like the tiled kernel's."""
+    if SHARED1 or SHARED2:
+        pid = tl.program_id(0).to(tl.int64)
+        blk = pid % n_blk
+        b = pid // n_blk
+        flat = blk.to(tl.int32) * BLOCK + tl.arange(0, BLOCK)
+        m = flat < CS
+        k_lo = 0
+        k_hi = K
+    else:
+        k_lo, b, blk, flat, m = _flat_coords(K, CS, n_blk, BLOCK)
+        k_hi = k_lo + 1
+    ACC = tl.float64 if IS_FP64 else tl.float32
+    if SHARED1:  # the same values for every node: read once
+        a = _upcast(tl.load(_flat_operand(x1_ptr + b * s1b, flat, S, s1c, s1s, CONTIG1), mask=m, other=0.0),
+                    IS_FP64)
+    if SHARED2:
+        bb = _upcast(tl.load(_flat_operand(x2_ptr + b * s2b, flat, S, s2c, s2s, CONTIG2), mask=m, other=0.0),
+                     IS_FP64)
+    t1 = tl.zeros([BLOCK], dtype=ACC)
+    t2 = tl.zeros([BLOCK], dtype=ACC)
+    for k in range(k_lo, k_hi):
+        w0, w1, w2, w3, w4, w5 = _load_weights(a_ptr, m_ptr, k, m_stride_k, HAS_MASK, HARD, A_FP64, IS_FP64)
+        if not SHARED1:
+            a = _upcast(tl.load(_flat_operand(x1_ptr + k * s1k + b * s1b, flat, S, s1c, s1s, CONTIG1), mask=m,
+                                other=0.0), IS_FP64)
+        if not SHARED2:
+            bb = _upcast(tl.load(_flat_operand(x2_ptr + k * s2k + b * s2b, flat, S, s2c, s2s, CONTIG2), mask=m,
+                                 other=0.0), IS_FP64)
+        row = (k * B + b) * CS  # of grad, and of an unshared operand's gradient
+        du = _upcast(tl.load(g_ptr + row + flat, mask=m, other=0.0), IS_FP64)
+        mn, mx = _min_max(a, bb)
+        pw = dw_ptr + (k * B * n_blk + b * n_blk + blk) * 6
+        _store_six_sums(pw, du * mn, du * mx, du * (a + bb), du * (a * bb), du * a, du * bb)
+        eq = a == bb
+        if NEED1:
+            d1 = du * _input_coef(a, bb, eq, w0, w1, w2, w3, w4)
+            if SHARED1:
+                t1 += d1
+            else:
+                tl.store(dx1_ptr + row + flat, d1.to(dx1_ptr.dtype.element_ty), mask=m)
+        if NEED2:
+            d2 = du * _input_coef(bb, a, eq, w0, w1, w2, w3, w5)
+            if SHARED2:
+                t2 += d2
+            else:
+                tl.store(dx2_ptr + row + flat, d2.to(dx2_ptr.dtype.element_ty), mask=m)
+    if NEED1 and SHARED1:
+        tl.store(dx1_ptr + b * CS + flat, t1.to(dx1_ptr.dtype.element_ty), mask=m)
+    if NEED2 and SHARED2:
+        tl.store(dx2_ptr + b * CS + flat, t2.to(dx2_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit

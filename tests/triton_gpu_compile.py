@@ -48,10 +48,12 @@ def _cases():
         if x64 != a64:
             continue  # the backward: same weight code, one pairing of dtypes each
         sig = {"g_ptr": xt, "x1_ptr": xt, "x2_ptr": xt, "a_ptr": at, "m_ptr": "*i1" if mask else at,
-               "dx1_ptr": xt, "dx2_ptr": xt, "dw_ptr": "*fp64" if x64 else "*fp32",
-               **ints("K", "B", "CS", "n_blk", "m_stride_k", "s1k", "s1b", "s2k", "s2b")}
+               "dx1_ptr": xt, "dx2_ptr": "*fp64" if x64 else "*fp32", "dw_ptr": "*fp64" if x64 else "*fp32",
+               **ints("K", "B", "CS", "n_blk", "m_stride_k", *strides)}
+        # both operands full; or (mask) LNMN's K nodes sharing x1 with a per-node x2 broadcast over S
         yield (f"mixed_node_bwd_flat a64={a64} hard={hard} mask={mask}", mk.mixed_node_bwd_flat_kernel, sig,
-               {**weights, "NEED1": True, "NEED2": not hard, "IS_FP64": x64, "BLOCK": 1024})
+               {**weights, "S": 196 if mask else 1, "CONTIG1": True, "CONTIG2": not mask, "NEED1": True,
+                "NEED2": not hard, "SHARED1": mask, "SHARED2": False, "IS_FP64": x64, "BLOCK": 1024})
         sig = {"g_ptr": xt, "x1_ptr": xt, "x2_ptr": xt, "a_ptr": at, "m_ptr": "*i1" if mask else at,
                "dx1_ptr": xt, "dx2_ptr": "*fp64" if x64 else "*fp32", "dw_ptr": "*fp64" if x64 else "*fp32",
                **ints("K", "B", "C", "S", "n_sblk", "n_cprog", "c_per_prog", "m_stride_k", *strides),

@@ -16,8 +16,8 @@ NORM_EPS = 1e-12
 # backward program walks, so its six dalpha partial sums are reduced once per that many
 # tiles); benchmarks/tune_mixed_node.py times alternatives on a GPU.
 # fwd_flat / bwd_flat: without normalize, the forward (always) and the backward (when
-# both operands have the full shape, contiguous over C and S) run on flat 1-D blocks
-# of C * S (the *_flat kernels) rather than [C, S] tiles.  k_inner: with K > 1 nodes
+# both operands are full over B and C) run on flat 1-D blocks of C * S (the *_flat
+# kernels) rather than [C, S] tiles.  k_inner: with K > 1 nodes
 # sharing an operand, one backward program walks all K (that operand's gradient summed
 # in registers) rather than one node each with atomics.  s_cap_reduced: the S-block
 # cap when an operand is broadcast over S (1024: one block spans S, so its gradient is
@@ -146,19 +146,8 @@ def triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, alpha: to
                 torch.zeros_like(alpha) if need_dalpha else alpha.new_empty((0,)))
     wa = _weight_args(alpha, op_mask, hard)
     if CONFIG["bwd_flat"] and not normalize and C * S < 2 ** 31 and all(
-            tuple(x.shape) == full and _contiguous_cs(x, C, S) for x in (x1, x2)):
-        tile = CONFIG["bwd_tile"]
-        n_blk = -(-(C * S) // tile)
-        n_per_k = B * n_blk
-        g1 = torch.empty(full, dtype=x1.dtype, device=x1.device) if need_dx1 else x1
-        g2 = torch.empty(full, dtype=x2.dtype, device=x2.device) if need_dx2 else x2
-        dw_part = torch.empty((K * n_per_k, 6), dtype=acc, device=x1.device)
-        wrap_triton(mixed_node_bwd_flat_kernel)[(K * n_per_k,)](
-            grad, x1, x2, alpha, wa["m"], g1, g2, dw_part, K, B, C * S, n_blk, wa["m_stride_k"],
-            x1.stride(0), x1.stride(1), x2.stride(0), x2.stride(1), NEED1=need_dx1, NEED2=need_dx2,
-            **wa["flags"], IS_FP64=x1.dtype == torch.float64, BLOCK=tile, num_warps=CONFIG["bwd_warps"])
-        return (g1 if need_dx1 else x1.new_empty((0,)), g2 if need_dx2 else x2.new_empty((0,)),
-                _dalpha(dw_part, alpha, wa, n_per_k) if need_dalpha else alpha.new_empty((0,)))
+            x.shape[1] == B and x.shape[2] == C for x in (x1, x2)):
+        return _flat_bwd(grad, x1, x2, alpha, wa, full, acc, need_dx1, need_dx2, need_dalpha)
     needed = [x for x, need in ((x1, need_dx1), (x2, need_dx2)) if need]
     s_reduced = any(x.shape[3] == 1 and S > 1 for x in needed)
     k_inner = CONFIG["k_inner"] and not normalize and K > 1 and any(x.shape[0] == 1 for x in needed)
@@ -185,6 +174,40 @@ def triton_bwd(grad: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor, alpha: to
     dx1 = g1.to(x1.dtype) if need_dx1 else x1.new_empty((0,))
     dx2 = g2.to(x2.dtype) if need_dx2 else x2.new_empty((0,))
     return dx1, dx2, _dalpha(dw_part, alpha, wa, n_per_k) if need_dalpha else alpha.new_empty((0,))
+
+
+def _flat_bwd(grad, x1, x2, alpha, wa, full, acc, need_dx1, need_dx2, need_dalpha):
+    """The flat backward (mixed_node_bwd_flat_kernel): operands full over (B, C),
+    each either per node or shared by the K nodes, and full or broadcast over S."""
+    K, B, C, S = full
+    tile = CONFIG["bwd_tile"]
+    n_blk = -(-(C * S) // tile)
+    contig1, contig2 = _contiguous_cs(x1, C, S), _contiguous_cs(x2, C, S)
+    shared = [x.shape[0] == 1 and K > 1 for x in (x1, x2)]
+    grads = []
+    for x, need, sh in ((x1, need_dx1, shared[0]), (x2, need_dx2, shared[1])):
+        # written element-wise over [K or 1, B, C, S]: in x's dtype when that is x's
+        # shape, else in the accumulation dtype, summed over S below
+        gshape = (1 if sh else K, B, C, S)
+        grads.append(torch.empty(gshape, dtype=x.dtype if tuple(x.shape) == gshape else acc, device=x.device)
+                     if need else x)
+    n_per_k = B * n_blk
+    dw_part = torch.empty((K * n_per_k, 6), dtype=acc, device=x1.device)
+    grid = (n_per_k if any(shared) else K * n_per_k,)
+    wrap_triton(mixed_node_bwd_flat_kernel)[grid](
+        grad, x1, x2, alpha, wa["m"], grads[0], grads[1], dw_part, K, B, C * S, n_blk, wa["m_stride_k"],
+        *_eff_strides(x1), *_eff_strides(x2), S=1 if contig1 and contig2 else S, CONTIG1=contig1,
+        CONTIG2=contig2, NEED1=need_dx1, NEED2=need_dx2, SHARED1=shared[0], SHARED2=shared[1], **wa["flags"],
+        IS_FP64=x1.dtype == torch.float64, BLOCK=tile, num_warps=CONFIG["bwd_warps"])
+    out = []
+    for x, need, gbuf in ((x1, need_dx1, grads[0]), (x2, need_dx2, grads[1])):
+        if not need:
+            out.append(x.new_empty((0,)))
+        elif gbuf.shape == x.shape:
+            out.append(gbuf.to(x.dtype))
+        else:  # broadcast over S
+            out.append(gbuf.sum(3, keepdim=True).to(x.dtype))
+    return out[0], out[1], _dalpha(dw_part, alpha, wa, n_per_k) if need_dalpha else alpha.new_empty((0,))
 
 
 def _dalpha(dw_part, alpha, wa, n_per_k):
