@@ -50,8 +50,8 @@ def conv_runner(case, impl: str, rho: float, pass_: str, n: int, device, referen
     g = gates(n, G, rho, device)
     router_grad = "exact" if pass_ == "train-exact" else "active"
     kw = dict(padding=k // 2, groups=groups, gate_on=gate_on, router_grad=router_grad)
-    # On a GPU the kernel backend explicitly ("auto" keeps the dense path there):
-    # FASTMOD_ROUTED_CONV_GPU's choice, else "cuda".
+    # On a GPU a kernel backend explicitly ("auto" keeps the dense path for most
+    # cases there): FASTMOD_ROUTED_CONV_GPU's choice, else "cuda".
     kernel = backend or (os.environ.get("FASTMOD_ROUTED_CONV_GPU", "cuda") if torch.device(device).type == "cuda"
                          else None)
     fn = (lambda *a: routed_conv2d(*a, backend=kernel, **kw)) if impl == "routed" else \

@@ -226,6 +226,22 @@ def _flat_operand(ptr, flat, S: tl.constexpr, sc, ss, CONTIG: tl.constexpr):
 
 
 @triton.jit
+def _flat_load(ptr, flat, m, S: tl.constexpr, sc, ss, CONTIG: tl.constexpr, IS_FP64: tl.constexpr):
+    return _upcast(tl.load(_flat_operand(ptr, flat, S, sc, ss, CONTIG), mask=m, other=0.0), IS_FP64)
+
+
+@triton.jit
+def _flat_grad(d, acc, ptr, m, SHARED: tl.constexpr):
+    # One node's gradient of an operand: stored at once, or, for an operand shared by
+    # the nodes, added to the sum over them (stored after the node loop).
+    if SHARED:
+        acc += d
+    else:
+        tl.store(ptr, d.to(ptr.dtype.element_ty), mask=m)
+    return acc
+
+
+@triton.jit
 def mixed_node_fwd_flat_kernel(
     x1_ptr, x2_ptr, a_ptr, m_ptr, out_ptr,
     K, B, CS, n_blk, m_stride_k,
@@ -242,10 +258,8 @@ def mixed_node_fwd_flat_kernel(
     contiguous; pass 1 otherwise, so one compiled kernel serves every S."""
     k, b, blk, flat, m = _flat_coords(K, CS, n_blk, BLOCK)
     w0, w1, w2, w3, w4, w5 = _load_weights(a_ptr, m_ptr, k, m_stride_k, HAS_MASK, HARD, A_FP64, IS_FP64)
-    a = _upcast(tl.load(_flat_operand(x1_ptr + k * s1k + b * s1b, flat, S, s1c, s1s, CONTIG1), mask=m, other=0.0),
-                IS_FP64)
-    bb = _upcast(tl.load(_flat_operand(x2_ptr + k * s2k + b * s2b, flat, S, s2c, s2s, CONTIG2), mask=m, other=0.0),
-                 IS_FP64)
+    a = _flat_load(x1_ptr + k * s1k + b * s1b, flat, m, S, s1c, s1s, CONTIG1, IS_FP64)
+    bb = _flat_load(x2_ptr + k * s2k + b * s2b, flat, m, S, s2c, s2s, CONTIG2, IS_FP64)
     u = _mix(a, bb, w0, w1, w2, w3, w4, w5)
     tl.store(out_ptr + (k * B + b) * CS + flat, u.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -303,21 +317,17 @@ def mixed_node_bwd_flat_kernel(
         k_hi = k_lo + 1
     ACC = tl.float64 if IS_FP64 else tl.float32
     if SHARED1:  # the same values for every node: read once
-        a = _upcast(tl.load(_flat_operand(x1_ptr + b * s1b, flat, S, s1c, s1s, CONTIG1), mask=m, other=0.0),
-                    IS_FP64)
+        a = _flat_load(x1_ptr + b * s1b, flat, m, S, s1c, s1s, CONTIG1, IS_FP64)
     if SHARED2:
-        bb = _upcast(tl.load(_flat_operand(x2_ptr + b * s2b, flat, S, s2c, s2s, CONTIG2), mask=m, other=0.0),
-                     IS_FP64)
+        bb = _flat_load(x2_ptr + b * s2b, flat, m, S, s2c, s2s, CONTIG2, IS_FP64)
     t1 = tl.zeros([BLOCK], dtype=ACC)
     t2 = tl.zeros([BLOCK], dtype=ACC)
     for k in range(k_lo, k_hi):
         w0, w1, w2, w3, w4, w5 = _load_weights(a_ptr, m_ptr, k, m_stride_k, HAS_MASK, HARD, A_FP64, IS_FP64)
         if not SHARED1:
-            a = _upcast(tl.load(_flat_operand(x1_ptr + k * s1k + b * s1b, flat, S, s1c, s1s, CONTIG1), mask=m,
-                                other=0.0), IS_FP64)
+            a = _flat_load(x1_ptr + k * s1k + b * s1b, flat, m, S, s1c, s1s, CONTIG1, IS_FP64)
         if not SHARED2:
-            bb = _upcast(tl.load(_flat_operand(x2_ptr + k * s2k + b * s2b, flat, S, s2c, s2s, CONTIG2), mask=m,
-                                 other=0.0), IS_FP64)
+            bb = _flat_load(x2_ptr + k * s2k + b * s2b, flat, m, S, s2c, s2s, CONTIG2, IS_FP64)
         row = (k * B + b) * CS  # of grad, and of an unshared operand's gradient
         du = _upcast(tl.load(g_ptr + row + flat, mask=m, other=0.0), IS_FP64)
         mn, mx = _min_max(a, bb)
@@ -325,17 +335,9 @@ def mixed_node_bwd_flat_kernel(
         _store_six_sums(pw, du * mn, du * mx, du * (a + bb), du * (a * bb), du * a, du * bb)
         eq = a == bb
         if NEED1:
-            d1 = du * _input_coef(a, bb, eq, w0, w1, w2, w3, w4)
-            if SHARED1:
-                t1 += d1
-            else:
-                tl.store(dx1_ptr + row + flat, d1.to(dx1_ptr.dtype.element_ty), mask=m)
+            t1 = _flat_grad(du * _input_coef(a, bb, eq, w0, w1, w2, w3, w4), t1, dx1_ptr + row + flat, m, SHARED1)
         if NEED2:
-            d2 = du * _input_coef(bb, a, eq, w0, w1, w2, w3, w5)
-            if SHARED2:
-                t2 += d2
-            else:
-                tl.store(dx2_ptr + row + flat, d2.to(dx2_ptr.dtype.element_ty), mask=m)
+            t2 = _flat_grad(du * _input_coef(bb, a, eq, w0, w1, w2, w3, w5), t2, dx2_ptr + row + flat, m, SHARED2)
     if NEED1 and SHARED1:
         tl.store(dx1_ptr + b * CS + flat, t1.to(dx1_ptr.dtype.element_ty), mask=m)
     if NEED2 and SHARED2:

@@ -59,10 +59,12 @@ Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
   ``FASTMOD_ROUTED_CONV_TC=0`` forces SIMT everywhere).  Tested on the CPU through a
   CUDA emulator (tests/cuda_emu), and on an H100 (2026-11-27: all 482 routed-conv
   tests pass).  Timed there, they are still slower than the dense cuDNN conv + mask
-  at most shapes (benchmarks/results/h100-2026-11-27), so on CUDA tensors
-  ``backend=None`` runs the reference (dense cuDNN conv + mask) and the kernels run
-  only when asked for with ``backend="cuda"`` (or, for every automatic call, the
-  environment variable ``FASTMOD_ROUTED_CONV_GPU=cuda``; ``=triton`` likewise).  (An earlier "cuda"
+  at most shapes (benchmarks/results/h100-2026-11-27), so they run only when asked
+  for with ``backend="cuda"`` (or, for every automatic call, the environment
+  variable ``FASTMOD_ROUTED_CONV_GPU=cuda``; ``=triton`` and ``=reference``
+  likewise).  On CUDA tensors ``backend=None`` runs :func:`gpu_auto_backend`'s
+  choice: "triton" for 16-bit grouped convs, measured faster than cuDNN on an
+  H200, the reference (dense cuDNN conv + mask) otherwise.  (An earlier "cuda"
   backend, ATen/cuDNN on host-compacted blocks, measured slower than dense on an
   H100 and was replaced.)
 * ``"triton"`` (``fastmod/ops/_routed_conv_triton.py``, ``kernels/routed_conv.py``):
@@ -70,18 +72,19 @@ Backends (``backend=None`` picks automatically, see ``fastmod.backends``):
   GEMMs on tensor cores (wgmma on Hopper; TF32 for fp32 when
   ``torch.backends.cudnn.allow_tf32`` allows it): "out"/"in" over a per-sample
   list of active blocks built on the device, "group" with one program per
-  (pixel tile, group, sample) that returns at once for an off pair.  x is read
-  channels-last (copied if it is not) and the output is a channels-last tensor,
-  except for 1x1, stride-1, unpadded "out"/"in" convs, which read an NCHW x in
-  place and return NCHW.
+  (pixel tile, group, sample) that returns at once for an off pair.  An NCHW x is
+  read in place, and the output is NCHW, for grouped convs and for 1x1, stride-1,
+  unpadded "out"/"in" convs; otherwise x is read channels-last (copied if it is
+  not) and the output is a channels-last tensor.
   Backward (``_routed_conv_triton_backward``): grad_x through the same kernels for
   stride 1 (off blocks skipped), the dense vendor grad_x otherwise; the dense
   vendor grad_weight of the gated operand; gate gradients from the saved output,
   plus one more kernel call over the off blocks for ``router_grad="exact"``.
-  Opt-in: on an H100 (2026-11-27) the "out"/"in" forward was 4-6x faster than the
-  "cuda" tensor-core kernel but still 1.5-2.8x the dense cuDNN path at FRN shapes
-  (benchmarks/results/h100-2026-11-27); "group" and the backward are not yet timed
-  on a GPU.
+  The automatic choice on CUDA for 16-bit grouped convs, opt-in elsewhere: on an
+  H200 (2026-11-27, benchmarks/results/h200-2026-11-27) the grouped 3x3 forward in
+  bf16 took 0.50-0.60 of the dense cuDNN path at rho 0.57, but the fp32 cases, FRN's
+  "out" convs (1.4-2.7x dense) and every fp32 training step timed (0.97-3.2x) are
+  still slower than dense.
 """
 from __future__ import annotations
 
@@ -221,15 +224,29 @@ if _extension.has_op("routed_conv2d"):
 GPU_ENV = "FASTMOD_ROUTED_CONV_GPU"  # what backend=None runs on CUDA tensors
 
 
-def _select(backend: str | None, device: torch.device) -> str:
+def gpu_auto_backend(dtype: torch.dtype, gate_on: str) -> str:
+    """What ``backend=None`` runs on a CUDA tensor under ``FASTMOD_ROUTED_CONV_GPU=auto``
+    (the default): the Triton kernels where they were measured faster than the dense
+    cuDNN conv + mask, the dense path elsewhere.  On an H200 (2026-11-27,
+    benchmarks/results/h200-2026-11-27) the grouped ("group") bf16 forward took
+    0.50-0.60 of cuDNN's time at rho 0.57 and 0.72-0.87 at rho 1.0 at BRN's three
+    shapes; fp16 runs the same tensor-core path (not timed separately).  In fp32 and
+    in the "out"/"in" modes the Triton kernels were slower than cuDNN somewhere."""
+    return "triton" if gate_on == "group" and dtype in (torch.float16, torch.bfloat16) else "reference"
+
+
+def _select(backend: str | None, x: torch.Tensor, gate_on: str) -> str:
+    device = x.device
     if backend in (None, "auto") and device.type == "cuda":
-        # The kernels are correct on an H100 but slower than cuDNN there (see the
-        # module docstring): "auto" keeps the dense cuDNN path until they beat it.
-        # FASTMOD_ROUTED_CONV_GPU=triton|cuda sends automatic calls (and so the
-        # modules and models) to a kernel backend, e.g. to time whole networks.
-        backend = backends.getenv(GPU_ENV, "reference") if backends.kernels_enabled() else "reference"
-        if backend not in ("reference", "triton", "cuda"):
-            raise ValueError(f"{GPU_ENV} must be reference, triton or cuda, got {backend!r}")
+        # FASTMOD_ROUTED_CONV_GPU=reference|triton|cuda sends every automatic call (and
+        # so the modules and models) to one path, e.g. to time whole networks.
+        backend = backends.getenv(GPU_ENV, "auto") if backends.kernels_enabled() else "reference"
+        if backend not in ("auto", "reference", "triton", "cuda"):
+            raise ValueError(f"{GPU_ENV} must be auto, reference, triton or cuda, got {backend!r}")
+        if backend == "auto":
+            backend = gpu_auto_backend(x.dtype, gate_on)
+            if not backends.available(backend, device):  # no Triton installed: the dense path
+                backend = "reference"
     return backends.select("routed_conv2d", backend, device, _IMPLEMENTED, cpp_op="routed_conv2d")
 
 
@@ -246,7 +263,7 @@ def routed_conv2d(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor,
     """
     stride, padding, dilation = _check(x, weight, gates, bias, stride, padding, dilation, groups,
                                        gate_on, router_grad)
-    chosen = _select(backend, x.device)
+    chosen = _select(backend, x, gate_on)
     if chosen == "reference":
         return routed_conv2d_reference(x, weight, gates, bias, stride=stride, padding=padding,
                                        dilation=dilation, groups=groups, gate_on=gate_on,
