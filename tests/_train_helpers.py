@@ -33,3 +33,13 @@ def data_cache(tmp_path_factory):
     d = tmp_path_factory.mktemp("fastmod-data")
     os.environ.setdefault("FASTMOD_CACHE", str(d / "cache"))
     return d
+
+
+def padded_questions(lens, num_tokens: int):
+    """[len(lens), max(lens)] token ids: random real tokens (1 ... num_tokens - 1)
+    up to each length, <NULL> (0) after; for the question encoders' tests."""
+    import torch
+    q = torch.zeros(len(lens), int(max(lens)), dtype=torch.long)
+    for i, n in enumerate(lens):
+        q[i, :n] = torch.randint(1, num_tokens, (int(n),))
+    return q

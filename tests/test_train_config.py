@@ -84,7 +84,7 @@ def test_every_option_has_help():
 @pytest.mark.parametrize("argv, message", [
     (["--model", "nope"], "unknown model 'nope'"),
     (["--model", "lnmn"], "not implemented yet"),
-    (["--model", "qgmrn-frn"], "not implemented yet"),
+    (["--model", "stack-nmn"], "not implemented yet"),
     (["--data-dir", "/does/not/exist"], "data directory '/does/not/exist' does not exist"),
     (["--set", "train.nope=1"], "unknown config key 'train.nope'"),
     (["--set", "train.epochs"], "--set expects key=value"),

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from _train_helpers import padded_questions
 from fastmod.models.baselines import CnnLstmModel, LstmEncoder, LstmModel
 from fastmod.train import registry
 from fastmod.train.config import BASE, merge
@@ -11,9 +12,7 @@ from fastmod.train.optim import OptimScheme, adam_scheme
 def test_encoder_takes_the_last_real_token():
     enc = LstmEncoder(20, wordvec_dim=6, rnn_dim=5, rnn_num_layers=2)
     lens = torch.tensor([7, 3, 1, 5])
-    q = torch.zeros(4, 7, dtype=torch.long)
-    for i, n in enumerate(lens):
-        q[i, :n] = torch.randint(1, 20, (int(n),))
+    q = padded_questions(lens, 20)
     got = enc(q, lens)
     packed = torch.nn.utils.rnn.pack_padded_sequence(enc.embed(q), lens, batch_first=True, enforce_sorted=False)
     _, (h, _) = enc.rnn(packed)

@@ -1,7 +1,8 @@
 """Models.  ``fastmod.train.registry`` maps the command-line names
-(``lstm``, ``cnn-lstm``, ...) to builders here.  Every model is called as
+(``lstm``, ``cnn-lstm``, ``qgmrn-brn``, ...) to builders here.  Every model is called as
 ``model(question [B,T], question_len [B], visual [B,C,H,W])`` and returns
 answer logits [B, A] (or ``(logits, aux_loss)``)."""
 from fastmod.models.baselines import CnnLstmModel, LstmEncoder, LstmModel
+from fastmod.models.qgmrn import QGMRN, GruEncoder
 
-__all__ = ["LstmModel", "CnnLstmModel", "LstmEncoder"]
+__all__ = ["LstmModel", "CnnLstmModel", "LstmEncoder", "QGMRN", "GruEncoder"]

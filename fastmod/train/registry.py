@@ -52,8 +52,6 @@ PLANNED: dict[str, str] = {
     "lnmn-11": "LNMN (11 modules)",
     "lnmn-14": "LNMN (14 modules)",
     "stack-nmn": "Stack-NMN (9 modules)",
-    "qgmrn-brn": "QGMRN with branch routing (ResNeXt)",
-    "qgmrn-frn": "QGMRN with filter routing (ResNet)",
 }
 
 
@@ -111,6 +109,26 @@ def _build_cnn_lstm(cfg: dict, ctx: ModelContext) -> nn.Module:
     return CnnLstmModel(ctx.num_tokens, ctx.num_answers, ctx.visual_shape, ctx.is_pixels, **cfg)
 
 
+# QGMRN (paper 003, section 4.2): embedding 200, GRU 512, tau 1, modules start on with
+# probability 0.7; Adam 3e-4, betas (0.9, 0.999), batch 64; 224 x 224 pixels.
+_QGMRN_PAPER: dict[str, Any] = {
+    "wordvec_dim": 200, "rnn_dim": 512, "stem_channels": 64, "tau": 1.0, "init_prob": 0.7, "load_weight": 0.01,
+    "classifier_proj_dim": 512, "fc_dims": [1024], "fc_dropout": 0.0, "router_grad": "exact",
+}
+_QGMRN_QUICK = {"wordvec_dim": 64, "rnn_dim": 128, "stem_channels": 16, "classifier_proj_dim": 64, "fc_dims": [256]}
+
+
+def _build_qgmrn(variant: str):
+    def build(cfg: dict, ctx: ModelContext) -> nn.Module:
+        from fastmod.models.qgmrn import QGMRN
+
+        if not ctx.is_pixels:
+            raise UsageError(f"qgmrn-{variant} trains from raw pixels (paper 003, section 4.1); "
+                             "drop data.features_h5")
+        return QGMRN(ctx.num_tokens, ctx.num_answers, ctx.visual_shape, variant=variant, **cfg)
+    return build
+
+
 def _with(model: dict, **sections) -> dict:
     out = {k: dict(v) for k, v in sections.items()}
     out["model"] = model
@@ -141,4 +159,26 @@ def _load_builtin() -> None:
                         "cnn_pooling": "maxpool2"}, **paper_train),
         quick=_with({**_LSTM_QUICK, "stem_channels": [32, 64, 64, 64], "cnn_proj_dim": 0,
                      "cnn_pooling": "none"}, **_QUICK_TRAIN),
+    ))
+    qgmrn_train = {"train": {"epochs": 20, "batch_size": 64}, "optim": {"lr": 3e-4}}
+    register(ModelSpec(
+        name="qgmrn-brn",
+        description="QGMRN, branch routing: GRU -> Gumbel-sigmoid router -> routed ResNeXt-26 (c=32, GN)",
+        build=_build_qgmrn("brn"),
+        defaults=_with({**_QGMRN_PAPER, "depths": [2, 2, 2, 2], "widths": [64, 128, 256, 256], "cardinality": 32,
+                        "norm3": "gn"}, **qgmrn_train),
+        quick=_with({**_QGMRN_QUICK, "depths": [1, 1, 1, 1], "widths": [16, 32, 64, 64], "cardinality": 8,
+                     "norm3": "gn"}, **_QUICK_TRAIN),
+        find_unused_parameters=True,
+    ))
+    register(ModelSpec(
+        name="qgmrn-frn",
+        description="QGMRN, filter routing: GRU -> Gumbel-sigmoid router -> filter-routed ResNet-34",
+        build=_build_qgmrn("frn"),
+        # the paper warms FRN's learning rate up from 3e-6 (its length is not given)
+        defaults=_with({**_QGMRN_PAPER, "depths": [3, 4, 6, 3], "widths": [64, 128, 256, 512]},
+                       train=qgmrn_train["train"],
+                       optim={"lr": 3e-4, "warmup_steps": 2000, "warmup_start_lr": 3e-6}),
+        quick=_with({**_QGMRN_QUICK, "depths": [1, 1, 1, 1], "widths": [16, 32, 64, 64]}, **_QUICK_TRAIN),
+        find_unused_parameters=True,
     ))
