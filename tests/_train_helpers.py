@@ -9,13 +9,17 @@ import pytest
 
 TINY_MODEL = ["model.wordvec_dim=8", "model.rnn_dim=16", "model.rnn_num_layers=1", "model.fc_dims=[16]"]
 TINY_CNN = ["model.stem_channels=[4,8]", "model.cnn_proj_dim=0", "model.cnn_pooling=none"]
+TINY_QGMRN = ["model.wordvec_dim=8", "model.rnn_dim=16", "model.fc_dims=[16]", "model.stem_channels=4",
+              "model.classifier_proj_dim=8", "model.widths=[8,8,16,16]"]
 
 
 def tiny_args(cache_dir, out, model="cnn-lstm", *extra_set, steps=None, epochs=2, tiny_model=True) -> list[str]:
     sets = ["data.generated.n_train=12", "data.generated.n_val=4", "data.generated.image_size=32",
             "data.generated.questions_per_image=4", "data.image_size=32", f"data.cache_dir={cache_dir}",
             "data.num_workers=0", "train.batch_size=8", "train.eval_batch_size=16", "train.log_every=2",
-            "train.ckpt_every=4", "train.tensorboard=false", "train.threads=1", *(TINY_MODEL if tiny_model else [])]
+            "train.ckpt_every=4", "train.tensorboard=false", "train.threads=1"]
+    if tiny_model:
+        sets += TINY_QGMRN if model.startswith("qgmrn") else TINY_MODEL
     if model == "cnn-lstm":
         sets += TINY_CNN
     sets += list(extra_set)
