@@ -11,6 +11,8 @@ TINY_MODEL = ["model.wordvec_dim=8", "model.rnn_dim=16", "model.rnn_num_layers=1
 TINY_CNN = ["model.stem_channels=[4,8]", "model.cnn_proj_dim=0", "model.cnn_pooling=none"]
 TINY_QGMRN = ["model.wordvec_dim=8", "model.rnn_dim=16", "model.fc_dims=[16]", "model.stem_channels=4",
               "model.classifier_proj_dim=8", "model.widths=[8,8,16,16]"]
+TINY_LNMN = ["model.wordvec_dim=8", "model.lstm_dim=16", "model.map_dim=8", "model.fc_dims=[16]",
+             "model.stem_channels=[4]", "model.steps=2", "model.stack_len=3"]
 
 
 def tiny_args(cache_dir, out, model="cnn-lstm", *extra_set, steps=None, epochs=2, tiny_model=True) -> list[str]:
@@ -19,7 +21,7 @@ def tiny_args(cache_dir, out, model="cnn-lstm", *extra_set, steps=None, epochs=2
             "data.num_workers=0", "train.batch_size=8", "train.eval_batch_size=16", "train.log_every=2",
             "train.ckpt_every=4", "train.tensorboard=false", "train.threads=1"]
     if tiny_model:
-        sets += TINY_QGMRN if model.startswith("qgmrn") else TINY_MODEL
+        sets += TINY_QGMRN if model.startswith("qgmrn") else TINY_LNMN if model.startswith("lnmn") else TINY_MODEL
     if model == "cnn-lstm":
         sets += TINY_CNN
     sets += list(extra_set)

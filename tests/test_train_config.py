@@ -83,7 +83,6 @@ def test_every_option_has_help():
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "nope"], "unknown model 'nope'"),
-    (["--model", "lnmn"], "not implemented yet"),
     (["--model", "stack-nmn"], "not implemented yet"),
     (["--data-dir", "/does/not/exist"], "data directory '/does/not/exist' does not exist"),
     (["--set", "train.nope=1"], "unknown config key 'train.nope'"),

@@ -48,9 +48,6 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 # Names of both papers' models that later work will register.
 PLANNED: dict[str, str] = {
-    "lnmn": "LNMN (9 modules)",
-    "lnmn-11": "LNMN (11 modules)",
-    "lnmn-14": "LNMN (14 modules)",
     "stack-nmn": "Stack-NMN (9 modules)",
 }
 
@@ -129,6 +126,33 @@ def _build_qgmrn(variant: str):
     return build
 
 
+# LNMN (paper 000, sections 3-4, Table 2's original setting): T = 5, L = 5, map_dim 384;
+# weights Adam 1e-4 (0.9, 0.999), alphas Adam 3e-4 (0.5, 0.999) with weight decay 1e-3,
+# lambda_op 1; lambda_w 1 -> 0 over 20 epochs, -> -1 over the next 10 (CLEVR: ~700k
+# questions, 10937 steps of 64 an epoch).
+_LNMN_PAPER: dict[str, Any] = {
+    "steps": 5, "stack_len": 5, "map_dim": 384, "lstm_dim": 512, "wordvec_dim": 300,
+    "stem_channels": [64, 128, 256, 512], "normalize_nodes": True, "fc_dims": [512], "entropy_weight": 1.0,
+    "entropy_schedule": [218750, 109375], "sparsity_weight": 1.0,
+}
+_LNMN_OPTIM = {"lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.0,
+               "arch": {"lr": 3e-4, "betas": [0.5, 0.999], "weight_decay": 1e-3}}
+_LNMN_QUICK = {"map_dim": 32, "lstm_dim": 64, "wordvec_dim": 32, "stem_channels": [16, 32], "fc_dims": [128],
+               "entropy_schedule": [1250, 625]}
+
+
+def _build_lnmn(cfg: dict, ctx: ModelContext) -> nn.Module:
+    from fastmod.models.lnmn import LNMN
+
+    return LNMN(ctx.num_tokens, ctx.num_answers, ctx.visual_shape, ctx.is_pixels, **cfg)
+
+
+def _lnmn_scheme(model: nn.Module, optim_cfg: dict):
+    from fastmod.models.lnmn import lnmn_scheme
+
+    return lnmn_scheme(model, optim_cfg)
+
+
 def _with(model: dict, **sections) -> dict:
     out = {k: dict(v) for k, v in sections.items()}
     out["model"] = model
@@ -160,6 +184,17 @@ def _load_builtin() -> None:
         quick=_with({**_LSTM_QUICK, "stem_channels": [32, 64, 64, 64], "cnn_proj_dim": 0,
                      "cnn_pooling": "none"}, **_QUICK_TRAIN),
     ))
+    for name, counts in (("lnmn", [4, 2, 1, 1]), ("lnmn-11", [4, 2, 2, 2]), ("lnmn-14", [5, 4, 2, 2])):
+        register(ModelSpec(
+            name=name,
+            description=f"LNMN ({sum(counts) + 1} modules: {counts[0]}+{counts[1]} attention, {counts[2]}+{counts[3]} "
+                        "answer, NoOp), Stack-NMN with mixed-node generic modules",
+            build=_build_lnmn,
+            defaults=_with({**_LNMN_PAPER, "modules": counts}, train={"epochs": 30, "batch_size": 64},
+                           optim=_LNMN_OPTIM),
+            quick=_with({**_LNMN_QUICK}, **_QUICK_TRAIN),
+            optimizers=_lnmn_scheme,
+        ))
     qgmrn_train = {"train": {"epochs": 20, "batch_size": 64}, "optim": {"lr": 3e-4}}
     register(ModelSpec(
         name="qgmrn-brn",
