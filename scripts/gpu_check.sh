@@ -14,13 +14,14 @@
 #    copied to channels-last, as before)                            -> routed_triton*.txt
 # 3. with the extension: the routed-conv CUDA kernels profiled      -> routed_profile.txt;
 #    the CUDA tests (routed conv, modules, models)                  -> tests_cuda.log;
-#    the routed-conv benchmark (CPU subset of shapes), routed vs dense -> bench_routed_conv.json
+#    the routed-conv benchmark (CPU subset of shapes), routed vs dense -> bench_routed_conv.json;
+#    whole models (benchmarks/bench_models.py), kernels on vs off      -> bench_models.json
 # Results go to $OUT: env.txt (per-stage rc and seconds), summary.md, and every log
 # and JSON in results.tgz (the device tool brings back at most 8 files; the archive
 # is rewritten after each stage, so a run cut short still returns what it had).  A stage
 # starts only with at least 20 s left and is cut at its own limit or the deadline,
 # whichever comes first, so a slow stage still leaves the later ones some time.
-# Overrides: DEADLINE, BUILD_LIMIT, ROUTED_BENCH_LIMIT, TEST_LIMIT, BENCH_LIMIT,
+# Overrides: DEADLINE, BUILD_LIMIT, ROUTED_BENCH_LIMIT, MODELS_LIMIT, TEST_LIMIT, BENCH_LIMIT,
 # TUNE_LIMIT, TUNE_MN_LIMIT (seconds); TRITON_TESTS, CUDA_TESTS, TEST_WORKERS; TUNE_CONFIGS (see
 # scripts/profile_routed_triton.py --configs); ROUTED_CASES (its --cases); TUNE_MN_ARGS (more
 # arguments of benchmarks/tune_mixed_node.py); BENCHES (default "mixed_node gumbel_gate"); SKIP (parts to leave out, see want below);
@@ -36,8 +37,8 @@ T0=$(date +%s)
 
 # want PART: whether PART is not named in SKIP (space-separated; parts: bandwidth,
 # bench_fwd_bwd, bench_fwd, launch_counts, tests_triton, tune_mixed_node, routed_triton,
-# routed_triton_cl, routed_triton_copy, routed_profile, tests_cuda, routed_bench; the build
-# has SKIP_BUILD).
+# routed_triton_cl, routed_triton_copy, routed_profile, tests_cuda, routed_bench,
+# bench_models; the build has SKIP_BUILD).
 want() { case " ${SKIP:-} " in *" $1 "*) return 1 ;; *) return 0 ;; esac; }
 
 # pack: copy the two short reports to $OUT and everything into $OUT/results.tgz
@@ -195,6 +196,10 @@ if want routed_bench; then
   FASTMOD_ROUTED_CONV_GPU=${FASTMOD_ROUTED_CONV_GPU:-triton} \
   FASTMOD_BENCH_FULL=${FASTMOD_BENCH_FULL:-0} FASTMOD_BENCH_IMPLS=${FASTMOD_BENCH_IMPLS:-routed,dense} \
       bench routed_conv "${ROUTED_BENCH_LIMIT:-120}"
+fi
+if want bench_models; then
+  echo "== whole models (LNMN, QGMRN-BRN/FRN): training step and inference, kernels on vs off"
+  bench models "${MODELS_LIMIT:-120}"
 fi
 cat "$RES/summary.md"
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$RES/env.txt"
