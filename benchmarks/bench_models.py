@@ -4,11 +4,14 @@ auxiliary loss included) and an inference forward, with fastmod's kernels
 (``use_kernels=False``), side by side in one run.
 
 CPU: each model's quick preset (the one ``python -m fastmod.train`` trains with no
-dataset), batch 32, 64 x 64 images.  GPU: the paper configurations, batch 64
-(QGMRN on 224 x 224 pixels; LNMN on 1024 x 14 x 14 feature maps, as Stack-NMN).
+dataset), batch 32, 64 x 64 images.  GPU, or ``FASTMOD_BENCH_PAPER=1``: the paper
+configurations (QGMRN on 224 x 224 pixels; LNMN on 1024 x 14 x 14 feature maps, as
+Stack-NMN), batch 64 on a GPU, 4 on the CPU (``FASTMOD_BENCH_BATCH`` overrides).
 Wall clock with a sync (the LNMN controller packs variable-length questions on the
 host, so its steps cannot be captured in a CUDA graph).
 """
+import os
+
 import pytest
 import torch
 
@@ -19,16 +22,17 @@ from fastmod.train.config import BASE, merge
 
 MODELS = ("lnmn", "qgmrn-brn", "qgmrn-frn")
 GPU = DEVICE == "cuda"
-BATCH = 64 if GPU else 32
+PAPER = GPU or os.environ.get("FASTMOD_BENCH_PAPER") == "1"
+BATCH = int(os.environ.get("FASTMOD_BENCH_BATCH", 64 if GPU else 4 if PAPER else 32))
 
 
 def _model(name):
     spec = registry.get(name)
     cfg = merge(BASE, spec.defaults, "bench", strict=False)
-    if not GPU:
+    if not PAPER:
         cfg = merge(cfg, spec.quick, "bench")
-    pixels = name.startswith("qgmrn") or not GPU
-    shape = ((3, 224, 224) if GPU else (3, 64, 64)) if pixels else (1024, 14, 14)
+    pixels = name.startswith("qgmrn") or not PAPER
+    shape = ((3, 224, 224) if PAPER else (3, 64, 64)) if pixels else (1024, 14, 14)
     ctx = registry.ModelContext(num_tokens=90, num_answers=28, visual_shape=shape, is_pixels=pixels)
     return spec.build(cfg["model"], ctx).to(DEVICE), shape
 
@@ -63,5 +67,6 @@ def test_model(benchmark, impl, name, pass_):
             model.zero_grad(set_to_none=True)
             logits, aux = model(q, lens, vis)
             (torch.nn.functional.cross_entropy(logits, ans) + aux).backward()
-    run(benchmark, step, group=f"model {name} {pass_}", impl=impl, nbytes=0, n_rounds=10 if GPU else 3,
+    run(benchmark, step, group=f"model {name} {pass_}{' paper' if PAPER else ''}", impl=impl, nbytes=0,
+        n_rounds=10 if GPU else 3,
         warmup=2 if GPU else 1, graph=False, batch=BATCH)
