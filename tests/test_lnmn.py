@@ -32,6 +32,34 @@ def test_stack_pointer_moves_and_stops_at_the_ends():
     assert torch.equal(stack_read(att, torch.eye(4)[[2]]), torch.full((1, 1, 2, 2), 2.0))
 
 
+def test_step_moves_the_stack_like_stack_nmn():
+    """One step with all weight on one module: an attention 3-in module at the bottom
+    writes its map above the initial one (pop stays at the bottom, push moves up);
+    a 4-in module pops two maps and writes one; NoOp leaves everything as it was."""
+    m = _tiny().eval()
+    B, L = 2, m.L
+    img = torch.randn(B, m.D, 4, 4)
+    att = torch.zeros(B, L, 4, 4)
+    att[:, 0] = 1.0
+    ptr = torch.eye(L)[[0, 0]]
+    mem, c = torch.randn(B, m.D), torch.randn(B, 16)
+
+    def only(i):
+        w = torch.zeros(B, m.num_modules)
+        w[:, i] = 1.0
+        return w
+    with torch.no_grad():
+        a1, p1, mem1 = m._step(img, att, ptr, mem, c, only(0))             # attention 3-in
+        assert p1.argmax(1).tolist() == [1, 1] and torch.equal(a1[:, 0], att[:, 0])
+        torch.testing.assert_close(a1[:, 1:2], m.groups["att3"](img, (att[:, :1],), c, mem)[:, :1])
+        torch.testing.assert_close(mem1, mem)                               # carried through
+        ptr2 = torch.eye(L)[[1, 1]]  # a sharp pointer at slot 1
+        a2, p2, _ = m._step(img, a1, ptr2, mem, c, only(2))                # attention 4-in: pops 2, pushes 1
+        assert p2.argmax(1).tolist() == [1, 1]
+        a3, p3, mem3 = m._step(img, a1, ptr2, mem, c, only(m.num_modules - 1))  # NoOp
+        assert torch.equal(a3, a1) and torch.equal(mem3, mem) and p3.argmax(1).tolist() == [1, 1]
+
+
 def test_train_output_aux_and_every_parameter_learns():
     m = _tiny()
     out, aux = m(*_batch())

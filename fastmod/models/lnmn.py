@@ -14,8 +14,10 @@ Structure (paper sections 2 and 3, Algorithm 1):
   module's, and the pointer is sharpened, softmax(p / 0.2), as Stack-NMN does.
 * Generic modules (section 3.1), each with its own 1x1 conv of the image features
   (conv1), linear map of c_t (W1) and mixed nodes:
-  - attention, 3 inputs (pops 1, pushes 1): node(conv1(I), a) -> node(W1 c, .) ->
-    1x1 conv to one channel (the new map);
+  - attention, 3 inputs (pops 1, pushes 1; a pop at the bottom slot leaves the
+    pointer there and the push moves it up, as in Stack-NMN, so the first result
+    lands above the initial map): node(conv1(I), a) -> node(W1 c, .) -> 1x1 conv to
+    one channel (the new map);
   - attention, 4 inputs (pops 2, pushes 1): node(a1, a2) -> node(conv1(I), .) ->
     node(W1 c, .) -> 1x1 conv;
   - answer, 3 / 4 inputs (pop 1 / 2, push an all-zero map, as Stack-NMN's answer
@@ -241,9 +243,12 @@ class LNMN(nn.Module):
 
     def _step(self, img, att, ptr, mem, c, w):
         """One time step: every module on the current stack, then the w-weighted average."""
+        # Pops move the pointer down (staying at the bottom), a push moves it up and
+        # writes: so a module at the bottom slot writes its map above the initial one.
         top = stack_read(att, ptr)
-        below_ptr = ptr_pop(ptr)
-        below = stack_read(att, below_ptr)
+        popped1 = ptr_pop(ptr)
+        below = stack_read(att, popped1)
+        write_at = {3: ptr_push(popped1), 4: ptr_push(ptr_pop(popped1))}
         new_att = torch.zeros_like(att)
         new_ptr = torch.zeros_like(ptr)
         new_mem = torch.zeros_like(mem)
@@ -251,7 +256,7 @@ class LNMN(nn.Module):
         for name, group in self.groups.items():
             wg = w[:, col:col + group.K]                                       # [B, K]
             col += group.K
-            p = ptr if group.inputs == 3 else below_ptr                        # where the result goes
+            p = write_at[group.inputs]                                         # where the result goes
             maps = (top,) if group.inputs == 3 else (top, below)
             out = group(img, maps, c, mem)
             wsum = wg.sum(1)
