@@ -17,18 +17,19 @@ NORM_EPS = 1e-12
 # tiles); benchmarks/tune_mixed_node.py times alternatives on a GPU.
 # fwd_flat / bwd_flat: without normalize, the forward (always) and the backward (when
 # both operands are full over B and C) run on flat 1-D blocks of C * S (the *_flat
-# kernels) rather than [C, S] tiles.  k_inner: with K > 1 nodes
-# sharing an operand, one backward program walks all K (that operand's gradient summed
-# in registers) rather than one node each with atomics.  s_cap_reduced: the S-block
-# cap when an operand is broadcast over S (1024: one block spans S, so its gradient is
-# summed without atomics; smaller: atomics across S blocks, fewer idle lanes at S = 196).
+# kernels) rather than [C, S] tiles.  The tiled backward (normalize, or an operand
+# broadcast over B or C) has two more switches.  k_inner: with K > 1 nodes sharing an
+# operand, one program walks all K (that operand's gradient summed in registers)
+# rather than one node each with atomics.  s_cap_reduced: the S-block cap when an
+# operand is broadcast over S (1024: one block spans S, so its gradient is summed
+# without atomics; smaller: atomics across S blocks).
 # Chosen from benchmarks/tune_mixed_node.py on an H200 (2026-11-27,
-# benchmarks/results/h200-2026-11-27): s_cap 64 halved the normalised node's time
-# (fwd 0.112 -> 0.056 ms), bwd_c_iters 4 cut the textual fwd+bwd 0.114 -> 0.086 ms,
-# bwd_tile 2048 was best or within 2% everywhere.
+# benchmarks/results/h200-2026-11-27): s_cap 64 halved the normalised node's forward
+# (0.112 -> 0.056 ms); bwd_c_iters 4 cut the tiled textual fwd+bwd 0.114 -> 0.086 ms
+# (before the flat backward took that case over, at 0.054 ms); tile 2048 with 4 warps
+# was best, or within 2%, for every kernel.
 CONFIG = {"fwd_tile": 2048, "bwd_tile": 2048, "fwd_warps": 4, "bwd_warps": 4, "s_cap": 64, "bwd_c_iters": 4,
-          "fwd_flat": True, "bwd_flat": True, "k_inner": True,
-          "s_cap_reduced": 1024}
+          "fwd_flat": True, "bwd_flat": True, "k_inner": True, "s_cap_reduced": 1024}
 
 
 def _pow2(n: int) -> int:
