@@ -12,7 +12,7 @@ path pays.  An NCHW x is read in place, and an NCHW output written, by
 - grouped ("group") convs (BRN's 3x3): coalesced along pixels but not in vectors.
   The kernel is slower than on channels-last, but less so than the two layout
   copies cost: on an H200 (2026-11-27) the whole call at rho 0.57 went from 0.93x to
-  0.50x of cuDNN's time in bf16 and 0.94x to 0.80x in fp32 at 64 x 56 x 56 x 64.
+  0.50x of cuDNN's time in bf16 and 0.94x to 0.80x in fp32 (N = 64, 64 channels, 56 x 56).
 
 Other NCHW x are copied to channels-last first (25-100 us of the H100 calls timed on
 2026-11-27).  ``CONFIG["nchw_in_place"]``: None for the rule above, True or False to
