@@ -155,3 +155,31 @@ def test_bad_arguments():
         _tiny(steps=0)
     with pytest.raises(ValueError, match="lstm_dim"):
         _tiny(lstm_dim=15)
+
+
+def test_bilstm_encoder_matches_packed_sequences_and_ignores_padding():
+    from fastmod.models.lnmn import BiLstmEncoder
+    enc = BiLstmEncoder(20, 6, 10)
+    lens = torch.tensor([7, 3, 1, 5])
+    q = padded_questions(lens, 20)
+    hs, qv, mask = enc(q, lens)
+    emb = enc.embed(q)
+    for b, n in enumerate(lens.tolist()):  # each question alone, no padding
+        f, (hf, _) = enc.fwd(emb[b:b + 1, :n])
+        r, (hr, _) = enc.bwd(emb[b:b + 1, :n].flip(1))
+        torch.testing.assert_close(hs[b, :n], torch.cat([f[0], r[0].flip(0)], 1))
+        torch.testing.assert_close(qv[b], torch.cat([hf[0, 0], hr[0, 0]]))
+    assert mask.sum(1).tolist() == lens.tolist()
+    longer = torch.cat([q, torch.zeros(4, 3, dtype=torch.long)], 1)
+    torch.testing.assert_close(enc(longer, lens)[1], qv)
+
+
+def test_compiles_as_one_graph():
+    """No graph breaks: the kernels are torch.library ops and the encoder needs no
+    host values (Dynamo's LSTM support is behind allow_rnn)."""
+    m = _tiny().eval()
+    batch = _batch()
+    with torch.no_grad(), torch._dynamo.config.patch(allow_rnn=True):
+        want = m(*batch)
+        got = torch.compile(m, fullgraph=True)(*batch)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -5,7 +5,8 @@ weighted by softmax(alpha)), trained DARTS-style.
 Structure (paper sections 2 and 3, Algorithm 1):
 
 * Controller: word embeddings -> bidirectional LSTM, outputs h_s [B, S, d] and the
-  question vector q [B, d] (both directions' final states).  At each of T steps,
+  question vector q [B, d] (both directions' final states; no host synchronisation,
+  see ``BiLstmEncoder``).  At each of T steps,
   u = W2 [W1(t) q + b1; c_(t-1)] + b2; the module weights w(t) = softmax(MLP(u));
   the textual parameter c_t = sum_s softmax_s(W3 (u * h_s)) h_s.
 * A differentiable stack of L attention maps [B, L, H, W] with a soft pointer
@@ -78,24 +79,34 @@ def ptr_pop(ptr: torch.Tensor) -> torch.Tensor:
 
 class BiLstmEncoder(nn.Module):
     """Embedding -> bidirectional LSTM.  Returns (h [B, S, d], q [B, d], mask [B, S]):
-    the per-token outputs, both directions' final states, the real tokens."""
+    the per-token outputs (both directions), both directions' final states, the real
+    tokens.  The backward direction runs over each question reversed within its own
+    length (a gather on the device), so padding never enters it and nothing waits on
+    the host: no packed sequences, so ``torch.compile(fullgraph=True)`` traces the
+    whole model (with Dynamo's ``allow_rnn`` for the LSTMs)."""
 
     def __init__(self, num_tokens: int, wordvec_dim: int, dim: int):
         super().__init__()
         if dim % 2:
             raise ValueError(f"lstm_dim must be even (two directions), got {dim}")
         self.embed = nn.Embedding(num_tokens, wordvec_dim, padding_idx=0)
-        self.rnn = nn.LSTM(wordvec_dim, dim // 2, batch_first=True, bidirectional=True)
+        self.fwd = nn.LSTM(wordvec_dim, dim // 2, batch_first=True)
+        self.bwd = nn.LSTM(wordvec_dim, dim // 2, batch_first=True)
 
     def forward(self, question: torch.Tensor, question_len: torch.Tensor):
         S = question.shape[1]
-        lens = question_len.clamp(min=1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(question), lens, batch_first=True,
-                                                   enforce_sorted=False)
-        out, (h, _) = self.rnn(packed)
-        hs, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=S)
-        mask = torch.arange(S, device=question.device)[None, :] < lens.to(question.device)[:, None]
-        return hs, torch.cat([h[0], h[1]], 1), mask
+        lens = question_len.to(question.device).long().clamp(1, S)
+        pos = torch.arange(S, device=question.device).expand(question.shape[0], S)
+        mask = pos < lens[:, None]
+        # position s <-> len - 1 - s inside each question, padding left in place
+        rev = torch.where(mask, lens[:, None] - 1 - pos, pos)
+        emb = self.embed(question)
+        hf, _ = self.fwd(emb)
+        hb_rev, _ = self.bwd(emb.gather(1, rev[..., None].expand_as(emb)))
+        hb = hb_rev.gather(1, rev[..., None].expand_as(hb_rev))  # back to question order
+        q = torch.cat([hf.gather(1, (lens - 1).view(-1, 1, 1).expand(-1, 1, hf.shape[2])).squeeze(1),
+                       hb[:, 0]], 1)
+        return torch.cat([hf, hb], 2), q, mask
 
 
 class GenericModules(nn.Module):
