@@ -121,3 +121,13 @@ def test_bad_arguments():
         QGMRN(30, 11, (3, 32, 32), depths=(1, 1), widths=(16,))
     with pytest.raises(ValueError, match="cardinality"):
         QGMRN(30, 11, (3, 32, 32), widths=(12, 32, 64, 64), cardinality=8)
+
+
+def test_compiles_as_one_graph():
+    """No graph breaks (Dynamo's LSTM/GRU support is behind allow_rnn)."""
+    m = _tiny("brn").eval()
+    batch = _batch()
+    with torch.no_grad(), torch._dynamo.config.patch(allow_rnn=True):
+        want = m(*batch)
+        got = torch.compile(m, fullgraph=True)(*batch)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
