@@ -17,6 +17,7 @@ import torch
 
 from _harness import run
 from conftest import DEVICE
+from fastmod.nn import set_use_kernels
 from fastmod.train import registry
 from fastmod.train.config import BASE, merge
 
@@ -37,19 +38,13 @@ def _model(name):
     return spec.build(cfg["model"], ctx).to(DEVICE), shape
 
 
-def _set_kernels(model, on: bool):
-    for m in model.modules():
-        if hasattr(m, "use_kernels"):
-            m.use_kernels = on
-
-
 @pytest.mark.parametrize("impl", ["fastmod", "reference"])
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("pass_", ["infer", "train"])
 def test_model(benchmark, impl, name, pass_):
     torch.manual_seed(0)
     model, shape = _model(name)
-    _set_kernels(model, impl == "fastmod")
+    set_use_kernels(model, impl == "fastmod")
     lens = torch.randint(4, 20, (BATCH,), device=DEVICE)
     q = torch.randint(1, 90, (BATCH, 20), device=DEVICE) * (torch.arange(20, device=DEVICE) < lens[:, None])
     vis = torch.randn(BATCH, *shape, device=DEVICE)

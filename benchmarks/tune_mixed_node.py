@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from _harness import cuda_graph, fresh_leaves
+from _harness import compiled, cuda_graph, fresh_leaves
 from fastmod import ops
 from fastmod.ops import _mixed_node_triton as impl
 
@@ -66,7 +66,7 @@ def main():
 
         if args.profile:
             profile_step(name, both, lambda: torch.autograd.grad(
-                compiled_ref(x1, x2, alpha, normalize=norm), (x1, x2, alpha), g))
+                compiled(ops.mixed_node_reference)(x1, x2, alpha, normalize=norm), (x1, x2, alpha), g))
         flat_cfgs = [] if norm else sorted({(tile, warps, None) for tile, warps, _ in FWD})  # s_cap: unused
         fwd_cfgs = [(c, False) for c in FWD] + [(c, True) for c in flat_cfgs]
         for (tile, warps, s_cap), flat in fwd_cfgs if "fwd" in args.passes.split(",") else []:
@@ -97,16 +97,6 @@ def main():
         print(name, "best:", best, flush=True)
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
-
-
-def compiled_ref(*args, **kwargs):
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(ops.mixed_node_reference)
-    return _COMPILED(*args, **kwargs)
-
-
-_COMPILED = None
 
 
 def profile_step(name, fastmod_step, compile_step):

@@ -49,3 +49,14 @@ def padded_questions(lens, num_tokens: int):
     for i, n in enumerate(lens):
         q[i, :n] = torch.randint(1, num_tokens, (int(n),))
     return q
+
+
+def output_and_grads(model, batch, use_kernels: bool):
+    """model(*batch) on its kernel or reference path, and every parameter's gradient
+    of the squared output's sum: (output, {name: grad})."""
+    from fastmod.nn import set_use_kernels
+    set_use_kernels(model, use_kernels)
+    model.zero_grad()
+    out = model(*batch)
+    out.square().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}

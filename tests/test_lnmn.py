@@ -3,7 +3,7 @@ kernel path against the reference path, the optimiser scheme and the registry.""
 import pytest
 import torch
 
-from _train_helpers import padded_questions
+from _train_helpers import output_and_grads, padded_questions
 from fastmod.models.lnmn import LNMN, lnmn_scheme, ptr_pop, ptr_push, stack_read
 from fastmod.nn import MixedNode
 from fastmod.train import registry
@@ -27,7 +27,8 @@ def test_stack_pointer_moves_and_stops_at_the_ends():
     torch.testing.assert_close(ptr_push(p), torch.eye(4)[[1, 2, 3, 3]])
     torch.testing.assert_close(ptr_pop(p), torch.eye(4)[[0, 0, 1, 2]])
     soft = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
-    assert torch.allclose(ptr_push(soft).sum(), torch.tensor(1.0)) and torch.allclose(ptr_pop(soft).sum(), torch.tensor(1.0))
+    assert torch.allclose(ptr_push(soft).sum(), torch.tensor(1.0))
+    assert torch.allclose(ptr_pop(soft).sum(), torch.tensor(1.0))
     att = torch.arange(4.0).view(1, 4, 1, 1).expand(1, 4, 2, 2)
     assert torch.equal(stack_read(att, torch.eye(4)[[2]]), torch.full((1, 1, 2, 2), 2.0))
 
@@ -97,16 +98,8 @@ def test_kernel_path_matches_reference_path(modules):
         for n in m.mixed_nodes():
             n.alpha.normal_()
     batch = _batch()
-    results = []
-    for on in (True, False):
-        for mod in m.modules():
-            if hasattr(mod, "use_kernels"):
-                mod.use_kernels = on
-        m.zero_grad()
-        out = m(*batch)
-        out.square().sum().backward()
-        results.append((out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
-    (out_k, g_k), (out_r, g_r) = results
+    out_k, g_k = output_and_grads(m, batch, True)
+    out_r, g_r = output_and_grads(m, batch, False)
     torch.testing.assert_close(out_k, out_r, rtol=1e-4, atol=1e-5)
     for name in g_r:
         torch.testing.assert_close(g_k[name], g_r[name], rtol=1e-3, atol=1e-5, msg=name)

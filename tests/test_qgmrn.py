@@ -3,7 +3,7 @@ reference path, the paper configuration and the training registry."""
 import pytest
 import torch
 
-from _train_helpers import padded_questions
+from _train_helpers import output_and_grads, padded_questions
 from fastmod.models.qgmrn import QGMRN, GruEncoder
 from fastmod.ops import load_balancing_loss
 from fastmod.train import registry
@@ -24,12 +24,6 @@ def _batch(n=4):
     q = torch.randint(1, 30, (n, 7))
     lens = torch.tensor([7, 5, 3, 1, 6, 2][:n])
     return q, lens, torch.randn(n, 3, 32, 32)
-
-
-def _set_kernels(model, on):
-    for m in model.modules():
-        if hasattr(m, "use_kernels"):
-            m.use_kernels = on
 
 
 @pytest.mark.parametrize("variant", ["brn", "frn"])
@@ -59,16 +53,9 @@ def test_kernel_path_matches_reference_path(variant):
     with torch.no_grad():
         m.router.fc.bias.normal_(0.0, 2.0)
     batch = _batch()
-    results = []
-    for on in (True, False):
-        _set_kernels(m, on)
-        m.zero_grad()
-        out = m(*batch)
-        out.square().sum().backward()
-        results.append((out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
-        gates = m.last_gates
-    assert 0.2 < gates.mean() < 0.8
-    (out_k, grads_k), (out_r, grads_r) = results
+    out_k, grads_k = output_and_grads(m, batch, True)
+    out_r, grads_r = output_and_grads(m, batch, False)
+    assert 0.2 < m.last_gates.mean() < 0.8
     torch.testing.assert_close(out_k, out_r, rtol=1e-4, atol=1e-4)
     for name in grads_r:
         torch.testing.assert_close(grads_k[name], grads_r[name], rtol=1e-3, atol=1e-4, msg=name)

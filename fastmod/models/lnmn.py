@@ -58,6 +58,8 @@ from fastmod.nn import MixedNode
 from fastmod.train.optim import OptimScheme, warmup_scheduler
 
 PTR_SHARPEN_TEMP = 0.2  # Stack-NMN's soft pointer sharpening
+# (group name, kind, inputs), in the order of LNMN's ``modules`` counts (Table 3)
+MODULE_KINDS = (("att3", "attention", 3), ("att4", "attention", 4), ("ans3", "answer", 3), ("ans4", "answer", 4))
 
 
 def stack_read(att: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
@@ -202,8 +204,7 @@ class LNMN(nn.Module):
         self.w3 = nn.Linear(d, 1)
         self.c_init = nn.Parameter(torch.zeros(d))
         self.groups = nn.ModuleDict()
-        for name, k, kind, inputs in zip(("att3", "att4", "ans3", "ans4"), modules, ("attention",) * 2 + ("answer",) * 2,
-                                         (3, 4, 3, 4)):
+        for (name, kind, inputs), k in zip(MODULE_KINDS, modules):
             if k:
                 self.groups[name] = GenericModules(k, kind, inputs, map_dim, d, normalize_nodes)
         self.num_modules = sum(modules) + 1  # + NoOp
