@@ -1,10 +1,12 @@
 """The CPU fp32 direct kernels of routed_conv2d (csrc/routed_conv/routed_conv_cpu_direct*).
 
-They run for stride-1 "same" convolutions in float32 on CPUs with AVX-512 or AVX2
-(other cases use the ATen path, which test_routed_conv.py covers too).  These shapes
-aim at the kernels' edges: more than 12 rows per job (row tails), pixel counts around the
-16/32-lane tiles, tall and wide images (tap masks at the borders), dilation, a 5x5
-kernel (runtime tap count), non-binary gates, samples with every block off.
+They run for "same"-padded convolutions at any stride in float32 on CPUs with AVX-512
+or AVX2 (other cases use the ATen path, which test_routed_conv.py covers too); strided
+ones read a polyphase copy of x.  These shapes aim at the kernels' edges: more than 12
+rows per job (row tails), pixel counts around the 16/32-lane tiles, tall and wide
+images (tap masks at the borders), odd sizes at strides 2 and 3 (phase images past the
+input), dilation, a 5x5 kernel (runtime tap count), non-binary gates, samples with every
+block off.
 """
 import pytest
 import torch
@@ -34,8 +36,9 @@ def _gates(n, g, kind, gen):
 @pytest.mark.parametrize("mode", ["group", "out", "in"])
 @pytest.mark.parametrize("k,dil", [(1, 1), (3, 1), (3, 2), (5, 1)])
 @pytest.mark.parametrize("kind", ["binary", "soft"])
-def test_forward_matches_reference(mode, k, dil, kind):
-    gen = torch.Generator().manual_seed(k * 10 + dil)
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_forward_matches_reference(mode, k, dil, kind, stride):
+    gen = torch.Generator().manual_seed(k * 10 + dil + stride)
     for (h, w) in SHAPES:
         blocks = 2 if mode == "group" else 3
         cin, cout = (24, 24) if mode == "group" else (12, 27) if mode == "out" else (27, 11)
@@ -46,7 +49,7 @@ def test_forward_matches_reference(mode, k, dil, kind):
         wt = torch.randn(cout, cin // groups, k, k, generator=gen)
         b = torch.randn(cout, generator=gen)
         g = _gates(4, blocks, kind, gen)
-        kw = dict(padding=dil * (k // 2), dilation=dil, groups=groups, gate_on=mode)
+        kw = dict(stride=stride, padding=dil * (k // 2), dilation=dil, groups=groups, gate_on=mode)
         got = routed_conv2d(x, wt, g, b, backend="cpu", **kw)
         want = routed_conv2d_reference(x.double(), wt.double(), g.double(), b.double(), **kw)
         torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
@@ -57,10 +60,12 @@ def test_forward_matches_reference(mode, k, dil, kind):
 @pytest.mark.parametrize("kind", ["binary", "soft"])
 @pytest.mark.parametrize("router_grad", ["exact", "active"])
 @pytest.mark.parametrize("wide", [False, True])
-def test_gradients_match_reference(mode, k, dil, kind, router_grad, wide):
-    # wide: 64 input channels, which "out" 3x3/5x5 convs route to the channels-last
-    # grad_weight kernel (whole 32-channel chunks).
-    gen = torch.Generator().manual_seed(k * 10 + dil + 7)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradients_match_reference(mode, k, dil, kind, router_grad, wide, stride):
+    # wide: 64 input channels, which stride-1 "out" 3x3/5x5 convs route to the
+    # channels-last grad_weight kernel (whole 32-channel chunks).  Stride 2: grad_x
+    # one phase at a time (1x1: three phases with no tap, zero gradient).
+    gen = torch.Generator().manual_seed(k * 10 + dil + 7 + stride)
     for (h, w) in [(1, 1), (5, 7), (6, 6), (9, 13)]:
         blocks = 2 if mode == "group" else 3
         cin, cout = (24, 20) if mode == "group" else (19, 27) if mode == "out" else (27, 11)
@@ -71,8 +76,10 @@ def test_gradients_match_reference(mode, k, dil, kind, router_grad, wide):
         wt = torch.randn(cout, cin // groups, k, k, generator=gen, dtype=torch.float64)
         b = torch.randn(cout, generator=gen, dtype=torch.float64)
         g = _gates(4, blocks, kind, gen).double()
-        dy = torch.randn(4, cout, h, w, generator=gen, dtype=torch.float64)
-        kw = dict(padding=dil * (k // 2), dilation=dil, groups=groups, gate_on=mode, router_grad=router_grad)
+        ho, wo = -(-h // stride), -(-w // stride)
+        dy = torch.randn(4, cout, ho, wo, generator=gen, dtype=torch.float64)
+        kw = dict(stride=stride, padding=dil * (k // 2), dilation=dil, groups=groups, gate_on=mode,
+                  router_grad=router_grad)
         grads = []
         for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")),
                               (routed_conv2d_reference, torch.float64, {})):
@@ -116,14 +123,14 @@ from fastmod.ops import routed_conv2d, routed_conv2d_reference
 torch.manual_seed(0)
 cases = [("group", 16, 16, 4, 3), ("out", 12, 16, 1, 3), ("in", 16, 12, 1, 3), ("out", 64, 8, 1, 3),
          ("out", 20, 16, 1, 1), ("in", 16, 20, 1, 1), ("group", 8, 8, 4, 5)]
-for mode, cin, cout, groups, k in cases:
+for (mode, cin, cout, groups, k), stride in [(c, 1) for c in cases] + [(c, 2) for c in cases[:3]]:
     for h, w in ((6, 7), (1, 1), (9, 13)):
         x = torch.randn(3, cin, h, w, dtype=torch.float64)
         wt = torch.randn(cout, cin // groups, k, k, dtype=torch.float64)
         b = torch.randn(cout, dtype=torch.float64)
         g = (torch.rand(3, 4) < 0.5).double() * (torch.rand(3, 4) + 0.5)
         g[0] = 0.0
-        kw = dict(padding=k // 2, groups=groups, gate_on=mode)
+        kw = dict(stride=stride, padding=k // 2, groups=groups, gate_on=mode)
         outs = []
         for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")),
                               (routed_conv2d_reference, torch.float64, {})):
@@ -141,9 +148,11 @@ print("ok")
 @given(mode=st.sampled_from(["group", "out", "in"]), n=st.integers(1, 4), blocks=st.sampled_from([1, 2, 3, 5]),
        per_in=st.integers(1, 9), per_out=st.integers(1, 15), h=st.integers(1, 20), w=st.integers(1, 20),
        k=st.sampled_from([1, 3, 5]), dil=st.integers(1, 2), density=st.sampled_from([0.0, 0.4, 0.8, 1.0]),
-       soft=st.booleans(), bias=st.booleans(), exact=st.booleans(), seed=st.integers(0, 2**16))
-def test_hypothesis_direct_shapes(mode, n, blocks, per_in, per_out, h, w, k, dil, density, soft, bias, exact, seed):
-    # float32 stride-1 "same" convs: the geometry the direct kernels take.
+       soft=st.booleans(), bias=st.booleans(), exact=st.booleans(), seed=st.integers(0, 2**16),
+       stride=st.integers(1, 3))
+def test_hypothesis_direct_shapes(mode, n, blocks, per_in, per_out, h, w, k, dil, density, soft, bias, exact, seed,
+                                  stride):
+    # float32 "same"-padded convs at strides 1-3: the geometry the direct kernels take.
     gen = torch.Generator().manual_seed(seed)
     groups = blocks if mode == "group" else 1
     cin = blocks * per_in
@@ -154,8 +163,8 @@ def test_hypothesis_direct_shapes(mode, n, blocks, per_in, per_out, h, w, k, dil
     g = (torch.rand(n, blocks, generator=gen) < density).double()
     if soft:
         g = g * (torch.rand(n, blocks, generator=gen, dtype=torch.float64) + 0.25)
-    dy = torch.randn(n, cout, h, w, generator=gen, dtype=torch.float64)
-    kw = dict(padding=dil * (k // 2), dilation=dil, groups=groups, gate_on=mode,
+    dy = torch.randn(n, cout, -(-h // stride), -(-w // stride), generator=gen, dtype=torch.float64)
+    kw = dict(stride=stride, padding=dil * (k // 2), dilation=dil, groups=groups, gate_on=mode,
               router_grad="exact" if exact else "active")
     results = []
     for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")), (routed_conv2d_reference, torch.float64, {})):

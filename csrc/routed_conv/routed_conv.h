@@ -35,7 +35,7 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const at::Tens
                    c10::string_view gate_on, bool exact);
 
 // The CPU fp32 forward on the direct AVX-512/AVX2 kernels (routed_conv_cpu_direct_aten.cpp)
-// for stride-1 "same" convolutions; returns an undefined tensor when the dtype, the
+// for "same"-padded convolutions at any stride; returns an undefined tensor when the dtype, the
 // geometry or the CPU is not one it handles (the caller then uses the ATen path).
 at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& gates,
                           const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,

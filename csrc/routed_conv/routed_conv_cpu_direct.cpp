@@ -3,6 +3,7 @@
 // for AVX2 + FMA; the CPU picks one at run time.
 #include "routed_conv/routed_conv_cpu_direct.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -50,39 +51,46 @@ bool available() { return isa() != Isa::None; }
 
 bool same_size(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t stride_h, int64_t stride_w,
                int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w) {
-  return stride_h == 1 && stride_w == 1 && 2 * pad_h == dil_h * (kh - 1) &&
+  return stride_h >= 1 && stride_w >= 1 && 2 * pad_h == dil_h * (kh - 1) &&
          2 * pad_w == dil_w * (kw - 1) && H > 0 && W > 0;
 }
 
-PixelPlan make_plan(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
-                    int64_t dil_h, int64_t dil_w) {
+namespace {
+
+int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// A plan over an Lo = Ho x Wo pixel grid whose tap t reads grid offset (di[t], dj[t])
+// of the channel's part `part[t]` (Lo floats each): lanes whose grid position falls
+// outside the grid are masked off.
+PixelPlan grid_plan(int64_t Ho, int64_t Wo, int64_t XL, const std::vector<int64_t>& di,
+                    const std::vector<int64_t>& dj, const std::vector<int64_t>& part) {
   static std::atomic<uint64_t> next_id{1};
   PixelPlan p;
   p.id = next_id.fetch_add(1, std::memory_order_relaxed);
-  p.H = H;
-  p.W = W;
-  p.L = H * W;
-  p.KK = (int)(kh * kw);
+  p.H = Ho;
+  p.W = Wo;
+  p.L = Ho * Wo;
+  p.XL = XL;
+  p.KK = (int)di.size();
   const int64_t T = p.tiles();
   p.tap_offset.resize(p.KK);
   p.tap_mask.assign(T * p.KK * 2, 0);
   p.store_mask.assign(T * 2, 0);
-  for (int64_t ky = 0; ky < kh; ++ky)
-    for (int64_t kx = 0; kx < kw; ++kx) {
-      const int64_t t = ky * kw + kx, dy = ky * dil_h - pad_h, dx = kx * dil_w - pad_w;
-      p.tap_offset[t] = dy * W + dx;
-      for (int64_t tile = 0; tile < T; ++tile)
-        for (int v = 0; v < 2; ++v) {
-          uint16_t m = 0;
-          for (int j = 0; j < 16; ++j) {
-            const int64_t px = tile * kPixels + v * 16 + j;
-            if (px >= p.L) break;
-            const int64_t y = px / W + dy, xx = px % W + dx;
-            if (y >= 0 && y < H && xx >= 0 && xx < W) m |= (uint16_t)(1u << j);
-          }
-          p.tap_mask[(tile * p.KK + t) * 2 + v] = m;
+  for (int t = 0; t < p.KK; ++t) {
+    p.tap_offset[t] = part[t] * p.L + di[t] * Wo + dj[t];
+    p.max_offset = t == 0 ? p.tap_offset[t] : std::max(p.max_offset, p.tap_offset[t]);
+    for (int64_t tile = 0; tile < T; ++tile)
+      for (int v = 0; v < 2; ++v) {
+        uint16_t m = 0;
+        for (int j = 0; j < 16; ++j) {
+          const int64_t px = tile * kPixels + v * 16 + j;
+          if (px >= p.L) break;
+          const int64_t y = px / Wo + di[t], xx = px % Wo + dj[t];
+          if (y >= 0 && y < Ho && xx >= 0 && xx < Wo) m |= (uint16_t)(1u << j);
         }
-    }
+        p.tap_mask[(tile * p.KK + t) * 2 + v] = m;
+      }
+  }
   for (int64_t tile = 0; tile < T; ++tile)
     for (int v = 0; v < 2; ++v) {
       uint16_t m = 0;
@@ -91,6 +99,133 @@ PixelPlan make_plan(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t pad_h,
       p.store_mask[tile * 2 + v] = m;
     }
   return p;
+}
+
+}  // namespace
+
+Phases make_phases(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pad_h,
+                   int64_t pad_w, int64_t dil_h, int64_t dil_w) {
+  Phases ph;
+  ph.H = H;
+  ph.W = W;
+  ph.sh = sh;
+  ph.sw = sw;
+  ph.Ho = (H + sh - 1) / sh;  // "same" padding
+  ph.Wo = (W + sw - 1) / sw;
+  ph.KK = (int)(kh * kw);
+  for (int64_t ky = 0; ky < kh; ++ky)
+    for (int64_t kx = 0; kx < kw; ++kx) {
+      const int64_t r = ky * dil_h - pad_h, c = kx * dil_w - pad_w;
+      const int64_t di = floor_div(r, sh), dj = floor_div(c, sw);
+      ph.phase.push_back((int)((r - di * sh) * sw + (c - dj * sw)));
+      ph.di.push_back(di);
+      ph.dj.push_back(dj);
+    }
+  ph.phase_begin.assign(ph.count() + 1, 0);
+  for (int64_t q = 0; q < ph.count(); ++q) {
+    ph.phase_begin[q] = (int)ph.order.size();
+    for (int t = 0; t < ph.KK; ++t)
+      if (ph.phase[t] == q) ph.order.push_back(t);
+  }
+  ph.phase_begin[ph.count()] = (int)ph.order.size();
+  return ph;
+}
+
+PixelPlan make_plan(const Phases& ph) {
+  std::vector<int64_t> part(ph.phase.begin(), ph.phase.end());
+  return grid_plan(ph.Ho, ph.Wo, ph.count() * ph.Lo(), ph.di, ph.dj, part);
+}
+
+PixelPlan make_transposed_plan(const Phases& ph, int q) {
+  std::vector<int64_t> di, dj;
+  for (int k = ph.phase_begin[q]; k < ph.phase_begin[q + 1]; ++k) {
+    di.push_back(-ph.di[ph.order[k]]);
+    dj.push_back(-ph.dj[ph.order[k]]);
+  }
+  return grid_plan(ph.Ho, ph.Wo, ph.Lo(), di, dj, std::vector<int64_t>(di.size(), 0));
+}
+
+PixelPlan make_plan(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
+                    int64_t dil_h, int64_t dil_w) {
+  return make_plan(make_phases(H, W, kh, kw, 1, 1, pad_h, pad_w, dil_h, dil_w));
+}
+
+namespace {
+
+// dst_even[j] = src[2j], dst_odd[j] = src[2j + 1] for 2j + 1 < n; n even or odd.
+// SSE (part of every x86-64 CPU): the stride-2 convs' copies in 4-float shuffles.
+void deinterleave2(const float* src, int64_t n, float* even, float* odd) {
+  int64_t j = 0;
+#ifdef FM_HAVE_X86
+  for (; 2 * j + 8 <= n; j += 4) {
+    const __m128 a = _mm_loadu_ps(src + 2 * j), b = _mm_loadu_ps(src + 2 * j + 4);
+    _mm_storeu_ps(even + j, _mm_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)));
+    _mm_storeu_ps(odd + j, _mm_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+#endif
+  for (; 2 * j < n; ++j) {
+    even[j] = src[2 * j];
+    if (2 * j + 1 < n) odd[j] = src[2 * j + 1];
+  }
+}
+
+void interleave2(const float* even, const float* odd, int64_t n, float* dst) {
+  int64_t j = 0;
+#ifdef FM_HAVE_X86
+  for (; 2 * j + 8 <= n; j += 4) {
+    const __m128 e = _mm_loadu_ps(even + j), o = _mm_loadu_ps(odd + j);
+    _mm_storeu_ps(dst + 2 * j, _mm_unpacklo_ps(e, o));
+    _mm_storeu_ps(dst + 2 * j + 4, _mm_unpackhi_ps(e, o));
+  }
+#endif
+  for (; 2 * j < n; ++j) {
+    dst[2 * j] = even[j];
+    if (2 * j + 1 < n) dst[2 * j + 1] = odd[j];
+  }
+}
+
+}  // namespace
+
+void pack_phases(const float* x, const Phases& ph, float* xph) {
+  const int64_t Lo = ph.Lo();
+  for (int64_t a = 0; a < ph.sh; ++a)
+    for (int64_t i = 0; i < ph.Ho; ++i) {
+      const int64_t y = i * ph.sh + a;
+      float* dst = xph + a * ph.sw * Lo + i * ph.Wo;  // row i of phase (a, 0); phase (a, b) is b * Lo on
+      if (y >= ph.H) {
+        for (int64_t b = 0; b < ph.sw; ++b) std::memset(dst + b * Lo, 0, sizeof(float) * ph.Wo);
+        continue;
+      }
+      const float* src = x + y * ph.W;
+      if (ph.sw == 2) {
+        deinterleave2(src, ph.W, dst, dst + Lo);
+        if (ph.W % 2) dst[Lo + ph.Wo - 1] = 0.0f;  // odd width: the last odd column is past the image
+        continue;
+      }
+      for (int64_t b = 0; b < ph.sw; ++b) {
+        float* row = dst + b * Lo;
+        const int64_t n = b < ph.W ? (ph.W - b + ph.sw - 1) / ph.sw : 0;  // columns inside the image
+        for (int64_t j = 0; j < n; ++j) row[j] = src[b + j * ph.sw];
+        for (int64_t j = n; j < ph.Wo; ++j) row[j] = 0.0f;
+      }
+    }
+}
+
+void unpack_phases(const float* xph, const Phases& ph, float* x) {
+  const int64_t Lo = ph.Lo();
+  for (int64_t a = 0; a < ph.sh; ++a)
+    for (int64_t i = 0; i < ph.Ho && i * ph.sh + a < ph.H; ++i) {
+      const float* src = xph + a * ph.sw * Lo + i * ph.Wo;
+      float* dst = x + (i * ph.sh + a) * ph.W;
+      if (ph.sw == 2) {
+        interleave2(src, src + Lo, ph.W, dst);
+        continue;
+      }
+      for (int64_t b = 0; b < ph.sw && b < ph.W; ++b) {
+        const int64_t n = (ph.W - b + ph.sw - 1) / ph.sw;
+        for (int64_t j = 0; j < n; ++j) dst[b + j * ph.sw] = src[b * Lo + j];
+      }
+    }
 }
 
 ClPlan make_cl_plan(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,

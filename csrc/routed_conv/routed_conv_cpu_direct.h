@@ -5,10 +5,12 @@
 // about as much as the skipped work saves.  These kernels read x and the weight rows
 // in place and write the output rows in place, so an off block costs nothing.
 //
-// Scope: stride 1 and "same" spatial size (Ho == H, Wo == W), which makes a run of
-// output pixels p, p+1, ... read the contiguous input run p + off(tap) for every
-// tap; lanes that fall into the zero padding are masked off.  Other geometries,
-// other dtypes and CPUs without AVX2 use the ATen path.  No torch in here.
+// Scope: "same" padding (2 * pad == dil * (k - 1)) at any stride.  At stride 1 a run
+// of output pixels p, p+1, ... reads the contiguous input run p + off(tap) for every
+// tap; lanes that fall into the zero padding are masked off.  Strided convs read a
+// polyphase copy of x instead (see Phases), which gives them the same property.
+// Other geometries, other dtypes and CPUs without AVX2 use the ATen path.  No torch
+// in here.
 #pragma once
 
 #include <cstddef>
@@ -31,22 +33,60 @@ bool available();
 
 // Per-call pixel plan for one image geometry: tap offsets and per-tile lane masks.
 struct PixelPlan {
-  int64_t H = 0, W = 0, L = 0;  // L = H * W output (= input) pixels per channel
+  int64_t H = 0, W = 0, L = 0;  // L = H * W output pixels per channel
+  int64_t XL = 0;                // floats per channel of the input read (L at stride 1)
   int KK = 0;                    // taps per channel (kh * kw)
-  uint64_t id = 0;               // unique per make_plan() call (keys per-call caches)
+  uint64_t id = 0;               // unique per plan (keys per-call caches)
+  int64_t max_offset = 0;        // the largest tap offset (prefetch distance)
   std::vector<int64_t> tap_offset;   // [KK]: flat input offset of tap t from pixel p
   std::vector<uint16_t> tap_mask;    // [tiles][KK][2]: lanes whose tap is inside the image
   std::vector<uint16_t> store_mask;  // [tiles][2]: lanes with p < L
   int64_t tiles() const { return (L + kPixels - 1) / kPixels; }
 };
 
-// True when stride 1, dilation d and padding give Ho == H, Wo == W (the only case
-// these kernels handle).
+// True for "same" padding (2 * pad == dil * (k - 1) in both dims, so Ho = ceil(H /
+// stride)) at any stride: the geometries these kernels handle.
 bool same_size(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t stride_h, int64_t stride_w,
                int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w);
 
+// A strided conv as a stride-1 one.  x is copied per channel into sh * sw phase
+// images of Ho x Wo pixels, phase (a, b) holding x[i * sh + a][j * sw + b] (zero past
+// the image).  Tap (ky, kx) of output pixel (oh, ow) reads input row
+// oh * sh + ky * dil_h - pad_h = (oh + di) * sh + a with a = (ky * dil_h - pad_h) mod sh:
+// row oh + di of phase image a, a fixed offset from pixel p.  So the forward and
+// grad_weight kernels run unchanged over the packed x (channel stride XL = sh * sw *
+// Ho * Wo), doing no extra arithmetic; grad_x runs once per phase, over that phase's
+// taps.  Stride 1 is the one-phase case (and needs no packing).
+struct Phases {
+  int64_t H = 0, W = 0, Ho = 0, Wo = 0, sh = 1, sw = 1;
+  int KK = 0;
+  std::vector<int> phase;             // [KK]: phase of tap t, a * sw + b
+  std::vector<int64_t> di, dj;        // [KK]: its row / column offset in that phase image
+  std::vector<int> order;             // the taps sorted by phase (stable)
+  std::vector<int> phase_begin;       // [count + 1]: phase q's taps are order[begin[q] .. begin[q+1])
+  int64_t count() const { return sh * sw; }
+  int64_t Lo() const { return Ho * Wo; }
+};
+
+Phases make_phases(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pad_h,
+                   int64_t pad_w, int64_t dil_h, int64_t dil_w);
+
+// The forward (and grad_weight) plan: Lo output pixels reading the packed x.
+PixelPlan make_plan(const Phases& ph);
+
+// grad_x of phase q: a stride-1 correlation of grad_out (Ho x Wo) with phase q's taps,
+// in the order of Phases::order, offsets negated; its output is phase image q of
+// grad_x.  KK may be 0 (no tap lands on that phase: its grad_x is zero).
+PixelPlan make_transposed_plan(const Phases& ph, int q);
+
+// Stride 1: make_plan(make_phases(H, W, kh, kw, 1, 1, ...)).
 PixelPlan make_plan(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t pad_h, int64_t pad_w,
                     int64_t dil_h, int64_t dil_w);
+
+// One channel: x [H][W] -> xph [count][Ho][Wo], and back (positions past the image
+// are dropped on the way back).
+void pack_phases(const float* x, const Phases& ph, float* xph);
+void unpack_phases(const float* xph, const Phases& ph, float* x);
 
 // A run of reduction channels [c0, c1) whose contribution is multiplied by `scale`.
 struct Segment {
@@ -82,10 +122,13 @@ struct RowJob {
   int nrows;
   const Segment* segs;
   int nseg;
+  // Tells apart contents of a reused x buffer (the strided convs' per-thread phase
+  // copies): per-thread caches keyed on x also compare this.
+  uint64_t x_tag = 0;
   // Rows [r0, r0 + n): the register tiles' share of the job.
   RowJob slice(int r0, int n) const {
     return {x, w_row + r0, w_cstride, w_flip, out_row + r0, row_scale ? row_scale + r0 : nullptr,
-            bias ? bias + r0 : nullptr, n, segs, nseg};
+            bias ? bias + r0 : nullptr, n, segs, nseg, x_tag};
   }
 };
 

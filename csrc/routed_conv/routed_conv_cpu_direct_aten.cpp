@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -20,6 +21,54 @@ namespace fastmod {
 namespace routed_conv {
 
 namespace {
+
+// One call's geometry on the direct kernels: the plan, pixels per channel of x
+// (L_in) and of the output (Lo), and at stride > 1 the phases (direct::Phases).  Jobs
+// always point at x itself; at stride > 1 each job reads a phase copy of its
+// channels made by the thread that runs it (phase_copy below).
+struct Geometry {
+  direct::Phases ph;
+  direct::PixelPlan plan;
+  int64_t L_in = 0, Lo = 0;
+  bool strided = false;
+
+  Geometry(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef stride, at::IntArrayRef padding,
+           at::IntArrayRef dilation)
+      : ph(direct::make_phases(x.size(2), x.size(3), w.size(2), w.size(3), stride[0], stride[1], padding[0],
+                               padding[1], dilation[0], dilation[1])),
+        plan(direct::make_plan(ph)), L_in(x.size(2) * x.size(3)), Lo(ph.Lo()), strided(ph.count() > 1) {}
+};
+
+// The phase copy of channels [0, c_hi) of the x at `src` (those for which want(c)),
+// in a buffer per thread, kept for the thread's next job when that reads the same
+// channels (a "group" block's rows past kRows; an "out" sample's jobs).  Copied per
+// job rather than for the whole call up front: a whole copy of x is a fresh
+// allocation (page faults) and a round trip through memory; a job's channels stay
+// in cache for the kernel (BRN's stride-2 3x3, 4 x 256 x 56 x 56: 1.57 ms forward
+// with the whole copy, against 0.46 ms for the same work at stride 1).
+struct PhaseCopy {
+  const float* src = nullptr;
+  uint64_t plan = 0, tag = 0;
+  int64_t c_hi = 0;
+  const void* key = nullptr;
+  std::vector<float> buf;
+};
+
+template <class Want>
+const PhaseCopy& phase_copy(const Geometry& geo, const float* src, int64_t c_hi, const void* key, Want want) {
+  static std::atomic<uint64_t> next_tag{1};
+  thread_local PhaseCopy pc;
+  if (pc.src == src && pc.plan == geo.plan.id && pc.c_hi == c_hi && pc.key == key) return pc;
+  pc.src = src;
+  pc.plan = geo.plan.id;
+  pc.c_hi = c_hi;
+  pc.key = key;
+  pc.tag = next_tag.fetch_add(1, std::memory_order_relaxed);
+  pc.buf.resize((size_t)(c_hi * geo.plan.XL));
+  for (int64_t c = 0; c < c_hi; ++c)
+    if (want(c)) direct::pack_phases(src + c * geo.L_in, geo.ph, pc.buf.data() + c * geo.plan.XL);
+  return pc;
+}
 
 // The jobs of one call.  Each job covers up to direct::kRows output rows of one
 // sample; its pointers index the flat arrays below.
@@ -58,16 +107,73 @@ struct Jobs {
     }
   }
 
-  void run(const direct::PixelPlan& plan) const {
+  direct::RowJob row_job(const Job& jb) const {
+    return {x[jb.x_idx], w_row.data() + jb.row0, w_cstride, w_flip, out_row.data() + jb.row0,
+            jb.scaled ? row_scale.data() + jb.row0 : nullptr, jb.biased ? bias.data() + jb.row0 : nullptr,
+            jb.nrows, segs.data() + jb.seg0, jb.nseg};
+  }
+
+  // Forward-shaped jobs (x read through geo's plan; at stride > 1 a phase copy).
+  void run(const Geometry& geo) const {
     at::parallel_for(0, (int64_t)list.size(), 1, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
-        const Job& jb = list[j];
-        direct::RowJob rj{x[jb.x_idx], w_row.data() + jb.row0, w_cstride, w_flip,
-                          out_row.data() + jb.row0,
-                          jb.scaled ? row_scale.data() + jb.row0 : nullptr,
-                          jb.biased ? bias.data() + jb.row0 : nullptr, jb.nrows,
-                          segs.data() + jb.seg0, jb.nseg};
-        direct::run_rows(rj, plan);
+        direct::RowJob rj = row_job(list[j]);
+        if (geo.strided) {
+          int64_t c_hi = 0;
+          for (int s = 0; s < rj.nseg; ++s) c_hi = std::max(c_hi, rj.segs[s].c1);
+          const direct::Segment* sg = rj.segs;
+          const int ns = rj.nseg;
+          const PhaseCopy& pc = phase_copy(geo, rj.x, c_hi, sg, [&](int64_t c) {
+            for (int s = 0; s < ns; ++s)
+              if (c >= sg[s].c0 && c < sg[s].c1) return true;
+            return false;
+          });
+          rj.x = pc.buf.data();
+          rj.x_tag = pc.tag;
+        }
+        direct::run_rows(rj, geo.plan);
+      }
+    });
+  }
+
+  // Stride-1 grad_x-shaped jobs: x is grad_out, read as it is.
+  void run(const direct::PixelPlan& plan) const {
+    at::parallel_for(0, (int64_t)list.size(), 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) direct::run_rows(row_job(list[j]), plan);
+    });
+  }
+
+  // Strided grad_x-shaped jobs, built with the weights of phase 0 (taps order[0 ...]
+  // of a phase-sorted weight) and the final output rows: each job runs every phase
+  // (its weights moved to that phase's taps) into a per-thread [rows][phases][Lo]
+  // buffer, then scatters it into its output rows.
+  void run_phased(const Geometry& geo, const std::vector<direct::PixelPlan>& plans) const {
+    const direct::Phases& ph = geo.ph;
+    const int64_t Lo = geo.Lo, XL = geo.plan.XL;
+    at::parallel_for(0, (int64_t)list.size(), 1, [&](int64_t j0, int64_t j1) {
+      thread_local std::vector<float> buf;
+      buf.resize((size_t)(direct::kRows * XL));
+      const float* wr[direct::kRows];
+      float* orow[direct::kRows];
+      for (int64_t j = j0; j < j1; ++j) {
+        direct::RowJob rj = row_job(list[j]);
+        float* const* final_rows = rj.out_row;
+        for (int64_t q = 0; q < ph.count(); ++q) {
+          const int shift = ph.phase_begin[q] - ph.phase_begin[0];
+          for (int i = 0; i < rj.nrows; ++i) {
+            wr[i] = rj.w_row[i] + shift;
+            orow[i] = buf.data() + i * XL + q * Lo;
+          }
+          if (plans[q].KK == 0) {  // no tap reads this phase of x: its gradient is zero
+            for (int i = 0; i < rj.nrows; ++i) std::memset(orow[i], 0, sizeof(float) * Lo);
+            continue;
+          }
+          direct::RowJob pj = rj;
+          pj.w_row = wr;
+          pj.out_row = orow;
+          direct::run_rows(pj, plans[q]);
+        }
+        for (int i = 0; i < rj.nrows; ++i) direct::unpack_phases(buf.data() + i * XL, ph, final_rows[i]);
       }
     });
   }
@@ -101,14 +207,26 @@ struct WgradJobs {
   }
   int64_t rows() const { return (int64_t)dy_row.size(); }
 
-  void run(const direct::PixelPlan& plan, bool scaled) const {
+  // At stride > 1 each job reads a phase copy of its channels (for "in" convs, whose
+  // buckets are row ranges, a sample's channels are copied once per bucket).
+  void run(const Geometry& geo, bool scaled) const {
     at::parallel_for(0, (int64_t)buckets.size(), 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         for (const Job& jb : buckets[b]) {
           direct::WgradJob wj{x[jb.x_idx], dy_row.data() + jb.row0, dw_row.data() + jb.row0,
                               scaled ? scale.data() + jb.row0 : nullptr, jb.nrows, jb.c0, jb.c1,
                               jb.chan0 >= 0 ? chans.data() + jb.chan0 : nullptr};
-          direct::run_wgrad(wj, plan);
+          if (geo.strided) {
+            int64_t c_hi = 0;
+            for (int64_t k = wj.c0; k < wj.c1; ++k) c_hi = std::max(c_hi, wj.channel(k) + 1);
+            const int64_t* ch = wj.chan;
+            const int64_t k0 = wj.c0, k1 = wj.c1;
+            wj.x = phase_copy(geo, wj.x, c_hi, ch ? (const void*)(ch + k0) : nullptr, [&](int64_t c) {
+                     if (!ch) return c >= k0;
+                     return std::binary_search(ch + k0, ch + k1, c);
+                   }).buf.data();
+          }
+          direct::run_wgrad(wj, geo.plan);
         }
     });
   }
@@ -215,6 +333,41 @@ bool direct_applies(const at::Tensor& x, const at::Tensor& w, at::IntArrayRef st
                            padding[0], padding[1], dilation[0], dilation[1]);
 }
 
+
+
+// grad_x-shaped work: a "same" correlation of grad_out with the channel-transposed
+// weight W'[groups * Cw rows, (Cout / groups) * KK].  add_rows(jobs, wt_row) adds
+// the rows; wt_row(ci) gives input channel ci's weights.
+//   Stride 1: the weight read flipped in place (taps backwards), one pass.
+//   Strided: a phase-sorted copy of the weight, one pass per phase (Jobs::run_phased).
+template <class AddRows>
+void transposed(const Geometry& geo, const float* wp, int64_t Cout, int64_t Cw, int64_t groups,
+                AddRows add_rows) {
+  const int64_t KK = geo.ph.KK, Co_g = Cout / groups;
+  // Row ci (input channel ci_l of group g) reads W[g*Co_g + r][ci_l][tap] for the
+  // reduction channel r: base below, stride Cw*KK per r.
+  auto base = [&](int64_t ci) {
+    const int64_t g = ci / Cw;
+    return (g * Co_g * Cw + (ci - g * Cw)) * KK;
+  };
+  Jobs jobs;
+  jobs.w_cstride = Cw * KK;
+  if (!geo.strided) {
+    jobs.w_flip = true;
+    add_rows(jobs, [&](int64_t ci) { return wp + base(ci) + (KK - 1); });
+    jobs.run(geo.plan);
+    return;
+  }
+  const direct::Phases& ph = geo.ph;
+  std::vector<float> wperm((size_t)(Cout * Cw * KK));
+  for (int64_t r = 0; r < Cout * Cw; ++r)
+    for (int k = 0; k < KK; ++k) wperm[r * KK + k] = wp[r * KK + ph.order[k]];
+  std::vector<direct::PixelPlan> plans;
+  for (int q = 0; q < ph.count(); ++q) plans.push_back(direct::make_transposed_plan(ph, q));
+  add_rows(jobs, [&](int64_t ci) { return (const float*)wperm.data() + base(ci) + ph.phase_begin[0]; });
+  jobs.run_phased(geo, plans);
+}
+
 }  // namespace
 
 at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gates,
@@ -222,22 +375,21 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const at::Te
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                           Mode mode) {
   if (!direct_applies(x, w, stride, padding, dilation)) return at::Tensor();
-  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t N = x.size(0), Cin = x.size(1);
   const int64_t Cout = w.size(0), kh = w.size(2), kw = w.size(3), G = gates.size(1);
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   const at::Tensor g = gates.detach().to(at::kCPU, at::kFloat).contiguous();
   const float* gp = g.data_ptr<float>();
   // With every gate on, "out" convs (FRN 3x3) run faster as one dense oneDNN conv;
   // "group" and "in" ones do not (benchmarks/results/routed_conv_cpu.md, Run 4 notes).
   if (mode == Mode::Out && std::find(gp, gp + N * G, 0.0f) == gp + N * G) return at::Tensor();
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const Geometry geo(xc, wc, stride, padding, dilation);
   const float* xp = xc.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();
   const float* bp = (bias.has_value() && bias->defined()) ? bias->data_ptr<float>() : nullptr;
-  const int64_t L = H * W, KK = kh * kw;
-  at::Tensor out = at::empty({N, Cout, H, W}, x.options());
+  const int64_t Lx = geo.L_in, L = geo.Lo, KK = kh * kw;  // per channel: x, output
+  at::Tensor out = at::empty({N, Cout, geo.ph.Ho, geo.ph.Wo}, x.options());
   float* op = out.data_ptr<float>();
-  const direct::PixelPlan plan = direct::make_plan(H, W, kh, kw, padding[0], padding[1],
-                                                   dilation[0], dilation[1]);
   Jobs jobs;
   jobs.w_cstride = KK;
   std::vector<int64_t> off_blocks;  // n * G + g of the blocks to zero ("group"/"out")
@@ -260,11 +412,11 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const at::Te
           jobs.row(wp + c * Cw * KK, op + (n * Cout + c) * L, gv, bp ? bp[c] : 0.0f);
         // "group": each active block is one job over its own input channels.
         if (mode == Mode::Group)
-          jobs.add(xp + (n * Cin + b * Cbi) * L, r0, jobs.rows(), 0, 1, true, bp != nullptr);
+          jobs.add(xp + (n * Cin + b * Cbi) * Lx, r0, jobs.rows(), 0, 1, true, bp != nullptr);
       }
       // "out": the sample's active rows, whatever their blocks, fill whole kRows jobs.
       if (mode == Mode::Out && jobs.rows() > sample_r0)
-        jobs.add(xp + n * Cin * L, sample_r0, jobs.rows(), 0, 1, true, bp != nullptr);
+        jobs.add(xp + n * Cin * Lx, sample_r0, jobs.rows(), 0, 1, true, bp != nullptr);
     }
     if (binary)
       for (auto& jb : jobs.list) jb.scaled = false;
@@ -279,18 +431,18 @@ at::Tensor forward_direct(const at::Tensor& x, const at::Tensor& w, const at::Te
       const int nseg = (int)(jobs.segs.size() - seg0);
       if (nseg == 0) {  // no active block: the output is the bias
         at::Tensor on = out[n];
-        if (bp) on.copy_(bias->view({Cout, 1, 1}).expand({Cout, H, W}));
+        if (bp) on.copy_(bias->view({Cout, 1, 1}).expand({Cout, geo.ph.Ho, geo.ph.Wo}));
         else on.zero_();
         continue;
       }
       const int64_t r0 = jobs.rows();
       for (int64_t c = 0; c < Cout; ++c)
         jobs.row(wp + c * Cin * KK, op + (n * Cout + c) * L, 1.0f, bp ? bp[c] : 0.0f);
-      jobs.add(xp + n * Cin * L, r0, r0 + Cout, seg0, nseg, false, bp != nullptr);
+      jobs.add(xp + n * Cin * Lx, r0, r0 + Cout, seg0, nseg, false, bp != nullptr);
     }
   }
   zero_blocks(op, off_blocks, Cout / G * L);
-  jobs.run(plan);
+  jobs.run(geo);
   return out;
 }
 
@@ -304,7 +456,7 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
   const at::Tensor x = x_.contiguous(), w = w_.contiguous(), dout = dout_.contiguous();
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = w.size(0), Cw = w.size(1), kh = w.size(2), kw = w.size(3), G = gates.size(1);
-  const int64_t L = H * W, KK = kh * kw;
+  const int64_t KK = kh * kw;
   const bool need_x = output_mask[0], need_w = output_mask[1];
   const bool need_b = output_mask[2] && bias.has_value() && bias->defined(), need_g = output_mask[3];
   const at::Tensor gf = gates.detach().to(at::kCPU, at::kFloat).contiguous();
@@ -321,83 +473,70 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
   }
   // All on: the dense vendor backward is faster for "out" convs only (see forward()).
   if (off_blocks.empty() && mode == Mode::Out) return false;
-  const direct::PixelPlan plan = direct::make_plan(H, W, kh, kw, padding[0], padding[1],
-                                                   dilation[0], dilation[1]);
+  const Geometry geo(x, w, stride, padding, dilation);
+  // Pixels per channel: of x (and grad_x), of grad_out.
+  const int64_t L_in = geo.L_in, L = geo.Lo;
   // Output channels per gate block ("group"/"out") and input channels per block
   // ("group"/"in"); rows of x per sample that one block's reduction reads.
   const int64_t Cbo = Cout / G, Cbi = Cin / G;
   gg = at::zeros({N, G}, x.options());
   float* ggp = gg.data_ptr<float>();
 
-  // grad_x: the transposed convolution is a "same" convolution of grad_out with the
-  // flipped, channel-transposed weight W'[groups * Cw rows, (Cout / groups) * KK].
+  // grad_x: the transposed convolution, run by transposed() below.
   const bool want_dx = need_x || (need_g && mode == Mode::In);
   if (want_dx) {
-    const int64_t Co_g = Cout / groups;
-    // Row ci (input channel ci_l of group g) reads W[g*Co_g + r][ci_l][KK-1-t] for the
-    // reduction channel r: base below, stride Cw*KK per r, taps backwards.
-    auto wt_row = [&](int64_t ci) {
-      const int64_t g = ci / Cw;
-      return wp + (g * Co_g * Cw + (ci - g * Cw)) * KK + (KK - 1);
-    };
     gx = at::empty_like(x);
     float* gxp = gx.data_ptr<float>();
-    Jobs jobs;
-    jobs.w_cstride = Cw * KK;
-    jobs.w_flip = true;
-    if (mode == Mode::Out) {  // every input channel; reduction over the active blocks' rows
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t seg0 = (int64_t)jobs.segs.size();
-        for (int64_t b = 0; b < G; ++b)
-          if (gp[n * G + b] != 0.0f) jobs.seg(seg0, b * Cbo, (b + 1) * Cbo, gp[n * G + b]);
-        const int nseg = (int)(jobs.segs.size() - seg0);
-        if (nseg == 0) { gx[n].zero_(); continue; }
-        const int64_t r0 = jobs.rows();
-        for (int64_t c = 0; c < Cin; ++c) jobs.row(wt_row(c), gxp + (n * Cin + c) * L, 1.0f, 0.0f);
-        jobs.add(dyp + n * Cout * L, r0, r0 + Cin, seg0, nseg, false, false);
-      }
-    } else {  // "group"/"in": the input channels of active blocks, gate as row scale
-      const bool grp = mode == Mode::Group;
-      jobs.segs.push_back({0, grp ? Cbo : Cout, 1.0f});
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t sample_r0 = jobs.rows();
-        for (int64_t b = 0; b < G; ++b) {
-          const float gv = gp[n * G + b];
-          if (gv == 0.0f) continue;
+    transposed(geo, wp, Cout, Cw, groups, [&](Jobs& jobs, auto wt_row) {
+      if (mode == Mode::Out) {  // every input channel; reduction over the active blocks' rows
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t seg0 = (int64_t)jobs.segs.size();
+          for (int64_t b = 0; b < G; ++b)
+            if (gp[n * G + b] != 0.0f) jobs.seg(seg0, b * Cbo, (b + 1) * Cbo, gp[n * G + b]);
+          const int nseg = (int)(jobs.segs.size() - seg0);
+          if (nseg == 0) { gx[n].zero_(); continue; }
           const int64_t r0 = jobs.rows();
-          for (int64_t c = b * Cbi; c < (b + 1) * Cbi; ++c)
-            jobs.row(wt_row(c), gxp + (n * Cin + c) * L, gv, 0.0f);
-          // "group": a block reads its own grad_out channels, one job per block.
-          if (grp) jobs.add(dyp + (n * Cout + b * Cbo) * L, r0, jobs.rows(), 0, 1, !binary, false);
+          for (int64_t c = 0; c < Cin; ++c) jobs.row(wt_row(c), gxp + (n * Cin + c) * L_in, 1.0f, 0.0f);
+          jobs.add(dyp + n * Cout * L, r0, r0 + Cin, seg0, nseg, false, false);
         }
-        // "in": every block reads all of grad_out, so the sample's active rows fill whole
-        // kRows jobs (ResNeXt's 4-channel blocks alone would run 4-row tiles).
-        if (!grp && jobs.rows() > sample_r0)
-          jobs.add(dyp + n * Cout * L, sample_r0, jobs.rows(), 0, 1, !binary, false);
+      } else {  // "group"/"in": the input channels of active blocks, gate as row scale
+        const bool grp = mode == Mode::Group;
+        jobs.segs.push_back({0, grp ? Cbo : Cout, 1.0f});
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t sample_r0 = jobs.rows();
+          for (int64_t b = 0; b < G; ++b) {
+            const float gv = gp[n * G + b];
+            if (gv == 0.0f) continue;
+            const int64_t r0 = jobs.rows();
+            for (int64_t c = b * Cbi; c < (b + 1) * Cbi; ++c) jobs.row(wt_row(c), gxp + (n * Cin + c) * L_in, gv, 0.0f);
+            // "group": a block reads its own grad_out channels, one job per block.
+            if (grp) jobs.add(dyp + (n * Cout + b * Cbo) * L, r0, jobs.rows(), 0, 1, !binary, false);
+          }
+          // "in": every block reads all of grad_out, so the sample's active rows fill whole
+          // kRows jobs (ResNeXt's 4-channel blocks alone would run 4-row tiles).
+          if (!grp && jobs.rows() > sample_r0)
+            jobs.add(dyp + n * Cout * L, sample_r0, jobs.rows(), 0, 1, !binary, false);
+        }
       }
-      zero_blocks(gxp, off_blocks, Cbi * L);
-    }
-    jobs.run(plan);
+    });
+    if (mode != Mode::Out) zero_blocks(gxp, off_blocks, Cbi * L_in);
 
     if (need_g && exact && !off_blocks.empty() && mode == Mode::In) {
       // Skipped input blocks: their ungated d(input), dotted with x.
       const int64_t Q = (int64_t)off_blocks.size();
-      at::Tensor scratch = at::empty({Q * Cbi, L}, x.options());
+      at::Tensor scratch = at::empty({Q * Cbi, L_in}, x.options());
       float* sp = scratch.data_ptr<float>();
-      Jobs oj;
-      oj.w_cstride = Cw * KK;
-      oj.w_flip = true;
-      oj.segs.push_back({0, Cout, 1.0f});
-      for (int64_t q = 0; q < Q; ++q) {
-        const int64_t n = off_blocks[q] / G, b = off_blocks[q] % G, r0 = oj.rows();
-        for (int64_t c = 0; c < Cbi; ++c)
-          oj.row(wt_row(b * Cbi + c), sp + (q * Cbi + c) * L, 1.0f, 0.0f);
-        oj.add(dyp + n * Cout * L, r0, oj.rows(), 0, 1, false, false);
-      }
-      oj.run(plan);
+      transposed(geo, wp, Cout, Cw, groups, [&](Jobs& oj, auto wt_row) {
+        oj.segs.push_back({0, Cout, 1.0f});
+        for (int64_t q = 0; q < Q; ++q) {
+          const int64_t n = off_blocks[q] / G, b = off_blocks[q] % G, r0 = oj.rows();
+          for (int64_t c = 0; c < Cbi; ++c) oj.row(wt_row(b * Cbi + c), sp + (q * Cbi + c) * L_in, 1.0f, 0.0f);
+          oj.add(dyp + n * Cout * L, r0, oj.rows(), 0, 1, false, false);
+        }
+      });
       at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {
         for (int64_t q = q0; q < q1; ++q)
-          ggp[off_blocks[q]] = direct::dot(sp + q * Cbi * L, xp + off_blocks[q] * Cbi * L, Cbi * L);
+          ggp[off_blocks[q]] = direct::dot(sp + q * Cbi * L_in, xp + off_blocks[q] * Cbi * L_in, Cbi * L_in);
       });
     }
   }
@@ -407,7 +546,7 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
     // <ungated d(input), x> = <grad_x, x> / gate ("in").
     const float* a = mode == Mode::In ? gx.data_ptr<float>() : dyp;
     const float* b = mode == Mode::In ? xp : out_.data_ptr<float>();
-    const int64_t blk = mode == Mode::In ? Cbi * L : Cbo * L;
+    const int64_t blk = mode == Mode::In ? Cbi * L_in : Cbo * L;
     at::parallel_for(0, N * G, 16, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j)
         if (gp[j] != 0.0f) ggp[j] = direct::dot(a + j * blk, b + j * blk, blk) / gp[j];
@@ -427,11 +566,11 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
         for (int64_t c = bk * Cbo; c < (bk + 1) * Cbo; ++c)
           oj.row(wp + c * Cw * KK, sp + (q * Cbo + c - bk * Cbo) * L, 1.0f, bp ? bp[c] : 0.0f);
         if (mode == Mode::Group)
-          oj.add(xp + (n * Cin + bk * Cbi) * L, r0, oj.rows(), 0, 1, false, bp != nullptr);
+          oj.add(xp + (n * Cin + bk * Cbi) * L_in, r0, oj.rows(), 0, 1, false, bp != nullptr);
         else if (q + 1 == Q || off_blocks[q + 1] / G != n)
-          oj.add(xp + n * Cin * L, sample_r0, oj.rows(), 0, 1, false, bp != nullptr);
+          oj.add(xp + n * Cin * L_in, sample_r0, oj.rows(), 0, 1, false, bp != nullptr);
       }
-      oj.run(plan);
+      oj.run(geo);
       at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {
         for (int64_t q = q0; q < q1; ++q)
           ggp[off_blocks[q]] = direct::dot(sp + q * Cbo * L, dyp + off_blocks[q] * Cbo * L, Cbo * L);
@@ -449,7 +588,7 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
     gw = at::zeros({Cout, Cw, kh, kw}, x.options());
     float* gwp = gw.data_ptr<float>();
     WgradJobs wj;
-    if (mode == Mode::Out && KK > 1 && Cin % direct::kChunk == 0) {
+    if (mode == Mode::Out && KK > 1 && Cin % direct::kChunk == 0 && !geo.strided) {
       wgrad_out_cl(xp, dyp, gp, N, Cin, Cout, G, L, kh, kw, padding, dilation, H, W, binary, gwp);
     } else if (mode == Mode::Out) {  // buckets: chunks of input channels (multiples of 8 for the 1x1 tile)
       const int64_t chunk = std::max<int64_t>(8, (Cin / 8 + 7) / 8 * 8);
@@ -463,7 +602,7 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
             for (int64_t r = b * Cbo; r < (b + 1) * Cbo; ++r)
               wj.row(dyp + (n * Cout + r) * L, gwp + r * Cin * KK, gv);
           }
-          if (wj.rows() > r0) wj.add(xp + n * Cin * L, r0, wj.rows(), c0, std::min(Cin, c0 + chunk));
+          if (wj.rows() > r0) wj.add(xp + n * Cin * L_in, r0, wj.rows(), c0, std::min(Cin, c0 + chunk));
         }
       }
     } else if (mode == Mode::In) {
@@ -491,7 +630,7 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
             for (int64_t q = b; q < e; ++q) nch += gp[n * G + q] != 0.0f ? Cbi : 0;
             const int64_t r0 = wj.rows();
             for (int64_t r = ra; r < rb; ++r) wj.row(dyp + (n * Cout + r) * L, gwp + r * Cw * KK, gv);
-            wj.add(xp + n * Cin * L, r0, wj.rows(), k - n_k0, k - n_k0 + nch, n_k0);
+            wj.add(xp + n * Cin * L_in, r0, wj.rows(), k - n_k0, k - n_k0 + nch, n_k0);
             k += nch;
             b = e;
           }
@@ -506,11 +645,11 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
           const int64_t r0 = wj.rows();
           for (int64_t r = b * Cbo; r < (b + 1) * Cbo; ++r)
             wj.row(dyp + (n * Cout + r) * L, gwp + r * Cw * KK, gv);
-          wj.add(xp + (n * Cin + b * Cbi) * L, r0, wj.rows(), 0, Cbi);
+          wj.add(xp + (n * Cin + b * Cbi) * L_in, r0, wj.rows(), 0, Cbi);
         }
       }
     }
-    wj.run(plan, !binary);
+    wj.run(geo, !binary);
   }
   return true;
 }

@@ -23,15 +23,15 @@ inline unsigned lane_bits(const uint16_t* tile_words, int64_t lane0) {
 // runtime test per tap costs as much as the FMAs it guards).
 template <int MR, int NV, int KKT, bool SCALED, bool FLIP>
 FM_KERNEL_INLINE void accumulate(V (&acc)[MR][NV], const float* x, const float* const* w,
-                                 int64_t cstride, int64_t c0, int64_t c1, float scale, int64_t L,
+                                 int64_t cstride, int64_t c0, int64_t c1, float scale, int64_t XL,
                                  int KK_rt, const int64_t* off, const unsigned* bits, int64_t pf) {
   const int KK = KKT ? KKT : KK_rt;
   const V sc = VT::set1(scale);
   for (int64_t c = c0; c < c1; ++c) {
-    const float* xc = x + c * L;
+    const float* xc = x + c * XL;
     const int64_t wc = c * cstride;
     // The lines of this channel the next pixel tile reaches furthest into (pf).  A
-    // channel's rows are L floats apart, too many interleaved streams for the
+    // channel's rows are XL floats apart, too many interleaved streams for the
     // hardware prefetcher; asking a tile ahead (into L2: a whole tile's channels
     // pass before they are read) measured 0.75-0.93x the time on the cold 1x1
     // convs of a bottleneck, ~1.0x on warm 3x3 ones.
@@ -54,7 +54,7 @@ FM_KERNEL_INLINE void accumulate(V (&acc)[MR][NV], const float* x, const float* 
 
 // One register tile: MR rows x NV vectors of pixels starting at lane0 of 32-pixel
 // tile tile_idx, all segments and taps.  KKT is the tap count when known at compile
-// time (1 or 9), else 0 (runtime kk).
+// time (1, 2, 4 or 9), else 0 (runtime kk).
 template <int MR, int NV, int KKT, bool FLIP>
 FM_TARGET void tile(const RowJob& job, const PixelPlan& plan, int64_t tile_idx, int64_t lane0) {
   const int64_t p0 = tile_idx * kPixels + lane0;
@@ -75,15 +75,15 @@ FM_TARGET void tile(const RowJob& job, const PixelPlan& plan, int64_t tile_idx, 
     FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = VT::zero();
   const float* x = job.x + p0;
   // Prefetch offset: the next tile's first pixel plus the largest tap offset.
-  const int64_t pf = kPixels - lane0 + plan.tap_offset[plan.KK - 1];
+  const int64_t pf = kPixels - lane0 + plan.max_offset;
   for (int s = 0; s < job.nseg; ++s) {
     const Segment seg = job.segs[s];
     if (seg.scale == 1.0f)
       accumulate<MR, NV, KKT, false, FLIP>(acc, x, job.w_row, job.w_cstride, seg.c0, seg.c1, 1.0f,
-                                           plan.L, plan.KK, plan.tap_offset.data(), bits, pf);
+                                           plan.XL, plan.KK, plan.tap_offset.data(), bits, pf);
     else
       accumulate<MR, NV, KKT, true, FLIP>(acc, x, job.w_row, job.w_cstride, seg.c0, seg.c1,
-                                          seg.scale, plan.L, plan.KK, plan.tap_offset.data(), bits, pf);
+                                          seg.scale, plan.XL, plan.KK, plan.tap_offset.data(), bits, pf);
   }
   const uint16_t* sm = plan.store_mask.data() + tile_idx * 2;
   FM_UNROLL for (int i = 0; i < MR; ++i) {
@@ -129,7 +129,7 @@ inline int64_t dot_tail(const RowJob& job, const PixelPlan& plan) {
 // of a thread are mostly rows of the same sample, so the last columns gathered are
 // kept and reused while (call, x, segments, flip) are the same.
 struct TailColumns {
-  uint64_t plan_id = 0;
+  uint64_t plan_id = 0, x_tag = 0;
   const float* x = nullptr;
   bool flip = false;
   std::vector<Segment> segs;
@@ -138,7 +138,9 @@ struct TailColumns {
   std::vector<int64_t> off;  // per tap: its input offset for the pixel, -1 in the padding
 
   bool same(const RowJob& job, const PixelPlan& plan) const {
-    if (plan_id != plan.id || x != job.x || flip != job.w_flip || (int)segs.size() != job.nseg) return false;
+    if (plan_id != plan.id || x != job.x || x_tag != job.x_tag || flip != job.w_flip ||
+        (int)segs.size() != job.nseg)
+      return false;
     for (int s = 0; s < job.nseg; ++s)
       if (segs[s].c0 != job.segs[s].c0 || segs[s].c1 != job.segs[s].c1 || segs[s].scale != job.segs[s].scale)
         return false;
@@ -152,6 +154,7 @@ struct TailColumns {
     for (int s = 0; s < job.nseg; ++s) cmax = job.segs[s].c1 > cmax ? job.segs[s].c1 : cmax;
     plan_id = plan.id;
     x = job.x;
+    x_tag = job.x_tag;
     flip = job.w_flip;
     segs.assign(job.segs, job.segs + job.nseg);
     cols = cmax * KK;
@@ -165,7 +168,7 @@ struct TailColumns {
       for (int s = 0; s < job.nseg; ++s) {  // channel by channel: its taps share cache lines
         const Segment seg = job.segs[s];
         for (int64_t c = seg.c0; c < seg.c1; ++c) {
-          const float* xc = job.x + c * L;
+          const float* xc = job.x + c * plan.XL;
           for (int t = 0; t < KK; ++t)
             col[c * KK + (flip ? KK - 1 - t : t)] = off[t] >= 0 ? seg.scale * xc[off[t]] : 0.0f;
         }
@@ -267,6 +270,8 @@ void run_rows(const RowJob& job, const PixelPlan& plan) {
     const RowJob sub = job.slice(r0, job.nrows - r0 < VT::kTileRows ? job.nrows - r0 : VT::kTileRows);
     if (plan.KK == 9) rows_any<9>(sub, plan);
     else if (plan.KK == 1) rows_any<1>(sub, plan);
+    else if (plan.KK == 4) rows_any<4>(sub, plan);  // the phases of a stride-2 3x3's grad_x:
+    else if (plan.KK == 2) rows_any<2>(sub, plan);  // 1, 2, 2 and 4 taps
     else rows_any<0>(sub, plan);
   }
 }
@@ -277,7 +282,7 @@ template <int MR, int NT>
 FM_TARGET void wgrad_taps(const WgradJob& job, const PixelPlan& plan, int64_t c, int t0) {
   const int64_t L = plan.L;
   const int KK = plan.KK;
-  const float* xc = job.x + c * L;
+  const float* xc = job.x + c * plan.XL;
   const int64_t* off = plan.tap_offset.data() + t0;
   V acc[MR][NT];
   FM_UNROLL for (int i = 0; i < MR; ++i)
@@ -305,7 +310,7 @@ template <int MR, int CT>
 FM_TARGET void wgrad_1x1(const WgradJob& job, const PixelPlan& plan, int64_t k0) {
   const int64_t L = plan.L;
   const float* xc[CT];
-  FM_UNROLL for (int j = 0; j < CT; ++j) xc[j] = job.x + job.channel(k0 + j) * L;
+  FM_UNROLL for (int j = 0; j < CT; ++j) xc[j] = job.x + job.channel(k0 + j) * plan.XL;
   V acc[MR][CT];
   FM_UNROLL for (int i = 0; i < MR; ++i)
     FM_UNROLL for (int j = 0; j < CT; ++j) acc[i][j] = VT::zero();
