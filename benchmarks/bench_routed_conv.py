@@ -70,13 +70,13 @@ def _reference_fn(impl):
 @pytest.mark.parametrize("pass_", ["fwd", "train", "train-exact"])
 @pytest.mark.parametrize("rho", DENSITIES)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", conv_cases(FULL), ids=lambda c: c[0])
+@pytest.mark.parametrize("case", conv_cases(FULL), ids=lambda c: c.name)
 def test_routed_conv(benchmark, case, impl, rho, pass_):
     if not _runs(impl, rho):
         pytest.skip("dense/compiled do not depend on rho: measured at rho=1.0")
     if pass_ == "train-exact" and (impl != "routed" or rho == 1.0):
         pytest.skip('router_grad="exact" differs from "active" only for the routed kernels with off gates')
-    name, hw = case[0], case[-1]
+    name, hw = case.name, case.hw
     # "train-exact" is timed beside "train" (same group, labelled routed-exact@rho):
     # the cost of the off blocks' forward that the exact gate gradient needs.
     run, gflop, density = conv_runner(case, impl, rho, pass_, N, DEVICE, reference=_reference_fn(impl))

@@ -92,15 +92,15 @@ def main(argv=None):
             p.error(f"--passes takes fwd and/or train, got {q!r}")
     jobs = []
     for case in conv_cases(args.full or bool(wanted - {"bottleneck"})):
-        if not wanted or case[0] in wanted:
-            jobs.append((case[0], lambda impl, rho, q, c=case: conv_runner(c, impl, rho, q, n, args.device)[0]))
+        if not wanted or case.name in wanted:
+            jobs.append((case.name, lambda impl, rho, q, c=case: conv_runner(c, impl, rho, q, n, args.device)[0]))
     if not wanted or "bottleneck" in wanted:
         for stage in (STAGES if args.full else STAGES[1:2]):
             jobs.append((f"bottleneck-w{stage[0]}-hw{stage[1]}",
                          lambda impl, rho, q, s=stage: bottleneck_runner(s, impl, rho, q, n, args.device)[0]))
     unknown = wanted - {name for name, _ in jobs} - {"bottleneck"}
     if unknown:
-        p.error(f"unknown case(s) {sorted(unknown)}; known: {[c[0] for c in conv_cases(True)]} and bottleneck")
+        p.error(f"unknown case(s) {sorted(unknown)}; known: {[c.name for c in conv_cases(True)]} and bottleneck")
     results = []
     total = len(jobs) * len(passes)
     for name, make in jobs:

@@ -56,13 +56,13 @@ def main():
         print("no GPU: nothing to profile", file=sys.stderr)
         sys.exit(2)
     wanted = args.cases.split(",")
-    cases = [c for c in conv_cases(full=True) if c[0] in wanted]
+    cases = [c for c in conv_cases(full=True) if c.name in wanted]
     for case in cases:
         for pass_ in args.passes.split(","):
             for impl, rho in (("dense", 1.0), ("routed", args.rho)):
                 run, _gflop, density = conv_runner(case, impl, rho, pass_, args.n, "cuda")
                 total, lines = _profile(run, args.top)
-                print(f"{case[0]} {pass_} {impl} density={density:.2f}: {total:.1f} us of kernels")
+                print(f"{case.name} {pass_} {impl} density={density:.2f}: {total:.1f} us of kernels")
                 print("\n".join(lines))
 
 

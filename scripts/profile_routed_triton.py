@@ -64,7 +64,7 @@ def main():
     torch.backends.cudnn.allow_tf32 = True
     from fastmod.ops import _routed_conv_triton
     _routed_conv_triton.CONFIG["nchw_in_place"] = {"auto": None, "in-place": True, "copy": False}[args.nchw]
-    for case in [c for c in conv_cases(full=True) if c[0] in args.cases.split(",")]:
+    for case in [c for c in conv_cases(full=True) if c.name in args.cases.split(",")]:
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             for rho in (float(r) for r in args.rhos.split(",")):
                 forward(case, dtype, rho, args)
@@ -74,12 +74,12 @@ def main():
 
 def forward(case, dtype, rho, args):
     """Dense against fastmod under each tile configuration, no grad."""
-    name, cin, cout, k, groups, gate_on, G, hw = case
+    name, cin, cout, k, groups, gate_on, G, hw, stride = case
     x = torch.randn(args.n, cin, hw, hw, device="cuda", dtype=dtype)
     w = (torch.randn(cout, cin // groups, k, k, device="cuda") / (cin // groups * k * k) ** 0.5).to(dtype)
     if args.channels_last:
         x, w = (t.contiguous(memory_format=torch.channels_last) for t in (x, w))
-    kw = dict(padding=k // 2, groups=groups, gate_on=gate_on)
+    kw = dict(stride=stride, padding=k // 2, groups=groups, gate_on=gate_on)
     g = gates(args.n, G, rho, "cuda")
     with torch.no_grad():
         dense = lambda: routed_conv2d_reference(x, w, g, **kw)  # noqa: E731
