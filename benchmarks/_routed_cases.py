@@ -55,17 +55,17 @@ def gates(n: int, g: int, rho: float, device) -> torch.Tensor:
 
 
 def conv_runner(case, impl: str, rho: float, pass_: str, n: int, device, reference=routed_conv2d_reference,
-                backend: str | None = None):
+                backend: str | None = None, dtype: torch.dtype = torch.float32):
     """(run, gflop, density): run() does one pass of the case.  impl "routed" runs the
     fastmod kernel backend (``backend``, default "cuda" on GPUs and automatic on the
     CPU), anything else ``reference`` (the dense conv + mask).
     pass_: "fwd" (no grad), "train" (fwd + bwd, router_grad="active") or
-    "train-exact" (router_grad="exact")."""
+    "train-exact" (router_grad="exact").  Every tensor in ``dtype``."""
     _name, cin, cout, k, groups, gate_on, G, hw, stride = case
     ho = -(-hw // stride)  # "same" padding
-    x = torch.randn(n, cin, hw, hw, device=device)
-    w = torch.randn(cout, cin // groups, k, k, device=device) / (cin // groups * k * k) ** 0.5
-    g = gates(n, G, rho, device)
+    x = torch.randn(n, cin, hw, hw, device=device, dtype=dtype)
+    w = (torch.randn(cout, cin // groups, k, k, device=device) / (cin // groups * k * k) ** 0.5).to(dtype)
+    g = gates(n, G, rho, device).to(dtype)
     router_grad = "exact" if pass_ == "train-exact" else "active"
     kw = dict(stride=stride, padding=k // 2, groups=groups, gate_on=gate_on, router_grad=router_grad)
     # On a GPU a kernel backend explicitly ("auto" keeps the dense path for most
@@ -81,7 +81,7 @@ def conv_runner(case, impl: str, rho: float, pass_: str, n: int, device, referen
                 fn(x, w, g)
         return run, flops / 1e9, g.mean().item()
     xr, wr, gr = (t.clone().requires_grad_(True) for t in (x, w, g))
-    dy = torch.randn(n, cout, ho, ho, device=device)
+    dy = torch.randn(n, cout, ho, ho, device=device, dtype=dtype)
 
     def run():
         # A training step starts with no gradients (optimizer.zero_grad(), set_to_none

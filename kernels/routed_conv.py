@@ -1,6 +1,7 @@
-"""Triton kernels of the routed convolution's forward (fastmod.ops.routed_conv2d):
-``gate_on="out"`` and ``"in"`` with ``groups == 1`` (``routed_conv_fwd_kernel``),
-and ``"group"`` (``routed_conv_group_fwd_kernel``, below).
+"""Triton kernels of the routed convolution (fastmod.ops.routed_conv2d): the forward
+of ``gate_on="out"`` and ``"in"`` with ``groups == 1`` (``routed_conv_fwd_kernel``)
+and of ``"group"`` (``routed_conv_group_fwd_kernel``, below), and the grouped conv's
+weight gradient over the active (sample, group) pairs (``routed_conv_group_wgrad_kernel``).
 
 An implicit GEMM over tensor cores (``tl.dot``): rows are the output pixels of one
 sample, columns its output channels, the reduction runs over (tap, input channel).
@@ -212,3 +213,58 @@ def routed_conv_group_fwd_kernel(
     acc *= gate.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded to x's dtype, as the reference
     y = (y_ptr + n.to(tl.int64) * syn) + ((oh * syh + ow * syw)[:, None] + (co * syc)[None, :])  # int32 offsets
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def routed_conv_group_wgrad_kernel(
+        x_ptr, dy_ptr, g_ptr, lst_ptr, cnt_ptr, dw_ptr,
+        N, H, W, Ho, Wo: tl.constexpr, n_ct, n_kc, split,
+        sxn, sxc, sxh, sxw, syn, syc, syh, syw, sgn, sgg,
+        conv_sh, conv_sw, pad_h, pad_w, dil_h, dil_w,
+        CG_IN: tl.constexpr, CG_OUT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
+    """grad_weight of gate_on="group" over the active (sample, group) pairs only:
+    dw[g's rows, :, :, :] += sum over active samples n and pixels of (gate * dy) x im2col(x).
+
+    An implicit GEMM per group: rows its CG_OUT output channels, columns its (tap,
+    input channel) pairs as one flat index (as the forward), the reduction over
+    (active sample, output pixel).  Program (g * n_ct * n_kc + ct * n_kc + kc, s): row
+    tile ct and column tile kc of group g, and every split-th (sample, pixel tile) of
+    the group's active samples (lst[g, :cnt[g]], compacted on the device), summed in
+    fp32 and added into dw (fp32, zeroed by the caller) with atomics."""
+    pid = tl.program_id(0)
+    grp = pid // (n_ct * n_kc)
+    ct = (pid // n_kc) % n_ct
+    kc = pid % n_kc
+    s = tl.program_id(1)
+    n_pt = tl.cdiv(Ho * Wo, BLOCK_M)
+    total = tl.load(cnt_ptr + grp) * n_pt
+    j = ct * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_ok = j < CG_OUT
+    K_LEN: tl.constexpr = KH * KW * CG_IN
+    kk = kc * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = kk < K_LEN
+    tap = kk // CG_IN
+    c = kk % CG_IN
+    kr = tap // KW
+    ks = tap % KW
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for w in range(s, total, split):
+        n = tl.load(lst_ptr + grp * N + w // n_pt)
+        pid_m = w % n_pt
+        m_ok, oh, ow, ih0, iw0 = _pixel_rows(pid_m, Ho, Wo, conv_sh, conv_sw, pad_h, pad_w, BLOCK_M)
+        # dy rows scaled by the gate, in dy's dtype (the reference's grad * gate)
+        dy = tl.load(dy_ptr + n.to(tl.int64) * syn + (oh * syh + ow * syw)[:, None]
+                     + ((grp * CG_OUT + j) * syc)[None, :], mask=m_ok[:, None] & j_ok[None, :], other=0.0)
+        gate = tl.load(g_ptr + n * sgn + grp * sgg).to(dy.dtype)
+        dy = dy * gate
+        ih = ih0[:, None] + (kr * dil_h)[None, :]
+        iw = iw0[:, None] + (ks * dil_w)[None, :]
+        a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xs = tl.load(x_ptr + n.to(tl.int64) * sxn + (grp * CG_IN) * sxc + ih * sxh + iw * sxw + (c * sxc)[None, :],
+                     mask=a_ok, other=0.0)
+        acc = tl.dot(tl.trans(dy), xs, acc, input_precision=INPUT_PRECISION)
+    # dw is [Cout, CG_IN, KH, KW], contiguous
+    dst = dw_ptr + ((grp * CG_OUT + j) * K_LEN)[:, None] + (c * (KH * KW) + kr * KW + ks)[None, :]
+    tl.atomic_add(dst, acc, mask=j_ok[:, None] & k_ok[None, :])

@@ -23,7 +23,8 @@
 # whichever comes first, so a slow stage still leaves the later ones some time.
 # Overrides: DEADLINE, BUILD_LIMIT, ROUTED_BENCH_LIMIT, MODELS_LIMIT, TEST_LIMIT, BENCH_LIMIT,
 # TUNE_LIMIT, TUNE_MN_LIMIT (seconds); TRITON_TESTS, CUDA_TESTS, TEST_WORKERS; TUNE_CONFIGS (see
-# scripts/profile_routed_triton.py --configs); ROUTED_CASES (its --cases); TUNE_MN_ARGS (more
+# scripts/profile_routed_triton.py --configs); ROUTED_CASES (its --cases); GROUP_WGRAD (its
+# --group-wgrad, default both); TUNE_MN_ARGS (more
 # arguments of benchmarks/tune_mixed_node.py); BENCHES (default "mixed_node gumbel_gate"); SKIP (parts to leave out, see want below);
 # FASTMOD_BENCH_FULL=1 for every routed shape; SKIP_BUILD=1 installs nothing and uses
 # the installed fastmod (a dry run of this script off the GPU).
@@ -162,10 +163,10 @@ fi
 ROUTED_CASES=${ROUTED_CASES:-frn3x3-64,frn3x3-128,frn3x3-256,frn3x3-512,brn1x1out-w128-hw28-c16,brn1x1in-w128-hw28-c16,brn3x3-w64-hw56-c8,brn3x3-w128-hw28-c16,brn3x3-w256-hw14-c32}
 if want routed_triton; then
   # kernel time per call (torch.profiler): the do_bench sweep of 2026-11-27 was host-bound
-  echo "== routed-conv Triton forward (and fp32 training step) vs dense cuDNN (kernel time)"
+  echo "== routed-conv Triton forward (and training step) vs dense cuDNN (kernel time)"
   stage routed_triton "${TUNE_LIMIT:-90}" sh -c 'exec python3 scripts/profile_routed_triton.py --train --cases "$2" \
-      --configs "${TUNE_CONFIGS:-default;128,128,32,8,3;64,128,64,4,3;128,64,32,4,4;64,64,32,4,3}" > "$1.txt" 2>&1' \
-      sh "$RES/routed_triton" "$ROUTED_CASES"
+      --configs "${TUNE_CONFIGS:-default;128,128,32,8,3;64,128,64,4,3;128,64,32,4,4;64,64,32,4,3}" \
+      --group-wgrad "${GROUP_WGRAD:-dense,triton}" > "$1.txt" 2>&1' sh "$RES/routed_triton" "$ROUTED_CASES"
   cat "$RES/routed_triton.txt"
 fi
 if want routed_triton_cl; then  # a network run in torch.channels_last

@@ -3,7 +3,7 @@ routed-conv forward, next to the dense cuDNN conv + mask: separates what the GPU
 spends from the host's launch overhead, which do_bench's back-to-back calls mix in.
 
     python scripts/profile_routed_triton.py [--cases ...] [--configs default;128,128,32,8,3] [--channels-last]
-        [--nchw auto|in-place|copy] [--train]
+        [--nchw auto|in-place|copy] [--train [--group-wgrad dense,triton]]
 
 GPU only; exits 2 without one.
 """
@@ -50,7 +50,11 @@ def main():
     p.add_argument("--configs", default="default")
     p.add_argument("-n", type=int, default=64)
     p.add_argument("--train", action="store_true",
-                   help="also a training step (fp32, fwd + bwd, router_grad='active') against dense")
+                   help="also a training step (fwd + bwd, router_grad='active') against dense: fp32, and for "
+                        "grouped convs every dtype")
+    p.add_argument("--group-wgrad", default="dense",
+                   help="grouped convs' weight gradient in the training step: dense, triton, or both "
+                        "(comma-separated; _routed_conv_triton.CONFIG['group_wgrad'])")
     p.add_argument("--nchw", choices=("auto", "in-place", "copy"), default="auto",
                    help="an NCHW x: read in place or copied to channels-last first, for every conv, or the "
                         "default rule (auto; _routed_conv_triton.CONFIG['nchw_in_place'])")
@@ -68,8 +72,10 @@ def main():
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             for rho in (float(r) for r in args.rhos.split(",")):
                 forward(case, dtype, rho, args)
-                if args.train and dtype == torch.float32:
-                    train(case, rho, args.n)
+                if args.train and (dtype == torch.float32 or case.gate_on == "group"):
+                    for wgrad in args.group_wgrad.split(",") if case.gate_on == "group" else ["dense"]:
+                        _routed_conv_triton.CONFIG["group_wgrad"] = wgrad
+                        train(case, rho, args.n, dtype, wgrad)
 
 
 def forward(case, dtype, rho, args):
@@ -103,13 +109,13 @@ def forward(case, dtype, rho, args):
         os.environ.pop("FASTMOD_ROUTED_TRITON_CONFIG", None)
 
 
-def train(case, rho, n):
-    """A training step (fp32, router_grad="active"), dense against fastmod."""
-    d_run = conv_runner(case, "dense", rho, "train", n, "cuda")[0]
-    f_run = conv_runner(case, "routed", rho, "train", n, "cuda", backend="triton")[0]
+def train(case, rho, n, dtype, wgrad):
+    """A training step (router_grad="active"), dense against fastmod."""
+    d_run = conv_runner(case, "dense", rho, "train", n, "cuda", dtype=dtype)[0]
+    f_run = conv_runner(case, "routed", rho, "train", n, "cuda", backend="triton", dtype=dtype)[0]
     d_gpu, _ = kernel_us(d_run)
     f_gpu, f_rows = kernel_us(f_run)
-    print(f"{'':24s} {'':8s} {'':8s} train: dense gpu {d_gpu:7.1f} us, fastmod gpu {f_gpu:7.1f} us "
+    print(f"{'':24s} {str(dtype)[6:]:8s} {'':8s} train (wgrad {wgrad}): dense gpu {d_gpu:7.1f} us, fastmod gpu {f_gpu:7.1f} us "
           f"({f_gpu / d_gpu:.2f}x), wall {wall_us(d_run):7.1f} / {wall_us(f_run):7.1f} us", flush=True)
     print("      " + _top(f_rows, 8))
 

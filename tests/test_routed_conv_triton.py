@@ -260,3 +260,58 @@ def test_group_grads_with_a_channels_last_weight():
     assert_close(y, y_ref, torch.float32)
     for g, r in zip(grads, grads_ref):
         assert_close(g, r, torch.float32)
+
+
+@pytest.mark.parametrize("k,stride,dil", [(3, 1, 1), (3, 2, 1), (3, 1, 2), (1, 1, 1), (5, 1, 1)])
+@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("kind", ["random", "nonbinary", "off", "on"])
+def test_group_weight_grad_over_active_pairs(k, stride, dil, dtype, kind, monkeypatch):
+    """CONFIG["group_wgrad"] = "triton": the grouped conv's weight gradient from the
+    active (sample, group) pairs only (and the bias gradient without a gated copy of dy)."""
+    from fastmod.ops import _routed_conv_triton
+    monkeypatch.setitem(_routed_conv_triton.CONFIG, "group_wgrad", "triton")
+    # 4 groups of 8 channels (row tiles padded to 16): k = 5 makes 200 (tap, channel)
+    # columns, two 128-wide column tiles
+    x, w, b, kw = problem("group", k, stride, dtype=dtype, device=DEV, n=3, cin=32, cout=32, hw=6)
+    kw.update(dilation=dil, padding=dil * (k // 2))
+    gates = make_gates(kind, 3, 4, dtype=dtype, device=DEV)
+    (y, grads), (y_ref, grads_ref) = run_both(x, w, gates, b, kw, "triton", upcast=dtype != torch.float32)
+    assert_close(y, y_ref, dtype)
+    for g, r in zip(grads, grads_ref):
+        assert_close(g, r, dtype)
+
+
+def test_group_weight_grad_wide_groups(monkeypatch):
+    # 80 output channels per group: two 64-row tiles, the second ragged
+    from fastmod.ops import _routed_conv_triton
+    monkeypatch.setitem(_routed_conv_triton.CONFIG, "group_wgrad", "triton")
+    x, w, b, kw = problem("group", 3, 1, device=DEV, n=2, cin=8, cout=160, hw=5, blocks=2)
+    gates = make_gates("nonbinary", 2, 2, device=DEV)
+    (_, grads), (_, grads_ref) = run_both(x, w, gates, b, kw, "triton")
+    for g, r in zip(grads, grads_ref):
+        assert_close(g, r, torch.float32)
+
+
+def test_group_weight_grad_opcheck():
+    from fastmod.ops._routed_conv_triton import routed_conv2d_triton_group_wgrad  # noqa: F401 (registers it)
+    x = torch.randn(3, 8, 5, 5, device=DEV)
+    dy = torch.randn(3, 8, 5, 5, device=DEV)
+    gates = make_gates("nonbinary", 3, 2, device=DEV)
+    args = (x, dy, gates, [8, 4, 3, 3], [1, 1], [1, 1], [1, 1], False)
+    utils = None if HAS_CUDA else ("test_schema",)  # fake/AOT checks need a GPU (see test_opcheck)
+    kwargs = {} if utils is None else {"test_utils": utils}
+    torch.library.opcheck(torch.ops.fastmod.routed_conv2d_triton_group_wgrad.default, args, **kwargs)
+
+
+@requires_cuda
+def test_group_weight_grad_compiles(monkeypatch):
+    from fastmod.ops import _routed_conv_triton
+    monkeypatch.setitem(_routed_conv_triton.CONFIG, "group_wgrad", "triton")
+    torch._dynamo.reset()
+    x, w, b, kw = problem("group", 3, 1, device="cuda", n=4, cin=32, cout=32, hw=8)
+    gates = make_gates("nonbinary", 4, 4, device="cuda")
+    f = torch.compile(lambda *a: routed_conv2d(*a, backend="triton", **kw).square().sum(), fullgraph=True)
+    ws = [w.clone().requires_grad_(), w.clone().requires_grad_()]
+    f(x, ws[0], gates, b).backward()
+    routed_conv2d_reference(x, ws[1], gates, b, **kw).square().sum().backward()
+    assert_close(ws[0].grad, ws[1].grad, torch.float32)

@@ -190,6 +190,14 @@ def _cases():
         yield (f"routed_conv_group_fwd {xt} {prec}", rk.routed_conv_group_fwd_kernel, sig,
                {"CG_IN": 8, "CG_OUT": 8, "KH": 3, "KW": 3, "HAS_BIAS": True, "INPUT_PRECISION": prec,
                 "BLOCK_M": 128, "BLOCK_N": 16, "BLOCK_K": 16, "Wo": 28}, {"num_warps": 4, "num_stages": 3})
+    wgrad_ints = ints("N", "H", "W", "Ho", "n_ct", "n_kc", "split", "sxn", "sxc", "sxh", "sxw", "syn", "syc", "syh",
+                      "syw", "sgn", "sgg", "conv_sh", "conv_sw", "pad_h", "pad_w", "dil_h", "dil_w")
+    for xt, prec in [("*fp32", "tf32"), ("*bf16", "ieee")]:
+        sig = {"x_ptr": xt, "dy_ptr": xt, "g_ptr": "*fp32", "lst_ptr": "*i32", "cnt_ptr": "*i32", "dw_ptr": "*fp32",
+               **wgrad_ints}
+        yield (f"routed_conv_group_wgrad {xt} {prec}", rk.routed_conv_group_wgrad_kernel, sig,
+               {"CG_IN": 8, "CG_OUT": 8, "KH": 3, "KW": 3, "INPUT_PRECISION": prec, "BLOCK_M": 128,
+                "BLOCK_N": 16, "BLOCK_K": 128, "Wo": 28}, {"num_warps": 4, "num_stages": 3})
 
 
 # A PTX global load of one element (ld.global.v2/.v4 are vector loads).

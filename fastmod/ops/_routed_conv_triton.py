@@ -19,7 +19,8 @@ Other NCHW x are copied to channels-last first (25-100 us of the H100 calls time
 force either for every conv (scripts/profile_routed_triton.py times the two).
 
 Gradients: ``_routed_conv_triton_backward`` (the same kernel for grad_x, the
-vendor's dense grad_weight).
+vendor's dense grad_weight; for grouped convs with ``CONFIG["group_wgrad"] ==
+"triton"``, a weight-gradient kernel over the active pairs instead).
 """
 from __future__ import annotations
 
@@ -30,12 +31,17 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from fastmod.kernels._hints import pow2_divisor
-from fastmod.kernels.routed_conv import compact_kernel, routed_conv_fwd_kernel, routed_conv_group_fwd_kernel
+from fastmod.kernels.routed_conv import (compact_kernel, routed_conv_fwd_kernel, routed_conv_group_fwd_kernel,
+                                        routed_conv_group_wgrad_kernel)
 from fastmod.ops import _eager
 from fastmod.ops._routed_conv_triton_backward import routed_conv2d_triton_backward
 
 
-CONFIG = {"nchw_in_place": None}
+# group_wgrad: "dense" (cuDNN's grad_weight of the gated dy) or "triton"
+# (routed_conv_group_wgrad_kernel over the active pairs); not yet timed on a GPU, so
+# the vendor path stays the default (scripts/profile_routed_triton.py --group-wgrad
+# times both).
+CONFIG = {"nchw_in_place": None, "group_wgrad": "dense"}
 
 
 def _pow2(n: int) -> int:
@@ -142,6 +148,49 @@ def _group_forward(x, w, gates, bias, y, stride, padding, dilation, precision):
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3)
 
 
+def group_weight_grad(x: torch.Tensor, dy: torch.Tensor, gates: torch.Tensor, weight_shape: list[int],
+                      stride: list[int], padding: list[int], dilation: list[int], tf32: bool) -> torch.Tensor:
+    """grad_weight [Cout, Cin/G, KH, KW] (x's dtype) of a gate_on="group" conv from x
+    [N, Cin, H, W], its output gradient dy [N, Cout, Ho, Wo] and gates [N, G]:
+    sum over the active (n, g) pairs of (gates[n, g] * dy) x im2col(x), nothing for off
+    pairs.  Split over (sample, pixel tile) across programs, added with atomics in fp32."""
+    N, _, H, W = x.shape
+    Cout, cg_in, KH, KW = weight_shape
+    G = gates.shape[1]
+    cg_out = Cout // G
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    dw = torch.zeros((Cout, cg_in, KH, KW), dtype=torch.float32, device=x.device)
+    if N == 0 or Ho * Wo == 0 or dw.numel() == 0:
+        return dw.to(x.dtype)
+    # per group, its active samples in order (compact_kernel over gates transposed)
+    lst = torch.empty((G, N), dtype=torch.int32, device=x.device)
+    cnt = torch.empty((G,), dtype=torch.int32, device=x.device)
+    wrap_triton(compact_kernel)[(G,)](gates, lst, cnt, N, gates.stride(1), gates.stride(0),
+                                      BLOCK_G=max(16, _pow2(N)))
+    k_len = KH * KW * cg_in
+    bm = 64 if Ho * Wo <= 64 else 128
+    bn = max(16, min(64, _pow2(cg_out)))
+    bk = max(16, min(128, _pow2(k_len)))
+    n_ct, n_kc = triton.cdiv(cg_out, bn), triton.cdiv(k_len, bk)
+    tiles = G * n_ct * n_kc
+    work = N * triton.cdiv(Ho * Wo, bm)  # (sample, pixel tile) items of a group with every sample on
+    # enough programs to fill the GPU a few times over (2 in the CPU interpreter)
+    target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
+    split = max(1, min(work, triton.cdiv(target, tiles)))
+    precision = "tf32" if tf32 and x.dtype == torch.float32 else "ieee"
+    wrap_triton(routed_conv_group_wgrad_kernel)[(tiles, split)](
+        x, dy, gates, lst, cnt, dw, N, H, W, Ho, Wo, n_ct, n_kc, split,
+        *x.stride(), *dy.stride(), gates.stride(0), gates.stride(1),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        CG_IN=cg_in, CG_OUT=cg_out, KH=KH, KW=KW, INPUT_PRECISION=precision,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3)
+    return dw.to(x.dtype)
+
+
+routed_conv2d_triton_group_wgrad = triton_op("fastmod::routed_conv2d_triton_group_wgrad",
+                                             mutates_args=())(group_weight_grad)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, gates, bias, stride, padding, dilation, gate_on, exact, tf32 = inputs
     # the output only feeds the "out"/"group" gates' gradient
@@ -154,7 +203,8 @@ def _backward(ctx, grad):
     need = ctx.needs_input_grad
     gx, gw, gg, gb = routed_conv2d_triton_backward(
         routed_conv2d_triton, grad, x, weight, gates, bias, out, *ctx.args,
-        need=(need[0], need[1], need[2], bias is not None and need[3]))
+        need=(need[0], need[1], need[2], bias is not None and need[3]),
+        wgrad=routed_conv2d_triton_group_wgrad if CONFIG["group_wgrad"] == "triton" else None)
     return (gx, gw, gg, gb) + (None,) * 6
 
 

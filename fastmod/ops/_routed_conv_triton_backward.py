@@ -10,7 +10,9 @@ Built from the forward kernel itself and the dense vendor gradients:
   group-gated conv again.  Other strides (or padding larger
   than dil*(k-1)): the dense vendor grad_input of the gated dy.
 * grad_weight: the dense vendor grad_weight of the gated operand (dy for "out" and
-  "group", x for "in"); off blocks contribute zeros, not skipped work.
+  "group", x for "in"); off blocks contribute zeros, not skipped work.  "group" can
+  take ``wgrad`` instead (``routed_conv_group_wgrad_kernel``: only the active pairs,
+  the gate applied as dy is read, so no gated copy of dy is made).
 * grad_gates: for on blocks, from the saved output ("out"/"group": out = g * u) or from
   grad_x ("in": dx = g * dxu), divided by the gate; for off blocks,
   ``exact=True`` runs the kernel once more with the off blocks switched on (the
@@ -54,9 +56,11 @@ def _on_gate_grad(sums: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
 
 
 def routed_conv2d_triton_backward(fwd: Callable, grad, x, weight, gates, bias, out, stride, padding, dilation,
-                                  gate_on: str, exact: bool, tf32: bool, need):
+                                  gate_on: str, exact: bool, tf32: bool, need, wgrad: Callable | None = None):
     """(gx, gw, gg, gb), each None unless asked for by ``need`` = (x, weight, gates,
-    bias).  ``fwd`` is the forward op (routed_conv2d_triton's signature)."""
+    bias).  ``fwd`` is the forward op (routed_conv2d_triton's signature); ``wgrad``,
+    when given, the grouped conv's active-pairs weight gradient
+    (routed_conv2d_triton_group_wgrad's signature), used for gate_on="group"."""
     need_x, need_w, need_g, need_b = need
     Cout, G = weight.shape[0], gates.shape[1]
     groups = G if gate_on == "group" else 1
@@ -66,10 +70,17 @@ def routed_conv2d_triton_backward(fwd: Callable, grad, x, weight, gates, bias, o
     w_flip = _transposed_flipped(weight, groups) if pads is not None and (need_x or gate_on == "in") else None
     gx = gw = gg = gb = None
     if gate_on in ("out", "group"):  # y = g * (conv + bias) on the output blocks
-        dy_g = grad * _block_scale(gates, Cout, grad.dtype)  # exactly zero on off blocks
+        active_wgrad = wgrad is not None and gate_on == "group"
+        # dy gated, exactly zero on off blocks: for the vendor gradients only
+        dy_g = None if active_wgrad and (pads is not None or not need_x) else \
+            grad * _block_scale(gates, Cout, grad.dtype)
         if need_b:
-            gb = dy_g.sum((0, 2, 3))
-        if need_w:
+            gb = dy_g.sum((0, 2, 3)) if dy_g is not None else \
+                (grad.sum((2, 3), keepdim=True, dtype=torch.float32) *
+                 _block_scale(gates, Cout, torch.float32)).sum((0, 2, 3)).to(grad.dtype)
+        if need_w and active_wgrad:
+            gw = wgrad(x, grad, gates, list(weight.shape), list(stride), list(padding), list(dilation), tf32)
+        elif need_w:
             gw = conv2d_weight(x, weight.shape, dy_g, stride, padding, dilation, groups)
         if need_x and pads is not None:
             # "out": an "in"-gated conv over dy's channels; "group": the same groups, gated
