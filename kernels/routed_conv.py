@@ -176,21 +176,24 @@ def routed_conv_group_fwd_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """gate_on="group" (a ResNeXt branch per group).  Program (n * pixel tiles + pm, g * n_ct + ct):
     output pixels [pm*BM, +BM) of sample n, output channels [ct*BN, +BN) of group g's
-    CG_OUT; it returns at once when gates[n, g] == 0 (the caller's zeros stay).  The
-    reduction runs over (tap, input channel of the group) as one flat index, so a
-    narrow group (8 channels x 9 taps = 72) pads to a multiple of BLOCK_K, not to
-    BLOCK_K per tap."""
+    CG_OUT; when gates[n, g] == 0 it writes the tile's zeros and returns (so y needs
+    no zero fill first: writing every element once costs less than a memset of all
+    of y plus the active tiles).  The reduction runs over (tap, input channel of the
+    group) as one flat index, so a narrow group (8 channels x 9 taps = 72) pads to a
+    multiple of BLOCK_K, not to BLOCK_K per tap."""
     pid_m, n = _tile_and_sample(Ho, Wo, BLOCK_M)
     grp = tl.program_id(1) // n_ct
     ct = tl.program_id(1) % n_ct
-    gate = tl.load(g_ptr + n * sgn + grp * sgg)
-    if gate == 0:
-        return
-    x_n = x_ptr + n.to(tl.int64) * sxn + (grp * CG_IN) * sxc
     m_ok, oh, ow, ih0, iw0 = _pixel_rows(pid_m, Ho, Wo, conv_sh, conv_sw, pad_h, pad_w, BLOCK_M)
     j = ct * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = j < CG_OUT
     co = grp * CG_OUT + j
+    y = (y_ptr + n.to(tl.int64) * syn) + ((oh * syh + ow * syw)[:, None] + (co * syc)[None, :])  # int32 offsets
+    gate = tl.load(g_ptr + n * sgn + grp * sgg)
+    if gate == 0:
+        tl.store(y, tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        return
+    x_n = x_ptr + n.to(tl.int64) * sxn + (grp * CG_IN) * sxc
     w_cols = co * swo  # int32 offsets (the wrapper checks the weight is under 2^31 elements)
     K_LEN: tl.constexpr = KH * KW * CG_IN
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -211,7 +214,6 @@ def routed_conv_group_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     acc *= gate.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded to x's dtype, as the reference
-    y = (y_ptr + n.to(tl.int64) * syn) + ((oh * syh + ow * syw)[:, None] + (co * syc)[None, :])  # int32 offsets
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 

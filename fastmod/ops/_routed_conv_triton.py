@@ -77,8 +77,8 @@ def triton_forward(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor, b
     Ho = (H + 2 * padding[0] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
     Wo = (W + 2 * padding[1] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
     gate_in = gate_on == "in"
-    # "out"/"group" leave off channels alone, so they start at zero; "in" writes every one.
-    alloc = torch.empty if gate_in else torch.zeros
+    # "out" leaves off channels alone, so they start at zero; "in" and "group" write every one.
+    alloc = torch.zeros if gate_on == "out" else torch.empty
     # A 1x1, stride-1, unpadded conv sees each channel's pixels as one run (FLAT_PIX),
     # so it reads an NCHW x in place, in vectors, and writes NCHW: no channels-last copy.
     pointwise = KH == KW == 1 and list(stride) == [1, 1] and list(padding) == [0, 0] and gate_on != "group"
