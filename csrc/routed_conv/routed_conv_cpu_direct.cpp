@@ -336,13 +336,13 @@ struct Avx2Traits {
 
 // Callers check available() first.
 void run_rows(const RowJob& job, const PixelPlan& plan) { FM_DISPATCH(run_rows, job, plan); }
-void run_wgrad(const WgradJob& job, const PixelPlan& plan) { FM_DISPATCH(run_wgrad, job, plan); }
+void run_wgrad(const WgradJob* jobs, int n, const PixelPlan& plan) { FM_DISPATCH(run_wgrad, jobs, n, plan); }
 void run_wgrad_cl(const WgradClJob& job, const ClPlan& plan) { FM_DISPATCH(run_wgrad_cl, job, plan); }
 float dot(const float* a, const float* b, int64_t n) { return FM_DISPATCH(dot, a, b, n); }
 #else
 // Not x86: available() is false and nothing calls these.
 void run_rows(const RowJob&, const PixelPlan&) { std::abort(); }
-void run_wgrad(const WgradJob&, const PixelPlan&) { std::abort(); }
+void run_wgrad(const WgradJob*, int, const PixelPlan&) { std::abort(); }
 void run_wgrad_cl(const WgradClJob&, const ClPlan&) { std::abort(); }
 float dot(const float*, const float*, int64_t) { std::abort(); }
 #endif

@@ -153,7 +153,12 @@ struct WgradJob {
   }
 };
 
-void run_wgrad(const WgradJob& job, const PixelPlan& plan);
+// jobs[0 .. n): the same dw rows and channels, each its own sample (x, dy rows and
+// row scale): summed in registers before the one reduction across lanes per
+// (row, channel, tap), which on small images (7x7: 4 vectors of pixels) otherwise
+// costs as much as the products.  With n > 1 the row scale multiplies dy as it is
+// loaded; with n == 1 the reduced sum.
+void run_wgrad(const WgradJob* jobs, int n, const PixelPlan& plan);
 
 // Channels-last weight gradient, for many reduction channels with small images
 // (FRN's 3x3 filter-gated convs), where the pixel-vector kernel above spends most

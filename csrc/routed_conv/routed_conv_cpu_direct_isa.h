@@ -276,84 +276,134 @@ void run_rows(const RowJob& job, const PixelPlan& plan) {
   }
 }
 
+// One job's dy rows and (PRE) row scales, in locals for its pixel loop.
+template <int MR, bool PRE>
+struct DyRows {
+  const float* row[MR];
+  V scale[MR];
+  FM_KERNEL_INLINE explicit DyRows(const WgradJob& job) {
+    FM_UNROLL for (int i = 0; i < MR; ++i) {
+      row[i] = job.dy_row[i];
+      if (PRE) scale[i] = VT::set1(job.row_scale[i]);
+    }
+  }
+  // Row i's vector at pixel p (times its scale when PRE).
+  FM_KERNEL_INLINE void load(V (&a)[MR], int64_t p, unsigned sm) const {
+    FM_UNROLL for (int i = 0; i < MR; ++i) {
+      a[i] = VT::load_mask(sm, row[i] + p);
+      if (PRE) a[i] = VT::mul(a[i], scale[i]);
+    }
+  }
+};
+
+// How a weight-gradient tile takes its jobs: one job, its row scale applied to the
+// reduced sums (the loop over jobs compiles away); several, unscaled; several, each
+// job's row scale applied to dy as it is loaded.
+enum JobCount { kOneJob = 0, kJobs = 1, kScaledJobs = 2 };
+
 // Weight-gradient tile: MR dy rows x NT taps (t0 ...) of channel c, summed over
-// every pixel in W-lane vectors, then reduced across lanes once.
-template <int MR, int NT>
-FM_TARGET void wgrad_taps(const WgradJob& job, const PixelPlan& plan, int64_t c, int t0) {
+// every pixel of every job (sample) in W-lane vectors, then reduced across lanes once.
+template <int MR, int NT, int JOBS>
+FM_TARGET void wgrad_taps(const WgradJob* jobs, int nj, const PixelPlan& plan, int64_t c, int t0) {
+  constexpr bool PRE = JOBS == kScaledJobs;
+  if (JOBS == kOneJob) nj = 1;
   const int64_t L = plan.L;
   const int KK = plan.KK;
-  const float* xc = job.x + c * plan.XL;
   const int64_t* off = plan.tap_offset.data() + t0;
   V acc[MR][NT];
   FM_UNROLL for (int i = 0; i < MR; ++i)
     FM_UNROLL for (int t = 0; t < NT; ++t) acc[i][t] = VT::zero();
-  for (int64_t p = 0; p < L; p += W) {
-    const int64_t tile = p / kPixels, lane = p % kPixels;
-    const uint16_t* tm = plan.tap_mask.data() + (tile * KK + t0) * 2;
-    const unsigned sm = lane_bits(plan.store_mask.data() + tile * 2, lane);
-    V a[MR];
-    FM_UNROLL for (int i = 0; i < MR; ++i) a[i] = VT::load_mask(sm, job.dy_row[i] + p);
-    FM_UNROLL for (int t = 0; t < NT; ++t) {
-      const V b = VT::load_mask(lane_bits(tm + t * 2, lane), xc + p + off[t]);
-      FM_UNROLL for (int i = 0; i < MR; ++i) acc[i][t] = VT::fmadd(a[i], b, acc[i][t]);
+  for (int s = 0; s < nj; ++s) {
+    const DyRows<MR, PRE> dy(jobs[s]);
+    const float* xc = jobs[s].x + c * plan.XL;
+    for (int64_t p = 0; p < L; p += W) {
+      const int64_t tile = p / kPixels, lane = p % kPixels;
+      const uint16_t* tm = plan.tap_mask.data() + (tile * KK + t0) * 2;
+      V a[MR];
+      dy.load(a, p, lane_bits(plan.store_mask.data() + tile * 2, lane));
+      FM_UNROLL for (int t = 0; t < NT; ++t) {
+        const V b = VT::load_mask(lane_bits(tm + t * 2, lane), xc + p + off[t]);
+        FM_UNROLL for (int i = 0; i < MR; ++i) acc[i][t] = VT::fmadd(a[i], b, acc[i][t]);
+      }
     }
   }
+  const WgradJob& j0 = jobs[0];
   FM_UNROLL for (int i = 0; i < MR; ++i) {
-    const float s = job.row_scale ? job.row_scale[i] : 1.0f;
-    float* dw = job.dw_row[i] + c * KK + t0;
+    const float s = (!PRE && j0.row_scale) ? j0.row_scale[i] : 1.0f;
+    float* dw = j0.dw_row[i] + c * KK + t0;
     FM_UNROLL for (int t = 0; t < NT; ++t) dw[t] += s * VT::reduce(acc[i][t]);
   }
 }
 
-// 1x1 weight-gradient tile: MR dy rows x CT channels (job.channel(k0) ...).
-template <int MR, int CT>
-FM_TARGET void wgrad_1x1(const WgradJob& job, const PixelPlan& plan, int64_t k0) {
+// 1x1 weight-gradient tile: MR dy rows x CT channels (job.channel(k0) ...), every job.
+template <int MR, int CT, int JOBS>
+FM_TARGET void wgrad_1x1(const WgradJob* jobs, int nj, const PixelPlan& plan, int64_t k0) {
+  constexpr bool PRE = JOBS == kScaledJobs;
+  if (JOBS == kOneJob) nj = 1;
   const int64_t L = plan.L;
-  const float* xc[CT];
-  FM_UNROLL for (int j = 0; j < CT; ++j) xc[j] = job.x + job.channel(k0 + j) * plan.XL;
   V acc[MR][CT];
   FM_UNROLL for (int i = 0; i < MR; ++i)
     FM_UNROLL for (int j = 0; j < CT; ++j) acc[i][j] = VT::zero();
-  for (int64_t p = 0; p < L; p += W) {
-    const unsigned sm = lane_bits(plan.store_mask.data() + (p / kPixels) * 2, p % kPixels);
-    V a[MR];
-    FM_UNROLL for (int i = 0; i < MR; ++i) a[i] = VT::load_mask(sm, job.dy_row[i] + p);
-    FM_UNROLL for (int j = 0; j < CT; ++j) {
-      const V b = VT::load_mask(sm, xc[j] + p);
-      FM_UNROLL for (int i = 0; i < MR; ++i) acc[i][j] = VT::fmadd(a[i], b, acc[i][j]);
+  for (int s = 0; s < nj; ++s) {
+    const WgradJob& job = jobs[s];
+    const DyRows<MR, PRE> dy(job);
+    const float* xc[CT];
+    FM_UNROLL for (int j = 0; j < CT; ++j) xc[j] = job.x + job.channel(k0 + j) * plan.XL;
+    for (int64_t p = 0; p < L; p += W) {
+      const unsigned sm = lane_bits(plan.store_mask.data() + (p / kPixels) * 2, p % kPixels);
+      V a[MR];
+      dy.load(a, p, sm);
+      FM_UNROLL for (int j = 0; j < CT; ++j) {
+        const V b = VT::load_mask(sm, xc[j] + p);
+        FM_UNROLL for (int i = 0; i < MR; ++i) acc[i][j] = VT::fmadd(a[i], b, acc[i][j]);
+      }
     }
   }
+  const WgradJob& j0 = jobs[0];
   FM_UNROLL for (int i = 0; i < MR; ++i) {
-    const float s = job.row_scale ? job.row_scale[i] : 1.0f;
-    FM_UNROLL for (int j = 0; j < CT; ++j) job.dw_row[i][job.channel(k0 + j)] += s * VT::reduce(acc[i][j]);
+    const float s = (!PRE && j0.row_scale) ? j0.row_scale[i] : 1.0f;
+    FM_UNROLL for (int j = 0; j < CT; ++j) j0.dw_row[i][j0.channel(k0 + j)] += s * VT::reduce(acc[i][j]);
+  }
+}
+
+template <int MR, int JOBS>
+void wgrad_rows_jobs(const WgradJob* jobs, int nj, const PixelPlan& plan) {
+  constexpr int CT = VT::k1x1Channels;
+  const WgradJob& j0 = jobs[0];  // the channels are the same for every job
+  if (plan.KK == 9 && VT::kTapRows >= MR) {
+    for (int64_t k = j0.c0; k < j0.c1; ++k) wgrad_taps<MR, 9, JOBS>(jobs, nj, plan, j0.channel(k), 0);
+  } else if (plan.KK == 1) {
+    // Full CT-channel tiles, then a half tile (ResNeXt's 4-channel branches), then singles.
+    int64_t k = j0.c0;
+    for (; k + CT <= j0.c1; k += CT) wgrad_1x1<MR, CT, JOBS>(jobs, nj, plan, k);
+    for (; k + CT / 2 <= j0.c1; k += CT / 2) wgrad_1x1<MR, CT / 2, JOBS>(jobs, nj, plan, k);
+    for (; k < j0.c1; ++k) wgrad_1x1<MR, 1, JOBS>(jobs, nj, plan, k);
+  } else {
+    for (int64_t k = j0.c0; k < j0.c1; ++k)
+      for (int t = 0; t < plan.KK; ++t) wgrad_taps<MR, 1, JOBS>(jobs, nj, plan, j0.channel(k), t);
   }
 }
 
 template <int MR>
-void wgrad_rows(const WgradJob& job, const PixelPlan& plan) {
-  constexpr int CT = VT::k1x1Channels;
-  if (plan.KK == 9 && VT::kTapRows >= MR) {
-    for (int64_t k = job.c0; k < job.c1; ++k) wgrad_taps<MR, 9>(job, plan, job.channel(k), 0);
-  } else if (plan.KK == 1) {
-    // Full CT-channel tiles, then a half tile (ResNeXt's 4-channel branches), then singles.
-    int64_t k = job.c0;
-    for (; k + CT <= job.c1; k += CT) wgrad_1x1<MR, CT>(job, plan, k);
-    for (; k + CT / 2 <= job.c1; k += CT / 2) wgrad_1x1<MR, CT / 2>(job, plan, k);
-    for (; k < job.c1; ++k) wgrad_1x1<MR, 1>(job, plan, k);
-  } else {
-    for (int64_t k = job.c0; k < job.c1; ++k)
-      for (int t = 0; t < plan.KK; ++t) wgrad_taps<MR, 1>(job, plan, job.channel(k), t);
-  }
+void wgrad_rows(const WgradJob* jobs, int nj, const PixelPlan& plan) {
+  if (nj == 1) wgrad_rows_jobs<MR, kOneJob>(jobs, nj, plan);
+  else if (jobs[0].row_scale) wgrad_rows_jobs<MR, kScaledJobs>(jobs, nj, plan);
+  else wgrad_rows_jobs<MR, kJobs>(jobs, nj, plan);
 }
 
-void run_wgrad(const WgradJob& job, const PixelPlan& plan) {
+void run_wgrad(const WgradJob* jobs, int nj, const PixelPlan& plan) {
   // Rows in pairs when the ISA's registers hold 2 x 9 tap accumulators (and always
   // for 1x1); otherwise one row at a time for 3x3.
   constexpr int R = 2;
   const int step = (plan.KK == 9 && VT::kTapRows < R) ? 1 : R;
-  for (int r0 = 0; r0 < job.nrows; r0 += step) {
-    if (step == R && job.nrows - r0 >= R) wgrad_rows<R>(job.slice(r0, R), plan);
-    else wgrad_rows<1>(job.slice(r0, 1), plan);
+  thread_local std::vector<WgradJob> sub;
+  sub.resize(nj);
+  const int nrows = jobs[0].nrows;
+  for (int r0 = 0; r0 < nrows; r0 += step) {
+    const int n = (step == R && nrows - r0 >= R) ? R : 1;
+    for (int s = 0; s < nj; ++s) sub[s] = jobs[s].slice(r0, n);
+    if (n == R) wgrad_rows<R>(sub.data(), nj, plan);
+    else wgrad_rows<1>(sub.data(), nj, plan);
   }
 }
 
