@@ -183,6 +183,8 @@ struct Jobs {
 // registers (direct::run_wgrad with several jobs): a 7x7 image is 4 vectors of pixels
 // per reduction across lanes, a 16x16 one 16.
 constexpr int64_t kGroupSamplesPixels = 256;
+// Output rows per weight-gradient bucket of an "in" conv.
+constexpr int64_t kInRowsPerBucket = 16;
 
 // Weight-gradient jobs in buckets: jobs of one bucket touch dw entries no other
 // bucket touches, so buckets run in parallel and each bucket's jobs in order.
@@ -653,38 +655,34 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
           if (wj.rows() > r0) wj.add(xp + n * Cin * L_in, r0, wj.rows(), c0, c1);
         }
       }
+    } else if (mode == Mode::In && by_block) {
+      // Buckets: ranges of output rows (each owns those rows of gw); in each, per input
+      // block, the samples where it is on.
+      for (int64_t ra = 0; ra < Cout; ra += kInRowsPerBucket) {
+        const int64_t rb = std::min(Cout, ra + kInRowsPerBucket);
+        wj.buckets.emplace_back();
+        for (int64_t b = 0; b < G; ++b) {
+          const int64_t grp = wj.new_group();
+          for (int64_t n = 0; n < N; ++n) {
+            const float gv = gp[n * G + b];
+            if (gv == 0.0f) continue;
+            const int64_t r0 = wj.rows();
+            for (int64_t r = ra; r < rb; ++r) wj.row(dyp + (n * Cout + r) * L, gwp + r * Cw * KK, gv);
+            wj.add(xp + n * Cin * L_in, r0, wj.rows(), b * Cbi, (b + 1) * Cbi, -1, grp);
+          }
+        }
+      }
     } else if (mode == Mode::In) {
       // Buckets: ranges of output rows (each owns those rows of gw).  A job covers a
       // sample's active input channels as one list, whatever their blocks (a block
       // alone is as narrow as 4 channels in ResNeXt), split only where the gate value
       // changes, since it scales the job's rows.
-      const int64_t rows_per_bucket = 16;
-      // Grouped per input block only for blocks of 16 channels or more: with 8
-      // (ResNeXt's c = 32 at width 256) the per-sample jobs over all active channels
-      // measured 5-10% faster (N = 8, 7x7 and 14x14, rho 0.57).
-      const bool in_by_block = by_block && Cbi >= 16;
-      if (in_by_block) {  // per input block, the samples where it is on (no channel lists)
-        for (int64_t ra = 0; ra < Cout; ra += rows_per_bucket) {
-          const int64_t rb = std::min(Cout, ra + rows_per_bucket);
-          wj.buckets.emplace_back();
-          for (int64_t b = 0; b < G; ++b) {
-            const int64_t grp = wj.new_group();
-            for (int64_t n = 0; n < N; ++n) {
-              const float gv = gp[n * G + b];
-              if (gv == 0.0f) continue;
-              const int64_t r0 = wj.rows();
-              for (int64_t r = ra; r < rb; ++r) wj.row(dyp + (n * Cout + r) * L, gwp + r * Cw * KK, gv);
-              wj.add(xp + n * Cin * L_in, r0, wj.rows(), b * Cbi, (b + 1) * Cbi, -1, grp);
-            }
-          }
-        }
-      }
-      for (int64_t n = 0; n < N && !in_by_block; ++n)
+      for (int64_t n = 0; n < N; ++n)
         for (int64_t b = 0; b < G; ++b)
           if (gp[n * G + b] != 0.0f)
             for (int64_t c = b * Cbi; c < (b + 1) * Cbi; ++c) wj.chans.push_back(c);
-      for (int64_t ra = 0; ra < Cout && !in_by_block; ra += rows_per_bucket) {
-        const int64_t rb = std::min(Cout, ra + rows_per_bucket);
+      for (int64_t ra = 0; ra < Cout; ra += kInRowsPerBucket) {
+        const int64_t rb = std::min(Cout, ra + kInRowsPerBucket);
         wj.buckets.emplace_back();
         int64_t k = 0;  // position in chans
         for (int64_t n = 0; n < N; ++n) {
