@@ -213,6 +213,22 @@ struct WgradJobs {
     buckets.back().push_back({(int64_t)x.size() - 1, r0, c0, c1, (int)(r1 - r0), chan0, group});
   }
   int64_t new_group() { return groups++; }
+
+  // One job per sample n whose gate block b is on (gate gv), into the last bucket:
+  // add_rows(n, gv) adds its rows, and it reads x_of(n) over channels [c0, c1).
+  // grouped: those jobs form one group.
+  template <class AddRows, class XOf>
+  void block_jobs(const float* gp, int64_t N, int64_t G, int64_t b, bool grouped, int64_t c0, int64_t c1,
+                  AddRows add_rows, XOf x_of) {
+    const int64_t grp = grouped ? new_group() : -1;
+    for (int64_t n = 0; n < N; ++n) {
+      const float gv = gp[n * G + b];
+      if (gv == 0.0f) continue;
+      const int64_t r0 = rows();
+      add_rows(n, gv);
+      add(x_of(n), r0, rows(), c0, c1, -1, grp);
+    }
+  }
   void row(const float* dy, float* dw, float s) {
     dy_row.push_back(dy);
     dw_row.push_back(dw);
@@ -631,17 +647,10 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
         wj.buckets.emplace_back();
         const int64_t c1 = std::min(Cin, c0 + chunk);
         if (by_block) {  // per output block, the samples where it is on
-          for (int64_t b = 0; b < G; ++b) {
-            const int64_t grp = wj.new_group();
-            for (int64_t n = 0; n < N; ++n) {
-              const float gv = gp[n * G + b];
-              if (gv == 0.0f) continue;
-              const int64_t r0 = wj.rows();
-              for (int64_t r = b * Cbo; r < (b + 1) * Cbo; ++r)
-                wj.row(dyp + (n * Cout + r) * L, gwp + r * Cin * KK, gv);
-              wj.add(xp + n * Cin * L_in, r0, wj.rows(), c0, c1, -1, grp);
-            }
-          }
+          for (int64_t b = 0; b < G; ++b)
+            wj.block_jobs(gp, N, G, b, true, c0, c1, [&](int64_t n, float gv) {
+              for (int64_t r = b * Cbo; r < (b + 1) * Cbo; ++r) wj.row(dyp + (n * Cout + r) * L, gwp + r * Cin * KK, gv);
+            }, [&](int64_t n) { return xp + n * Cin * L_in; });
           continue;
         }
         for (int64_t n = 0; n < N; ++n) {
@@ -661,16 +670,10 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
       for (int64_t ra = 0; ra < Cout; ra += kInRowsPerBucket) {
         const int64_t rb = std::min(Cout, ra + kInRowsPerBucket);
         wj.buckets.emplace_back();
-        for (int64_t b = 0; b < G; ++b) {
-          const int64_t grp = wj.new_group();
-          for (int64_t n = 0; n < N; ++n) {
-            const float gv = gp[n * G + b];
-            if (gv == 0.0f) continue;
-            const int64_t r0 = wj.rows();
+        for (int64_t b = 0; b < G; ++b)
+          wj.block_jobs(gp, N, G, b, true, b * Cbi, (b + 1) * Cbi, [&](int64_t n, float gv) {
             for (int64_t r = ra; r < rb; ++r) wj.row(dyp + (n * Cout + r) * L, gwp + r * Cw * KK, gv);
-            wj.add(xp + n * Cin * L_in, r0, wj.rows(), b * Cbi, (b + 1) * Cbi, -1, grp);
-          }
-        }
+          }, [&](int64_t n) { return xp + n * Cin * L_in; });
       }
     } else if (mode == Mode::In) {
       // Buckets: ranges of output rows (each owns those rows of gw).  A job covers a
@@ -705,15 +708,9 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
     } else {  // "group": buckets are gate blocks (each owns its rows and channels of gw)
       for (int64_t b = 0; b < G; ++b) {
         wj.buckets.emplace_back();
-        const int64_t grp = by_block ? wj.new_group() : -1;
-        for (int64_t n = 0; n < N; ++n) {
-          const float gv = gp[n * G + b];
-          if (gv == 0.0f) continue;
-          const int64_t r0 = wj.rows();
-          for (int64_t r = b * Cbo; r < (b + 1) * Cbo; ++r)
-            wj.row(dyp + (n * Cout + r) * L, gwp + r * Cw * KK, gv);
-          wj.add(xp + (n * Cin + b * Cbi) * L_in, r0, wj.rows(), 0, Cbi, -1, grp);
-        }
+        wj.block_jobs(gp, N, G, b, by_block, 0, Cbi, [&](int64_t n, float gv) {
+          for (int64_t r = b * Cbo; r < (b + 1) * Cbo; ++r) wj.row(dyp + (n * Cout + r) * L, gwp + r * Cw * KK, gv);
+        }, [&](int64_t n) { return xp + (n * Cin + b * Cbi) * L_in; });
       }
     }
     wj.run(geo, !binary);
