@@ -518,9 +518,11 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
     if (gp[j] == 0.0f) off_blocks.push_back(j);
     else if (gp[j] != 1.0f) binary = false;
   }
-  // All on: the dense vendor backward is faster for "out" convs only (see forward()).
-  if (off_blocks.empty() && mode == Mode::Out) return false;
+  // All on: the dense vendor backward is faster for "out" convs (see forward()), and
+  // for "in" convs on small images.
   const Geometry geo(x, w, stride, padding, dilation);
+  if (off_blocks.empty() && (mode == Mode::Out || (mode == Mode::In && geo.Lo <= kGroupSamplesPixels)))
+    return false;
   // Pixels per channel: of x (and grad_x), of grad_out.
   const int64_t L_in = geo.L_in, L = geo.Lo;
   // Output channels per gate block ("group"/"out") and input channels per block
