@@ -44,8 +44,9 @@ struct Geometry {
 // channels (a "group" block's rows past kRows; an "out" sample's jobs).  Copied per
 // job rather than for the whole call up front: a whole copy of x is a fresh
 // allocation (page faults) and a round trip through memory; a job's channels stay
-// in cache for the kernel (BRN's stride-2 3x3, 4 x 256 x 56 x 56: 1.57 ms forward
-// with the whole copy, against 0.46 ms for the same work at stride 1).
+// in cache for the kernel (BRN's stride-2 3x3, 4 x 256 x 56 x 56, rho 0.57: 1.57 ms
+// forward with a whole copy, 0.90 ms per job, 0.60 ms with the SSE stride-2 copy;
+// the same work at stride 1, 4 x 256 x 28 x 28, 0.42-0.46 ms).
 struct PhaseCopy {
   const float* src = nullptr;
   uint64_t plan = 0, tag = 0;
@@ -179,10 +180,11 @@ struct Jobs {
   }
 };
 
-// Output pixels up to which the weight gradient sums a gate block's samples in
-// registers (direct::run_wgrad with several jobs): a 7x7 image is 4 vectors of pixels
-// per reduction across lanes, a 16x16 one 16.
-constexpr int64_t kGroupSamplesPixels = 256;
+// "Small" images (output pixels), where per-sample fixed costs are not amortised:
+// the weight gradient sums a gate block's samples in registers (direct::run_wgrad
+// with several jobs; a 7x7 image is 4 vectors of pixels per reduction across lanes,
+// a 16x16 one 16), and an "in" conv with every gate on takes the dense backward.
+constexpr int64_t kSmallImagePixels = 256;
 // Output rows per weight-gradient bucket of an "in" conv.
 constexpr int64_t kInRowsPerBucket = 16;
 
@@ -521,7 +523,7 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
   // All on: the dense vendor backward is faster for "out" convs (see forward()), and
   // for "in" convs on small images.
   const Geometry geo(x, w, stride, padding, dilation);
-  if (off_blocks.empty() && (mode == Mode::Out || (mode == Mode::In && geo.Lo <= kGroupSamplesPixels)))
+  if (off_blocks.empty() && (mode == Mode::Out || (mode == Mode::In && geo.Lo <= kSmallImagePixels)))
     return false;
   // Pixels per channel: of x (and grad_x), of grad_out.
   const int64_t L_in = geo.L_in, L = geo.Lo;
@@ -640,7 +642,7 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
     // Small images: the samples of one gate block share a job group (summed before
     // the reduction across lanes; see direct::run_wgrad).  Large ones keep a job per
     // sample, which reads that sample's data once for all its rows.
-    const bool by_block = L <= kGroupSamplesPixels;
+    const bool by_block = L <= kSmallImagePixels;
     if (mode == Mode::Out && KK > 1 && Cin % direct::kChunk == 0 && !geo.strided) {
       wgrad_out_cl(xp, dyp, gp, N, Cin, Cout, G, L, kh, kw, padding, dilation, H, W, binary, gwp);
     } else if (mode == Mode::Out) {  // buckets: chunks of input channels (multiples of 8 for the 1x1 tile)
