@@ -21,7 +21,7 @@
 # is rewritten after each stage, so a run cut short still returns what it had).  A stage
 # starts only with at least 20 s left and is cut at its own limit or the deadline,
 # whichever comes first, so a slow stage still leaves the later ones some time.
-# Overrides: DEADLINE, BUILD_LIMIT, ROUTED_BENCH_LIMIT, MODELS_LIMIT, TEST_LIMIT, BENCH_LIMIT,
+# Overrides: DEADLINE, BUILD_LIMIT, ROUTED_BENCH_LIMIT, MODELS_LIMIT (per model), MODELS, TEST_LIMIT, BENCH_LIMIT,
 # TUNE_LIMIT, TUNE_MN_LIMIT (seconds); TRITON_TESTS, CUDA_TESTS, TEST_WORKERS; TUNE_CONFIGS (see
 # scripts/profile_routed_triton.py --configs); ROUTED_CASES (its --cases); GROUP_WGRAD (its
 # --group-wgrad, default both); TUNE_MN_ARGS (more
@@ -200,7 +200,8 @@ if want routed_bench; then
 fi
 if want bench_models; then
   echo "== whole models (LNMN, QGMRN-BRN/FRN): training step and inference, kernels on vs off"
-  bench models "${MODELS_LIMIT:-120}"
+  # one JSON per model, so a model cut by its limit loses only its own rows
+  for m in ${MODELS:-lnmn qgmrn-brn qgmrn-frn}; do bench models "${MODELS_LIMIT:-70}" "$m" "$m"; done
 fi
 cat "$RES/summary.md"
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$RES/env.txt"
