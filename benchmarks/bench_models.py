@@ -38,10 +38,9 @@ def _model(name):
     return spec.build(cfg["model"], ctx).to(DEVICE), shape
 
 
-@pytest.mark.parametrize("impl", ["fastmod", "reference"])
-@pytest.mark.parametrize("name", MODELS)
-@pytest.mark.parametrize("pass_", ["infer", "train"])
-def test_model(benchmark, impl, name, pass_):
+def make_step(name: str, impl: str, pass_: str):
+    """step(): one training step or inference forward of model ``name`` with
+    fastmod's kernels (impl "fastmod") or on its reference path ("reference")."""
     torch.manual_seed(0)
     model, shape = _model(name)
     set_use_kernels(model, impl == "fastmod")
@@ -62,6 +61,12 @@ def test_model(benchmark, impl, name, pass_):
             model.zero_grad(set_to_none=True)
             logits, aux = model(q, lens, vis)
             (torch.nn.functional.cross_entropy(logits, ans) + aux).backward()
-    run(benchmark, step, group=f"model {name} {pass_}{' paper' if PAPER else ''}", impl=impl, nbytes=0,
-        n_rounds=10 if GPU else 3,
-        warmup=2 if GPU else 1, graph=False, batch=BATCH)
+    return step
+
+
+@pytest.mark.parametrize("impl", ["fastmod", "reference"])
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("pass_", ["infer", "train"])
+def test_model(benchmark, impl, name, pass_):
+    run(benchmark, make_step(name, impl, pass_), group=f"model {name} {pass_}{' paper' if PAPER else ''}",
+        impl=impl, nbytes=0, n_rounds=10 if GPU else 3, warmup=2 if GPU else 1, graph=False, batch=BATCH)

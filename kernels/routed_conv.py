@@ -253,7 +253,9 @@ def routed_conv_group_wgrad_kernel(
     ks = tap % KW
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for w in range(s, total, split):
-        n = tl.load(lst_ptr + grp * N + w // n_pt)
+        # clamped into the group's row: a software-pipelined prefetch of an iteration
+        # past the end must still read a real sample number (lst is zero-filled)
+        n = tl.load(lst_ptr + grp * N + tl.minimum(w // n_pt, N - 1))
         pid_m = w % n_pt
         m_ok, oh, ow, ih0, iw0 = _pixel_rows(pid_m, Ho, Wo, conv_sh, conv_sw, pad_h, pad_w, BLOCK_M)
         # dy rows scaled by the gate, in dy's dtype (the reference's grad * gate)

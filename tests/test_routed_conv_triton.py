@@ -263,7 +263,7 @@ def test_group_grads_with_a_channels_last_weight():
 
 
 @pytest.mark.parametrize("k,stride,dil", [(3, 1, 1), (3, 2, 1), (3, 1, 2), (1, 1, 1), (5, 1, 1)])
-@pytest.mark.parametrize("dtype", DTYPES[:2])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["random", "nonbinary", "off", "on"])
 def test_group_weight_grad_over_active_pairs(k, stride, dil, dtype, kind, monkeypatch):
     """CONFIG["group_wgrad"] = "triton": the grouped conv's weight gradient from the
@@ -290,6 +290,27 @@ def test_group_weight_grad_wide_groups(monkeypatch):
     (_, grads), (_, grads_ref) = run_both(x, w, gates, b, kw, "triton")
     for g, r in zip(grads, grads_ref):
         assert_close(g, r, torch.float32)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["random", "on"])
+def test_group_weight_grad_long_loops(dtype, kind):
+    """Many (sample, pixel tile) items per program, as at BRN's sizes: the kernel's
+    software-pipelined loop runs long, with prefetches past its end (an H100 run of
+    2026-11-27 faulted in bf16 at 64 x 64 x 56 x 56 before lst reads were clamped)."""
+    from torch.nn.grad import conv2d_weight
+
+    from fastmod.ops._routed_conv_triton import group_weight_grad
+    from fastmod.ops.routed_conv import _block_scale
+    n, c, G, hw = 32, 64, 8, 28
+    x = torch.randn(n, c, hw, hw, device="cuda", dtype=dtype)
+    dy = torch.randn(n, c, hw, hw, device="cuda", dtype=dtype)
+    gates = make_gates(kind, n, G, dtype=dtype, device="cuda")
+    got = group_weight_grad(x, dy, gates, [c, c // G, 3, 3], [1, 1], [1, 1], [1, 1], False)
+    want = conv2d_weight(x.double(), (c, c // G, 3, 3), (dy * _block_scale(gates, c, dtype)).double(), 1, 1, 1, G)
+    torch.cuda.synchronize()
+    assert_close(got, want.to(dtype), dtype)
 
 
 def test_group_weight_grad_opcheck():

@@ -41,7 +41,8 @@ from fastmod.ops._routed_conv_triton_backward import routed_conv2d_triton_backwa
 # (routed_conv_group_wgrad_kernel over the active pairs); not yet timed on a GPU, so
 # the vendor path stays the default (scripts/profile_routed_triton.py --group-wgrad
 # times both).
-CONFIG = {"nchw_in_place": None, "group_wgrad": "dense"}
+# group_wgrad_stages: that kernel's software-pipelining depth (num_stages).
+CONFIG = {"nchw_in_place": None, "group_wgrad": "dense", "group_wgrad_stages": 3}
 
 
 def _pow2(n: int) -> int:
@@ -163,7 +164,7 @@ def group_weight_grad(x: torch.Tensor, dy: torch.Tensor, gates: torch.Tensor, we
     if N == 0 or Ho * Wo == 0 or dw.numel() == 0:
         return dw.to(x.dtype)
     # per group, its active samples in order (compact_kernel over gates transposed)
-    lst = torch.empty((G, N), dtype=torch.int32, device=x.device)
+    lst = torch.zeros((G, N), dtype=torch.int32, device=x.device)
     cnt = torch.empty((G,), dtype=torch.int32, device=x.device)
     wrap_triton(compact_kernel)[(G,)](gates, lst, cnt, N, gates.stride(1), gates.stride(0),
                                       BLOCK_G=max(16, _pow2(N)))
@@ -183,7 +184,7 @@ def group_weight_grad(x: torch.Tensor, dy: torch.Tensor, gates: torch.Tensor, we
         *x.stride(), *dy.stride(), gates.stride(0), gates.stride(1),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         CG_IN=cg_in, CG_OUT=cg_out, KH=KH, KW=KW, INPUT_PRECISION=precision,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=3)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=CONFIG["group_wgrad_stages"])
     return dw.to(x.dtype)
 
 

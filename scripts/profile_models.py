@@ -1,0 +1,68 @@
+"""Where a whole model's step spends its time, fastmod's kernels on against the
+reference path (the steps of benchmarks/bench_models.py): wall time per step, GPU
+kernel time and launches, and the kernels that take the most GPU time, so a model
+that runs slower with kernels on shows which kernels (or the host) cost it.
+
+    python scripts/profile_models.py [--models qgmrn-brn,qgmrn-frn] [--passes infer,train] [--top 10]
+
+GPU only; exits 2 without one.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+
+
+def wall_ms(step, n=5):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def report(name, pass_, impl, step, top):
+    for _ in range(3):  # cuDNN heuristics, Triton compiles, the caching allocator
+        step()
+    wall = wall_ms(step)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            us, k = rows.get(e.name[:70], (0.0, 0))
+            rows[e.name[:70]] = (us + e.device_time, k + 1)
+    gpu = sum(us for us, _ in rows.values()) / 1e3
+    launches = sum(k for _, k in rows.values())
+    print(f"{name:10s} {pass_:5s} {impl:9s}: wall {wall:8.2f} ms, GPU kernels {gpu:8.2f} ms in {launches} launches",
+          flush=True)
+    for kname, (us, k) in sorted(rows.items(), key=lambda r: -r[1][0])[:top]:
+        print(f"      {us / 1e3:7.2f} ms x{k:<4d} {kname}", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="qgmrn-brn,qgmrn-frn")
+    p.add_argument("--passes", default="infer,train")
+    p.add_argument("--impls", default="fastmod,reference")
+    p.add_argument("--top", type=int, default=10)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("no GPU", file=sys.stderr)
+        sys.exit(2)
+    from bench_models import make_step
+    for name in args.models.split(","):
+        for pass_ in args.passes.split(","):
+            for impl in args.impls.split(","):
+                report(name, pass_, impl, make_step(name, impl, pass_), args.top)
+
+
+if __name__ == "__main__":
+    main()
