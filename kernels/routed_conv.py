@@ -229,12 +229,20 @@ def routed_conv_group_wgrad_kernel(
     """grad_weight of gate_on="group" over the active (sample, group) pairs only:
     dw[g's rows, :, :, :] += sum over active samples n and pixels of (gate * dy) x im2col(x).
 
-    An implicit GEMM per group: rows its CG_OUT output channels, columns its (tap,
-    input channel) pairs as one flat index (as the forward), the reduction over
-    (active sample, output pixel).  Program (g * n_ct * n_kc + ct * n_kc + kc, s): row
-    tile ct and column tile kc of group g, and every split-th (sample, pixel tile) of
-    the group's active samples (lst[g, :cnt[g]], compacted on the device), summed in
-    fp32 and added into dw (fp32, zeroed by the caller) with atomics."""
+    An implicit GEMM per group, computed transposed: rows its (tap, input channel)
+    pairs as one flat index (as the forward), columns its CG_OUT output channels, the
+    reduction over (active sample, output pixel).  The long side (up to 128 taps x
+    channels) is the dot's M and no operand is transposed in registers.  Written the
+    other way round (output channels as M, 8-32 rows; dy transposed with tl.trans),
+    bf16/fp16 faulted on an H100 with Triton 3.6 (compute-sanitizer: a 16-byte
+    out-of-bounds shared-memory read, attributed to the x load) while fp32 ran.  That
+    form compiles (sm_90, Triton 3.8 here) to mma.sync whose bf16 operands are read
+    with ldmatrix (24 in the PTX; fp32 none), this one to wgmma with no ldmatrix; that
+    it runs clean on a GPU is not yet measured (scripts/check_group_wgrad.py).
+    Program (g * n_ct * n_kc + ct * n_kc + kc, s): column tile ct and row tile kc of
+    group g, and every split-th (sample, pixel tile) of the group's active samples
+    (lst[g, :cnt[g]], compacted on the device), summed in fp32 and added into dw
+    (fp32, zeroed by the caller) with atomics."""
     pid = tl.program_id(0)
     grp = pid // (n_ct * n_kc)
     ct = (pid // n_kc) % n_ct
@@ -251,7 +259,7 @@ def routed_conv_group_wgrad_kernel(
     c = kk % CG_IN
     kr = tap // KW
     ks = tap % KW
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for w in range(s, total, split):
         # clamped into the group's row: a software-pipelined prefetch of an iteration
         # past the end must still read a real sample number (lst is zero-filled)
@@ -263,12 +271,13 @@ def routed_conv_group_wgrad_kernel(
                      + ((grp * CG_OUT + j) * syc)[None, :], mask=m_ok[:, None] & j_ok[None, :], other=0.0)
         gate = tl.load(g_ptr + n * sgn + grp * sgg).to(dy.dtype)
         dy = dy * gate
-        ih = ih0[:, None] + (kr * dil_h)[None, :]
-        iw = iw0[:, None] + (ks * dil_w)[None, :]
-        a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        xs = tl.load(x_ptr + n.to(tl.int64) * sxn + (grp * CG_IN) * sxc + ih * sxh + iw * sxw + (c * sxc)[None, :],
+        # im2col(x) transposed: [taps x channels, pixels]
+        ih = ih0[None, :] + (kr * dil_h)[:, None]
+        iw = iw0[None, :] + (ks * dil_w)[:, None]
+        a_ok = k_ok[:, None] & m_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        xs = tl.load(x_ptr + n.to(tl.int64) * sxn + (grp * CG_IN) * sxc + ih * sxh + iw * sxw + (c * sxc)[:, None],
                      mask=a_ok, other=0.0)
-        acc = tl.dot(tl.trans(dy), xs, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(xs, dy, acc, input_precision=INPUT_PRECISION)
     # dw is [Cout, CG_IN, KH, KW], contiguous
-    dst = dw_ptr + ((grp * CG_OUT + j) * K_LEN)[:, None] + (c * (KH * KW) + kr * KW + ks)[None, :]
-    tl.atomic_add(dst, acc, mask=j_ok[:, None] & k_ok[None, :])
+    dst = dw_ptr + ((grp * CG_OUT + j) * K_LEN)[None, :] + (c * (KH * KW) + kr * KW + ks)[:, None]
+    tl.atomic_add(dst, acc, mask=k_ok[:, None] & j_ok[None, :])

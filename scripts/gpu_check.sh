@@ -11,7 +11,11 @@
 #    the mixed-node launch-parameter sweep                          -> tune_mixed_node.txt/json;
 #    the routed-conv Triton forward and training step against dense cuDNN, kernel time
 #    (NCHW x; x and weight channels-last on both sides; the grouped 3x3 with its x
-#    copied to channels-last, as before)                            -> routed_triton*.txt
+#    copied to channels-last, as before)                            -> routed_triton*.txt;
+#    the Triton grouped weight gradient against cuDNN, each variant in its own process
+#    (a fault names itself)                                         -> group_wgrad_check.txt;
+#    whole models profiled: GPU kernels and host hot spots, kernels on vs off
+#                                                                   -> profile_models.txt
 # 3. with the extension: the routed-conv CUDA kernels profiled      -> routed_profile.txt;
 #    the CUDA tests (routed conv, modules, models)                  -> tests_cuda.log;
 #    the routed-conv benchmark (CPU subset of shapes), routed vs dense -> bench_routed_conv.json;
@@ -21,7 +25,7 @@
 # is rewritten after each stage, so a run cut short still returns what it had).  A stage
 # starts only with at least 20 s left and is cut at its own limit or the deadline,
 # whichever comes first, so a slow stage still leaves the later ones some time.
-# Overrides: DEADLINE, BUILD_LIMIT, ROUTED_BENCH_LIMIT, MODELS_LIMIT (per model), MODELS, TEST_LIMIT, BENCH_LIMIT,
+# Overrides: DEADLINE, BUILD_LIMIT, WGRAD_LIMIT, PROFILE_MODELS_LIMIT, ROUTED_BENCH_LIMIT, MODELS_LIMIT (per model), MODELS, TEST_LIMIT, BENCH_LIMIT,
 # TUNE_LIMIT, TUNE_MN_LIMIT (seconds); TRITON_TESTS, CUDA_TESTS, TEST_WORKERS; TUNE_CONFIGS (see
 # scripts/profile_routed_triton.py --configs); ROUTED_CASES (its --cases); GROUP_WGRAD (its
 # --group-wgrad, default both); TUNE_MN_ARGS (more
@@ -38,7 +42,7 @@ T0=$(date +%s)
 
 # want PART: whether PART is not named in SKIP (space-separated; parts: bandwidth,
 # bench_fwd_bwd, bench_fwd, launch_counts, tests_triton, tune_mixed_node, routed_triton,
-# routed_triton_cl, routed_triton_copy, routed_profile, tests_cuda, routed_bench,
+# routed_triton_cl, routed_triton_copy, group_wgrad_check, profile_models, routed_profile, tests_cuda, routed_bench,
 # bench_models; the build has SKIP_BUILD).
 want() { case " ${SKIP:-} " in *" $1 "*) return 1 ;; *) return 0 ;; esac; }
 
@@ -178,6 +182,16 @@ if want routed_triton_copy; then  # the grouped 3x3 with its x copied to channel
   stage routed_triton_copy 40 sh -c 'exec python3 scripts/profile_routed_triton.py --nchw copy \
       --cases brn3x3-w64-hw56-c8,brn3x3-w128-hw28-c16,brn3x3-w256-hw14-c32 > "$1" 2>&1' sh "$RES/routed_triton_copy.txt"
   cat "$RES/routed_triton_copy.txt"
+fi
+if want group_wgrad_check; then  # the Triton grouped weight gradient, each variant in its own process
+  stage group_wgrad_check "${WGRAD_LIMIT:-100}" sh -c 'exec python3 scripts/check_group_wgrad.py --sanitize \
+      > "$1" 2>&1' sh "$RES/group_wgrad_check.txt"
+  cat "$RES/group_wgrad_check.txt"
+fi
+if want profile_models; then  # whole models: GPU kernels and host hot spots, kernels on vs off
+  stage profile_models "${PROFILE_MODELS_LIMIT:-120}" sh -c 'exec python3 scripts/profile_models.py --top 8 \
+      --host 20 > "$1" 2>&1' sh "$RES/profile_models.txt"
+  grep -E "wall|^ +[0-9]" "$RES/profile_models.txt" | head -80
 fi
 
 # --- with the extension ---

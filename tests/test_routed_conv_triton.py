@@ -144,6 +144,7 @@ def test_hypothesis_shapes(mode, n, blocks, cin, cout, hw, k, stride, dil, bias,
 
 
 def test_opcheck():
+    from fastmod.ops import _routed_conv_triton  # noqa: F401 (registers the op; routed_conv2d imports it lazily)
     x, w, b, _ = _problem("out", 3, 1)
     gates = make_gates("random", x.shape[0], 4, device=DEV)
     args = (x, w.requires_grad_(), gates, b, [1, 1], [1, 1], [1, 1], "out", True, False)
@@ -297,8 +298,11 @@ def test_group_weight_grad_wide_groups(monkeypatch):
 @pytest.mark.parametrize("kind", ["random", "on"])
 def test_group_weight_grad_long_loops(dtype, kind):
     """Many (sample, pixel tile) items per program, as at BRN's sizes: the kernel's
-    software-pipelined loop runs long, with prefetches past its end (an H100 run of
-    2026-11-27 faulted in bf16 at 64 x 64 x 56 x 56 before lst reads were clamped)."""
+    software-pipelined loop runs long, with prefetches past its end."""
+    if dtype != torch.float32:
+        # a fault would take the worker's CUDA context with it: 16-bit runs one process
+        # per variant in scripts/check_group_wgrad.py (gpu_check.sh) until it is clean
+        pytest.skip("bf16/fp16 faulted on an H100 (h100-2026-11-27/run5); see _use_group_wgrad")
     from torch.nn.grad import conv2d_weight
 
     from fastmod.ops._routed_conv_triton import group_weight_grad

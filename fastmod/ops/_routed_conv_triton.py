@@ -38,9 +38,11 @@ from fastmod.ops._routed_conv_triton_backward import routed_conv2d_triton_backwa
 
 
 # group_wgrad: "dense" (cuDNN's grad_weight of the gated dy) or "triton"
-# (routed_conv_group_wgrad_kernel over the active pairs); not yet timed on a GPU, so
+# (routed_conv_group_wgrad_kernel over the active pairs; float32 only on a GPU, see
+# _use_group_wgrad).  Timed once (H100, 2026-11-27, fp32, one BRN shape: training
+# step 0.68x of dense against 0.86x with "dense" at rho 0.57), since rewritten, so
 # the vendor path stays the default (scripts/profile_routed_triton.py --group-wgrad
-# times both).
+# and scripts/check_group_wgrad.py time both).
 # group_wgrad_stages: that kernel's software-pipelining depth (num_stages).
 CONFIG = {"nchw_in_place": None, "group_wgrad": "dense", "group_wgrad_stages": 3}
 
@@ -192,6 +194,13 @@ routed_conv2d_triton_group_wgrad = triton_op("fastmod::routed_conv2d_triton_grou
                                              mutates_args=())(group_weight_grad)
 
 
+def _use_group_wgrad(x: torch.Tensor) -> bool:
+    """Whether the backward takes routed_conv_group_wgrad_kernel: when CONFIG asks for
+    it, and on a GPU in float32 only.  Its bf16/fp16 build faulted on an H100
+    (benchmarks/results/h100-2026-11-27/run5); the interpreter runs every dtype."""
+    return CONFIG["group_wgrad"] == "triton" and (x.dtype == torch.float32 or not x.is_cuda)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, gates, bias, stride, padding, dilation, gate_on, exact, tf32 = inputs
     # the output only feeds the "out"/"group" gates' gradient
@@ -205,7 +214,7 @@ def _backward(ctx, grad):
     gx, gw, gg, gb = routed_conv2d_triton_backward(
         routed_conv2d_triton, grad, x, weight, gates, bias, out, *ctx.args,
         need=(need[0], need[1], need[2], bias is not None and need[3]),
-        wgrad=routed_conv2d_triton_group_wgrad if CONFIG["group_wgrad"] == "triton" else None)
+        wgrad=routed_conv2d_triton_group_wgrad if _use_group_wgrad(x) else None)
     return (gx, gw, gg, gb) + (None,) * 6
 
 
