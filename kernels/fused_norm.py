@@ -32,6 +32,20 @@ def _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _bn_affine(w_ptr, bias_ptr, mean_ptr, var_ptr, eps, c, valid):
+    """Per row's channel c: (a, b, mean) with BN + affine = x * a + b, a = w / sqrt(var +
+    eps), b = bias - mean * a, in float32.  Computed here rather than on the host (about
+    seven small launches per call there); the forward and both backward kernels compute
+    them alike, so the backward's recomputed ReLU mask is the forward's exactly."""
+    w = tl.load(w_ptr + c, mask=valid, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + c, mask=valid, other=0.0).to(tl.float32)
+    mu = tl.load(mean_ptr + c, mask=valid, other=0.0).to(tl.float32)
+    var = tl.load(var_ptr + c, mask=valid, other=1.0).to(tl.float32)
+    a = w * tl.rsqrt(var + eps)
+    return a, bias - mu * a, mu
+
+
+@triton.jit
 def routed_bn_row_stats_kernel(x_ptr, gates_ptr, mean_ptr, m2_ptr, C, HW, G, Cb, n_rows,
                                ROWS: tl.constexpr, BLOCK: tl.constexpr, HW_ALIGN: tl.constexpr = 1):
     """Per row: mean and centred sum of squares (0, 0 for off rows: they are zeros)."""
@@ -57,15 +71,14 @@ def routed_bn_row_stats_kernel(x_ptr, gates_ptr, mean_ptr, m2_ptr, C, HW, G, Cb,
 
 
 @triton.jit
-def routed_bn_relu_apply_kernel(x_ptr, gates_ptr, a_ptr, b_ptr, out_ptr, C, HW, G, Cb, n_rows,
-                                ROWS: tl.constexpr, BLOCK: tl.constexpr, HW_ALIGN: tl.constexpr = 1):
+def routed_bn_relu_apply_kernel(x_ptr, gates_ptr, w_ptr, bias_ptr, mean_ptr, var_ptr, eps, out_ptr, C, HW, G, Cb,
+                                n_rows, ROWS: tl.constexpr, BLOCK: tl.constexpr, HW_ALIGN: tl.constexpr = 1):
     """out = relu(x * a[c] + b[c]) on rows gated on, 0 on the others (out may be x)."""
     HW = known_multiple(HW, HW_ALIGN)
     rows, on, _end = _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS)
     valid = rows < n_rows
     c = rows % C
-    a = tl.load(a_ptr + c, mask=valid, other=0.0)
-    b = tl.load(b_ptr + c, mask=valid, other=0.0)
+    a, b, _mu = _bn_affine(w_ptr, bias_ptr, mean_ptr, var_ptr, eps, c, valid)
     base = rows[:, None] * HW
     for start in range(0, HW, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -78,17 +91,15 @@ def routed_bn_relu_apply_kernel(x_ptr, gates_ptr, a_ptr, b_ptr, out_ptr, C, HW, 
 
 
 @triton.jit
-def routed_bn_relu_bwd_sums_kernel(dy_ptr, x_ptr, gates_ptr, a_ptr, b_ptr, mean_ptr, s0_ptr, s1_ptr,
-                                   C, HW, G, Cb, n_rows, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+def routed_bn_relu_bwd_sums_kernel(dy_ptr, x_ptr, gates_ptr, w_ptr, bias_ptr, mean_ptr, var_ptr, eps, s0_ptr,
+                                   s1_ptr, C, HW, G, Cb, n_rows, ROWS: tl.constexpr, BLOCK: tl.constexpr,
                                    HW_ALIGN: tl.constexpr = 1):
     """Per row: sum(dz) and sum(dz * (x - mean)), dz = dy where the ReLU passed."""
     HW = known_multiple(HW, HW_ALIGN)
     rows, on, end = _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS)
     valid = rows < n_rows
     c = rows % C
-    a = tl.load(a_ptr + c, mask=valid, other=0.0)
-    b = tl.load(b_ptr + c, mask=valid, other=0.0)
-    mu = tl.load(mean_ptr + c, mask=valid, other=0.0)
+    a, b, mu = _bn_affine(w_ptr, bias_ptr, mean_ptr, var_ptr, eps, c, valid)
     base = rows[:, None] * HW
     s0 = tl.zeros((ROWS,), dtype=tl.float32)
     s1 = tl.zeros((ROWS,), dtype=tl.float32)
@@ -106,17 +117,16 @@ def routed_bn_relu_bwd_sums_kernel(dy_ptr, x_ptr, gates_ptr, a_ptr, b_ptr, mean_
 
 
 @triton.jit
-def routed_bn_relu_bwd_apply_kernel(dy_ptr, x_ptr, gates_ptr, a_ptr, b_ptr, mean_ptr, k1_ptr, k2_ptr, k3_ptr,
-                                    dx_ptr, C, HW, G, Cb, n_rows, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-                                    HW_ALIGN: tl.constexpr = 1):
+def routed_bn_relu_bwd_apply_kernel(dy_ptr, x_ptr, gates_ptr, w_ptr, bias_ptr, mean_ptr, var_ptr, eps, k1_ptr,
+                                    k2_ptr, k3_ptr, dx_ptr, C, HW, G, Cb, n_rows, ROWS: tl.constexpr,
+                                    BLOCK: tl.constexpr, HW_ALIGN: tl.constexpr = 1):
     """dx = k1 * dz + k2 + k3 * (x - mean) on rows gated on, 0 on the others."""
     HW = known_multiple(HW, HW_ALIGN)
     rows, on, _end = _row_tile(gates_ptr, C, HW, G, Cb, n_rows, ROWS)
     valid = rows < n_rows
     c = rows % C
-    a = tl.load(a_ptr + c, mask=valid, other=0.0)[:, None]
-    b = tl.load(b_ptr + c, mask=valid, other=0.0)[:, None]
-    mu = tl.load(mean_ptr + c, mask=valid, other=0.0)[:, None]
+    a, b, mu = _bn_affine(w_ptr, bias_ptr, mean_ptr, var_ptr, eps, c, valid)
+    a, b, mu = a[:, None], b[:, None], mu[:, None]
     k1 = tl.load(k1_ptr + c, mask=valid, other=0.0)[:, None]
     k2 = tl.load(k2_ptr + c, mask=valid, other=0.0)[:, None]
     k3 = tl.load(k3_ptr + c, mask=valid, other=0.0)[:, None]

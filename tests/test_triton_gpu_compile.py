@@ -26,4 +26,7 @@ def test_triton_kernels_compile_for_sm90():
     scalar = {m.group(1): int(m.group(2)) for m in re.finditer(r"ok   (\S+ .*? specialised).*?scalar-loads (\d+)",
                                                                r.stdout)}
     assert len(scalar) == 10, r.stdout
-    assert all(n <= 8 for n in scalar.values()), scalar
+    # the BN apply also reads its four per-channel parameters (weight, bias, mean, var)
+    # one value per row: ROWS loads per program, against ROWS x HW pixels
+    limit = {"routed_bn_relu_apply hw14 specialised": 10}
+    assert all(n <= limit.get(k, 8) for k, n in scalar.items()), scalar

@@ -109,14 +109,15 @@ def _cases():
         f32 = "*fp32"
         yield (f"routed_bn_row_stats {xt}", fk.routed_bn_row_stats_kernel,
                {"x_ptr": xt, "gates_ptr": f32, "mean_ptr": f32, "m2_ptr": f32, **dims}, rows)
+        # BN parameters in x's dtype (a model run in bf16), statistics in fp32
+        bn = {"w_ptr": xt, "bias_ptr": xt, "mean_ptr": f32, "var_ptr": f32, "eps": "fp32"}
         yield (f"routed_bn_relu_apply {xt}", fk.routed_bn_relu_apply_kernel,
-               {"x_ptr": xt, "gates_ptr": f32, "a_ptr": f32, "b_ptr": f32, "out_ptr": xt, **dims}, rows)
+               {"x_ptr": xt, "gates_ptr": f32, **bn, "out_ptr": xt, **dims}, rows)
         yield (f"routed_bn_relu_bwd_sums {xt}", fk.routed_bn_relu_bwd_sums_kernel,
-               {"dy_ptr": xt, "x_ptr": xt, "gates_ptr": f32, "a_ptr": f32, "b_ptr": f32, "mean_ptr": f32,
-                "s0_ptr": f32, "s1_ptr": f32, **dims}, rows)
+               {"dy_ptr": xt, "x_ptr": xt, "gates_ptr": f32, **bn, "s0_ptr": f32, "s1_ptr": f32, **dims}, rows)
         yield (f"routed_bn_relu_bwd_apply {xt}", fk.routed_bn_relu_bwd_apply_kernel,
-               {"dy_ptr": xt, "x_ptr": xt, "gates_ptr": f32, "a_ptr": f32, "b_ptr": f32, "mean_ptr": f32,
-                "k1_ptr": f32, "k2_ptr": f32, "k3_ptr": f32, "dx_ptr": xt, **dims}, rows)
+               {"dy_ptr": xt, "x_ptr": xt, "gates_ptr": f32, **bn, "k1_ptr": f32, "k2_ptr": f32, "k3_ptr": f32,
+                "dx_ptr": xt, **dims}, rows)
         gdims = ints("C", "HW", "G", "Cg")
         tile = {"BLOCK_C": 8, "BLOCK": 256}
         yield (f"gn_add_relu_fwd {xt}", fk.gn_add_relu_fwd_kernel,
@@ -130,7 +131,8 @@ def _cases():
     f32, C, HW, G = "*fp32", 256, 196, 32
     shape = {"C": C, "HW": HW, "G": G, "Cb": C // G, "n_rows": 64 * C}
     yield ("routed_bn_relu_apply hw14 specialised", fk.routed_bn_relu_apply_kernel,
-           {"x_ptr": f32, "gates_ptr": f32, "a_ptr": f32, "b_ptr": f32, "out_ptr": f32, **shape},
+           {"x_ptr": f32, "gates_ptr": f32, "w_ptr": f32, "bias_ptr": f32, "mean_ptr": f32, "var_ptr": f32,
+            "eps": "fp32", "out_ptr": f32, **shape},
            {"ROWS": 4, "BLOCK": 256, "HW_ALIGN": 4})
     yield ("gn_add_relu_fwd hw14 specialised", fk.gn_add_relu_fwd_kernel,
            {"x_ptr": f32, "r_ptr": f32, "w_ptr": f32, "b_ptr": f32, "out_ptr": f32, "mean_ptr": f32,

@@ -32,14 +32,6 @@ def _group_plan(cg: int, hw: int):
     return max(1, min(triton.next_power_of_2(cg), TILE // block)), block
 
 
-def _bn_affine(weight, bias, mean, var, eps):
-    """y = x * a + b, float32; the forward and the backward share it so the
-    backward's recomputed ReLU mask is the forward's exactly."""
-    invstd = torch.rsqrt(var + eps)
-    a = weight.float() * invstd
-    return a, bias.float() - mean * a, invstd
-
-
 def _rows(x):
     N, C, H, W = x.shape
     return N, C, H * W, N * C
@@ -60,12 +52,15 @@ def _routed_bn_into(x, gates, weight, bias, running_mean, running_var, training,
         row_mean, row_m2 = row_mean.view(N, C), row_m2.view(N, C)
         mean = row_mean.mean(0)
         var = (row_m2.sum(0) + HW * (row_mean - mean).square().sum(0)) / (N * HW)
+        stats = mean, var
     else:
-        mean = running_mean.to(torch.float32, copy=True)
-        var = running_var.to(torch.float32, copy=True)
-    a, b, _ = _bn_affine(weight, bias, mean, var, eps)
-    wrap_triton(k.routed_bn_relu_apply_kernel)[grid](x, gates, a, b, out, C, HW, G, C // G, n_rows,
-                                                     ROWS=rows, BLOCK=block, HW_ALIGN=pow2_divisor(HW),
+        # the kernel reads the running statistics themselves; the op returns empty
+        # statistics (outputs may not alias inputs, and a copy is two more launches):
+        # the autograd setup saves the running ones instead (fused_norm._bn_setup)
+        stats = running_mean, running_var
+        mean, var = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+    wrap_triton(k.routed_bn_relu_apply_kernel)[grid](x, gates, weight, bias, *stats, eps, out, C, HW, G, C // G,
+                                                     n_rows, ROWS=rows, BLOCK=block, HW_ALIGN=pow2_divisor(HW),
                                                      num_warps=NUM_WARPS)
     return mean, var
 
@@ -98,12 +93,12 @@ def routed_batch_norm_relu_backward_triton(grad_out: torch.Tensor, x: torch.Tens
     N, C, HW, n_rows = _rows(x)
     G = gates.shape[1]
     rows, block, grid = _row_plan(n_rows, HW)
-    a, b, invstd = _bn_affine(weight, bias, mean, var, eps)
     s0 = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     s1 = torch.empty_like(s0)
-    wrap_triton(k.routed_bn_relu_bwd_sums_kernel)[grid](dy, x, gates, a, b, mean, s0, s1, C, HW, G, C // G,
-                                                        n_rows, ROWS=rows, BLOCK=block, HW_ALIGN=pow2_divisor(HW),
-                                                        num_warps=NUM_WARPS)
+    wrap_triton(k.routed_bn_relu_bwd_sums_kernel)[grid](dy, x, gates, weight, bias, mean, var, eps, s0, s1, C, HW,
+                                                        G, C // G, n_rows, ROWS=rows, BLOCK=block,
+                                                        HW_ALIGN=pow2_divisor(HW), num_warps=NUM_WARPS)
+    invstd = torch.rsqrt(var.float() + eps)
     sdz, sdzx = s0.view(N, C).sum(0), s1.view(N, C).sum(0)
     # dx = w invstd (dz - mean(dz) - xhat mean(dz xhat)); the batch terms exist only
     # when the statistics came from the batch.
@@ -112,8 +107,8 @@ def routed_batch_norm_relu_backward_triton(grad_out: torch.Tensor, x: torch.Tens
     k2 = -k1 * sdz / count if training else torch.zeros_like(k1)
     k3 = -k1 * invstd * invstd * sdzx / count if training else torch.zeros_like(k1)
     dx = torch.empty_like(x)
-    wrap_triton(k.routed_bn_relu_bwd_apply_kernel)[grid](dy, x, gates, a, b, mean, k1, k2, k3, dx, C, HW, G,
-                                                         C // G, n_rows, ROWS=rows, BLOCK=block,
+    wrap_triton(k.routed_bn_relu_bwd_apply_kernel)[grid](dy, x, gates, weight, bias, mean, var, eps, k1, k2, k3, dx,
+                                                         C, HW, G, C // G, n_rows, ROWS=rows, BLOCK=block,
                                                          HW_ALIGN=pow2_divisor(HW), num_warps=NUM_WARPS)
     return dx, (sdzx * invstd).to(weight.dtype), sdz.to(bias.dtype)
 

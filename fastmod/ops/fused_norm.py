@@ -210,8 +210,10 @@ def routed_batch_norm_relu(x: torch.Tensor, gates: torch.Tensor, running_mean: t
 
 
 def _bn_setup(ctx, inputs, output):
-    x, gates, weight, bias, _rm, _rv, training, eps = inputs
+    x, gates, weight, bias, running_mean, running_var, training, eps = inputs
     _out, mean, var = output
+    if not training:  # normalised with the running statistics (the Triton op returns empty ones)
+        mean, var = running_mean, running_var
     ctx.save_for_backward(x, gates, weight, bias, mean, var)
     ctx.training, ctx.eps = training, eps
     ctx.mark_non_differentiable(mean, var)
