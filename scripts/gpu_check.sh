@@ -190,7 +190,7 @@ if want group_wgrad_check; then  # the Triton grouped weight gradient, each vari
 fi
 if want profile_models; then  # whole models: GPU kernels and host hot spots, kernels on vs off
   stage profile_models "${PROFILE_MODELS_LIMIT:-120}" sh -c 'exec python3 scripts/profile_models.py --top 8 \
-      --host 20 > "$1" 2>&1' sh "$RES/profile_models.txt"
+      --impls fastmod,fastmod-nonorm,reference --host 20 > "$1" 2>&1' sh "$RES/profile_models.txt"
   grep -E "wall|^ +[0-9]" "$RES/profile_models.txt" | head -80
 fi
 

@@ -77,7 +77,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="qgmrn-brn,qgmrn-frn")
     p.add_argument("--passes", default="infer,train")
-    p.add_argument("--impls", default="fastmod,reference")
+    p.add_argument("--impls", default="fastmod,reference",
+                   help="comma-separated: fastmod, reference, fastmod-nonorm (kernels on, the blocks' "
+                        "BN/GN epilogues left to PyTorch)")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--host", type=int, default=0, metavar="N",
                    help="also the N Python functions with the most own host time (cProfile)")
@@ -86,10 +88,17 @@ def main():
         print("no GPU", file=sys.stderr)
         sys.exit(2)
     from bench_models import make_step
+
+    from fastmod.ops import fused_norm
+    has_kernel = fused_norm.has_kernel
     for name in args.models.split(","):
         for pass_ in args.passes.split(","):
             for impl in args.impls.split(","):
-                report(name, pass_, impl, make_step(name, impl, pass_), args.top, args.host)
+                # "fastmod-nonorm": kernels on, but the blocks keep PyTorch's BN/GN epilogues
+                fused_norm.has_kernel = (lambda *a, **k: False) if impl == "fastmod-nonorm" else has_kernel
+                step = make_step(name, "reference" if impl == "reference" else "fastmod", pass_)
+                report(name, pass_, impl, step, args.top, args.host)
+    fused_norm.has_kernel = has_kernel
 
 
 if __name__ == "__main__":
