@@ -71,6 +71,28 @@ def routed_bn_row_stats_kernel(x_ptr, gates_ptr, mean_ptr, m2_ptr, C, HW, G, Cb,
 
 
 @triton.jit
+def routed_bn_stats_finalize_kernel(row_mean_ptr, row_m2_ptr, mean_ptr, var_ptr, N, C, HW,
+                                    BLOCK_C: tl.constexpr):
+    """Per channel, from the per-row (mean, M2) of routed_bn_row_stats_kernel: the batch
+    mean and biased variance by Chan's combination (off rows count as HW zeros: (0, 0)).
+    One launch where the torch expressions took about seven."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = c < C
+    s = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for n in range(0, N):
+        s += tl.load(row_mean_ptr + n * C + c, mask=ok, other=0.0)
+        m2 += tl.load(row_m2_ptr + n * C + c, mask=ok, other=0.0)
+    mean = s / N
+    dev = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for n in range(0, N):  # centred second pass: the row statistics are a few KB, cached
+        d = tl.load(row_mean_ptr + n * C + c, mask=ok, other=0.0) - mean
+        dev += d * d
+    tl.store(mean_ptr + c, mean, mask=ok)
+    tl.store(var_ptr + c, (m2 + HW * dev) / (N * HW), mask=ok)
+
+
+@triton.jit
 def routed_bn_relu_apply_kernel(x_ptr, gates_ptr, w_ptr, bias_ptr, mean_ptr, var_ptr, eps, out_ptr, C, HW, G, Cb,
                                 n_rows, ROWS: tl.constexpr, BLOCK: tl.constexpr, HW_ALIGN: tl.constexpr = 1):
     """out = relu(x * a[c] + b[c]) on rows gated on, 0 on the others (out may be x)."""
@@ -114,6 +136,36 @@ def routed_bn_relu_bwd_sums_kernel(dy_ptr, x_ptr, gates_ptr, w_ptr, bias_ptr, me
         s1 += tl.sum(dz * (v - mu[:, None]), axis=1)
     tl.store(s0_ptr + rows, s0, mask=valid)
     tl.store(s1_ptr + rows, s1, mask=valid)
+
+
+@triton.jit
+def routed_bn_bwd_finalize_kernel(s0_ptr, s1_ptr, w_ptr, var_ptr, eps, k1_ptr, k2_ptr, k3_ptr, dw_ptr, db_ptr,
+                                  N, C, count, TRAINING: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per channel, from the per-row sums of routed_bn_relu_bwd_sums_kernel: sdz = sum dz,
+    sdzx = sum dz (x - mean); the coefficients of dx = k1 dz + k2 + k3 (x - mean)
+    (k1 = w invstd; the batch terms k2, k3 only when the statistics came from the
+    batch) and the parameter gradients dw = sdzx invstd, db = sdz.  One launch where
+    the torch expressions took about a dozen."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = c < C
+    sdz = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sdzx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for n in range(0, N):
+        sdz += tl.load(s0_ptr + n * C + c, mask=ok, other=0.0)
+        sdzx += tl.load(s1_ptr + n * C + c, mask=ok, other=0.0)
+    invstd = tl.rsqrt(tl.load(var_ptr + c, mask=ok, other=1.0).to(tl.float32) + eps)
+    k1 = tl.load(w_ptr + c, mask=ok, other=0.0).to(tl.float32) * invstd
+    if TRAINING:
+        k2 = -k1 * sdz / count
+        k3 = -k1 * invstd * invstd * sdzx / count
+    else:
+        k2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        k3 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    tl.store(k1_ptr + c, k1, mask=ok)
+    tl.store(k2_ptr + c, k2, mask=ok)
+    tl.store(k3_ptr + c, k3, mask=ok)
+    tl.store(dw_ptr + c, (sdzx * invstd).to(dw_ptr.dtype.element_ty), mask=ok)
+    tl.store(db_ptr + c, sdz.to(db_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit

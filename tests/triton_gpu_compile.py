@@ -111,8 +111,15 @@ def _cases():
                {"x_ptr": xt, "gates_ptr": f32, "mean_ptr": f32, "m2_ptr": f32, **dims}, rows)
         # BN parameters in x's dtype (a model run in bf16), statistics in fp32
         bn = {"w_ptr": xt, "bias_ptr": xt, "mean_ptr": f32, "var_ptr": f32, "eps": "fp32"}
+        yield (f"routed_bn_stats_finalize {xt}", fk.routed_bn_stats_finalize_kernel,
+               {"row_mean_ptr": f32, "row_m2_ptr": f32, "mean_ptr": f32, "var_ptr": f32, **ints("N", "C", "HW")},
+               {"BLOCK_C": 128}, {"num_warps": 1})
         yield (f"routed_bn_relu_apply {xt}", fk.routed_bn_relu_apply_kernel,
                {"x_ptr": xt, "gates_ptr": f32, **bn, "out_ptr": xt, **dims}, rows)
+        yield (f"routed_bn_relu_bwd_finalize {xt}", fk.routed_bn_bwd_finalize_kernel,
+               {"s0_ptr": f32, "s1_ptr": f32, "w_ptr": xt, "var_ptr": f32, "eps": "fp32", "k1_ptr": f32,
+                "k2_ptr": f32, "k3_ptr": f32, "dw_ptr": xt, "db_ptr": xt, **ints("N", "C", "count")},
+               {"TRAINING": xt == "*fp32", "BLOCK_C": 128}, {"num_warps": 1})
         yield (f"routed_bn_relu_bwd_sums {xt}", fk.routed_bn_relu_bwd_sums_kernel,
                {"dy_ptr": xt, "x_ptr": xt, "gates_ptr": f32, **bn, "s0_ptr": f32, "s1_ptr": f32, **dims}, rows)
         yield (f"routed_bn_relu_bwd_apply {xt}", fk.routed_bn_relu_bwd_apply_kernel,

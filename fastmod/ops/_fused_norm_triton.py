@@ -18,6 +18,7 @@ from fastmod.kernels._hints import pow2_divisor
 # Elements per program tile, and warps per program.
 TILE = 2048
 NUM_WARPS = 4
+CHANNELS = 128  # channels per program of the per-channel finalize kernels (loops over N)
 
 
 def _row_plan(n_rows: int, hw: int):
@@ -48,10 +49,10 @@ def _routed_bn_into(x, gates, weight, bias, running_mean, running_var, training,
         wrap_triton(k.routed_bn_row_stats_kernel)[grid](x, gates, row_mean, row_m2, C, HW, G, C // G, n_rows,
                                                         ROWS=rows, BLOCK=block, HW_ALIGN=pow2_divisor(HW),
                                                         num_warps=NUM_WARPS)
-        # Chan's combination of per-row (mean, M2); off rows are HW zeros: (0, 0).
-        row_mean, row_m2 = row_mean.view(N, C), row_m2.view(N, C)
-        mean = row_mean.mean(0)
-        var = (row_m2.sum(0) + HW * (row_mean - mean).square().sum(0)) / (N * HW)
+        mean = torch.empty(C, dtype=torch.float32, device=x.device)
+        var = torch.empty_like(mean)
+        wrap_triton(k.routed_bn_stats_finalize_kernel)[(triton.cdiv(C, CHANNELS),)](
+            row_mean, row_m2, mean, var, N, C, HW, BLOCK_C=CHANNELS, num_warps=1)
         stats = mean, var
     else:
         # the kernel reads the running statistics themselves; the op returns empty
@@ -98,19 +99,18 @@ def routed_batch_norm_relu_backward_triton(grad_out: torch.Tensor, x: torch.Tens
     wrap_triton(k.routed_bn_relu_bwd_sums_kernel)[grid](dy, x, gates, weight, bias, mean, var, eps, s0, s1, C, HW,
                                                         G, C // G, n_rows, ROWS=rows, BLOCK=block,
                                                         HW_ALIGN=pow2_divisor(HW), num_warps=NUM_WARPS)
-    invstd = torch.rsqrt(var.float() + eps)
-    sdz, sdzx = s0.view(N, C).sum(0), s1.view(N, C).sum(0)
     # dx = w invstd (dz - mean(dz) - xhat mean(dz xhat)); the batch terms exist only
     # when the statistics came from the batch.
-    k1 = weight.float() * invstd
-    count = N * HW
-    k2 = -k1 * sdz / count if training else torch.zeros_like(k1)
-    k3 = -k1 * invstd * invstd * sdzx / count if training else torch.zeros_like(k1)
+    k1, k2, k3 = torch.empty(3, C, dtype=torch.float32, device=x.device)
+    dw, db = torch.empty(C, dtype=weight.dtype, device=x.device), torch.empty(C, dtype=bias.dtype, device=x.device)
+    wrap_triton(k.routed_bn_bwd_finalize_kernel)[(triton.cdiv(C, CHANNELS),)](
+        s0, s1, weight, var, eps, k1, k2, k3, dw, db, N, C, N * HW, TRAINING=training, BLOCK_C=CHANNELS,
+        num_warps=1)
     dx = torch.empty_like(x)
     wrap_triton(k.routed_bn_relu_bwd_apply_kernel)[grid](dy, x, gates, weight, bias, mean, var, eps, k1, k2, k3, dx,
                                                          C, HW, G, C // G, n_rows, ROWS=rows, BLOCK=block,
                                                          HW_ALIGN=pow2_divisor(HW), num_warps=NUM_WARPS)
-    return dx, (sdzx * invstd).to(weight.dtype), sdz.to(bias.dtype)
+    return dx, dw, db
 
 
 def _gn_into(x, residual, weight, bias, num_groups, eps, out):
