@@ -71,6 +71,17 @@ def routed_bn_row_stats_kernel(x_ptr, gates_ptr, mean_ptr, m2_ptr, C, HW, G, Cb,
 
 
 @triton.jit
+def _sums_over_samples(a_ptr, b_ptr, N, C, c, ok, BLOCK_C: tl.constexpr):
+    """sum over n of a[n, c] and of b[n, c] ([N, C] float32 per-row buffers)."""
+    sa = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sb = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for n in range(0, N):
+        sa += tl.load(a_ptr + n * C + c, mask=ok, other=0.0)
+        sb += tl.load(b_ptr + n * C + c, mask=ok, other=0.0)
+    return sa, sb
+
+
+@triton.jit
 def routed_bn_stats_finalize_kernel(row_mean_ptr, row_m2_ptr, mean_ptr, var_ptr, N, C, HW,
                                     BLOCK_C: tl.constexpr):
     """Per channel, from the per-row (mean, M2) of routed_bn_row_stats_kernel: the batch
@@ -78,11 +89,7 @@ def routed_bn_stats_finalize_kernel(row_mean_ptr, row_m2_ptr, mean_ptr, var_ptr,
     One launch where the torch expressions took about seven."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = c < C
-    s = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for n in range(0, N):
-        s += tl.load(row_mean_ptr + n * C + c, mask=ok, other=0.0)
-        m2 += tl.load(row_m2_ptr + n * C + c, mask=ok, other=0.0)
+    s, m2 = _sums_over_samples(row_mean_ptr, row_m2_ptr, N, C, c, ok, BLOCK_C)
     mean = s / N
     dev = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for n in range(0, N):  # centred second pass: the row statistics are a few KB, cached
@@ -148,11 +155,7 @@ def routed_bn_bwd_finalize_kernel(s0_ptr, s1_ptr, w_ptr, var_ptr, eps, k1_ptr, k
     the torch expressions took about a dozen."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = c < C
-    sdz = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    sdzx = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for n in range(0, N):
-        sdz += tl.load(s0_ptr + n * C + c, mask=ok, other=0.0)
-        sdzx += tl.load(s1_ptr + n * C + c, mask=ok, other=0.0)
+    sdz, sdzx = _sums_over_samples(s0_ptr, s1_ptr, N, C, c, ok, BLOCK_C)
     invstd = tl.rsqrt(tl.load(var_ptr + c, mask=ok, other=1.0).to(tl.float32) + eps)
     k1 = tl.load(w_ptr + c, mask=ok, other=0.0).to(tl.float32) * invstd
     if TRAINING:

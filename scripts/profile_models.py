@@ -19,21 +19,12 @@ import io
 import os
 import pstats
 import sys
-import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-
-
-def wall_ms(step, n=5):
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
+from profile_routed_cuda import kernel_times  # noqa: E402  (scripts/ is sys.path[0])
+from profile_routed_triton import wall_us  # noqa: E402
 
 
 def host_profile(step, top):
@@ -52,17 +43,11 @@ def host_profile(step, top):
 
 
 def report(name, pass_, impl, step, top, host=0):
-    for _ in range(3):  # cuDNN heuristics, Triton compiles, the caching allocator
-        step()
-    wall = wall_ms(step)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    rows = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            us, k = rows.get(e.name[:70], (0.0, 0))
-            rows[e.name[:70]] = (us + e.device_time, k + 1)
+    rows = {}  # kernel time and launches of one step, after three warm-up steps
+    for kname, (us, k) in kernel_times(step).items():
+        us0, k0 = rows.get(kname[:70], (0.0, 0))
+        rows[kname[:70]] = (us0 + us, k0 + k)
+    wall = wall_us(step, 5) / 1e3
     gpu = sum(us for us, _ in rows.values()) / 1e3
     launches = sum(k for _, k in rows.values())
     print(f"{name:10s} {pass_:5s} {impl:9s}: wall {wall:8.2f} ms, GPU kernels {gpu:8.2f} ms in {launches} launches",
