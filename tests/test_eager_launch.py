@@ -57,7 +57,7 @@ def test_flag_restored_when_the_forward_raises():
 def test_no_side_table_growth_on_the_gpu():
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
-    from fastmod.ops import gumbel_sigmoid_gate, mixed_node, routed_conv2d
+    from fastmod.ops import gumbel_sigmoid_gate, group_norm_add_relu, mixed_node, routed_batch_norm_relu, routed_conv2d
 
     def calls():
         logits = torch.randn(4, 8, device="cuda", requires_grad=True)
@@ -68,6 +68,8 @@ def test_no_side_table_growth_on_the_gpu():
         w = torch.randn(16, 4, 3, 3, device="cuda", requires_grad=True)
         g = torch.ones(2, 4, device="cuda")
         routed_conv2d(x, w, g, padding=1, groups=4, gate_on="group", backend="triton").sum().backward()
+        routed_batch_norm_relu(x, g, None, None, training=True, backend="triton").sum().backward()
+        group_norm_add_relu(x, x.detach(), 4, backend="triton").sum().backward()
         torch.cuda.synchronize()
 
     calls()  # compiles

@@ -8,7 +8,7 @@ an autograd.Function built from the very same setup_context/backward the
 registered op uses, and only traced code (torch.compile) goes through the
 registered op, which it needs to see into the Triton kernels.  Both directions
 launch their kernels directly, as a triton_op's own eager calls do (see
-``_direct_launch``).
+``direct_launch``).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover (a torch without wrap_triton has no trit
     set_wrap_triton_enabled = None
 
 
-def _direct_launch(fn: Callable) -> Callable:
+def direct_launch(fn: Callable) -> Callable:
     """``fn`` with ``wrap_triton(kernel)[grid](...)`` launching the kernel directly.
 
     Outside a triton_op, wrap_triton sends every eager launch through a higher-order
@@ -51,7 +51,7 @@ def eager_function(name: str, forward: Callable, setup_context: Callable, backwa
     style: with a separate ``setup_context``, ``Function.apply`` binds the
     arguments through ``inspect.signature`` on every call (~15 us)."""
 
-    direct = _direct_launch(forward)
+    direct = direct_launch(forward)
 
     def fwd(ctx, *inputs):
         output = direct(*inputs)
@@ -59,7 +59,7 @@ def eager_function(name: str, forward: Callable, setup_context: Callable, backwa
         return output
 
     return type(name, (torch.autograd.Function,),
-                {"forward": staticmethod(fwd), "backward": staticmethod(_direct_launch(backward))})
+                {"forward": staticmethod(fwd), "backward": staticmethod(direct_launch(backward))})
 
 
 def call(op, function, *args):

@@ -3,8 +3,10 @@
 
 Same schemas and results as the C++ ops of csrc/fused_norm (the ``_triton``
 suffix names them); float32, float16 and bfloat16 tensors, float32 arithmetic.
-The [N, C]-sized reductions between kernels (statistics over samples, gradient
-coefficients) are plain torch ops: they are tiny and keep the kernels free of atomics.
+The routed BN's [N, C]-sized reductions between kernels (statistics over samples,
+gradient coefficients) are one small per-channel kernel each, which keeps the big
+kernels free of atomics and a call's launches few (host time, not GPU time, is what
+a launch costs at these sizes).
 """
 from __future__ import annotations
 
@@ -66,30 +68,25 @@ def _routed_bn_into(x, gates, weight, bias, running_mean, running_var, training,
     return mean, var
 
 
-@triton_op("fastmod::routed_batch_norm_relu_triton", mutates_args=())
-def routed_batch_norm_relu_triton(x: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                                  running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
-                                  training: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def bn_relu(x: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+            running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+            training: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     out = torch.empty_like(x)
     mean, var = _routed_bn_into(x, gates, weight, bias, running_mean, running_var, training, eps, out)
     return out, mean, var
 
 
-@triton_op("fastmod::routed_batch_norm_relu_triton_", mutates_args={"x"})
-def routed_batch_norm_relu_triton_(x: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor,
-                                   bias: torch.Tensor, running_mean: torch.Tensor | None,
-                                   running_var: torch.Tensor | None, training: bool,
-                                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_relu_(x: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+             running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """In place on x (contiguous), for inference."""
     return _routed_bn_into(x, gates, weight, bias, running_mean, running_var, training, eps, x)
 
 
-@triton_op("fastmod::routed_batch_norm_relu_backward_triton", mutates_args=())
-def routed_batch_norm_relu_backward_triton(grad_out: torch.Tensor, x: torch.Tensor, gates: torch.Tensor,
-                                           weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
-                                           var: torch.Tensor, training: bool, eps: float
-                                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def bn_relu_backward(grad_out: torch.Tensor, x: torch.Tensor, gates: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, training: bool, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x, dy, gates = x.contiguous(), grad_out.contiguous(), gates.contiguous()
     N, C, HW, n_rows = _rows(x)
     G = gates.shape[1]
@@ -124,28 +121,23 @@ def _gn_into(x, residual, weight, bias, num_groups, eps, out):
     return mean, rstd
 
 
-@triton_op("fastmod::group_norm_add_relu_triton", mutates_args=())
-def group_norm_add_relu_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                               num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gn_add_relu(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     out = torch.empty_like(x)
     mean, rstd = _gn_into(x, residual, weight, bias, num_groups, eps, out)
     return out, mean, rstd
 
 
-@triton_op("fastmod::group_norm_add_relu_triton_", mutates_args={"x"})
-def group_norm_add_relu_triton_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                                bias: torch.Tensor, num_groups: int, eps: float
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
+def gn_add_relu_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """In place on x (contiguous, not overlapping residual), for inference."""
     return _gn_into(x, residual, weight, bias, num_groups, eps, x)
 
 
-@triton_op("fastmod::group_norm_add_relu_backward_triton", mutates_args=())
-def group_norm_add_relu_backward_triton(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
-                                        weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                                        num_groups: int
-                                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def gn_add_relu_backward(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                         mean: torch.Tensor, rstd: torch.Tensor, num_groups: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     x, out, dy = x.contiguous(), out.contiguous(), grad_out.contiguous()
     N, C, HW, _ = _rows(x)
     cg = C // num_groups
@@ -158,3 +150,15 @@ def group_norm_add_relu_backward_triton(grad_out: torch.Tensor, out: torch.Tenso
         BLOCK_C=block_c, BLOCK=block, HW_ALIGN=pow2_divisor(HW), num_warps=NUM_WARPS)
     dw = (rstd.repeat_interleave(cg, dim=1) * s1).sum(0)
     return dx, dres, dw.to(weight.dtype), s0.sum(0).to(weight.dtype)
+
+
+# The registered ops (torch.compile traces into them); eager calls run the functions
+# above directly (fastmod.ops.fused_norm._call).
+routed_batch_norm_relu_triton = triton_op("fastmod::routed_batch_norm_relu_triton", mutates_args=())(bn_relu)
+routed_batch_norm_relu_triton_ = triton_op("fastmod::routed_batch_norm_relu_triton_", mutates_args={"x"})(bn_relu_)
+routed_batch_norm_relu_backward_triton = triton_op("fastmod::routed_batch_norm_relu_backward_triton",
+                                                   mutates_args=())(bn_relu_backward)
+group_norm_add_relu_triton = triton_op("fastmod::group_norm_add_relu_triton", mutates_args=())(gn_add_relu)
+group_norm_add_relu_triton_ = triton_op("fastmod::group_norm_add_relu_triton_", mutates_args={"x"})(gn_add_relu_)
+group_norm_add_relu_backward_triton = triton_op("fastmod::group_norm_add_relu_backward_triton",
+                                                mutates_args=())(gn_add_relu_backward)

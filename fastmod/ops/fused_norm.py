@@ -118,6 +118,19 @@ def _op(kernel: str, name: str, inplace: bool = False):
     return getattr(torch.ops.fastmod, name + ("_triton" if kernel == "triton" else "") + ("_" if inplace else ""))
 
 
+def _call(kernel: str, name: str, inplace: bool, *args):
+    """``_op(kernel, name, inplace)(*args)``; eager Triton calls skip the torch.library
+    dispatch (see fastmod.ops._eager): an autograd.Function around the same Python
+    implementation, or for the in-place inference ops the implementation itself."""
+    if kernel != "triton" or torch.compiler.is_compiling():
+        return _op(kernel, name, inplace)(*args)
+    if inplace:
+        out = _EAGER_INPLACE[name](*args)
+        torch.autograd.graph.increment_version(args[0])  # as the dispatcher does for a mutated input
+        return out
+    return _EAGER[name].apply(*args)
+
+
 def has_kernel(x: torch.Tensor, backend: str | None = None) -> bool:
     """Whether these ops would run a kernel (not the reference) on tensors like ``x``;
     modules use it to keep their plain path where fusing would only add masking."""
@@ -197,9 +210,9 @@ def routed_batch_norm_relu(x: torch.Tensor, gates: torch.Tensor, running_mean: t
     w, b = _affine_or_default(x, weight, bias)
     if inplace and x.is_contiguous():
         out = x
-        mean, var = _op(kernel, op, inplace=True)(x, gates, w, b, running_mean, running_var, training, eps)
+        mean, var = _call(kernel, op, True, x, gates, w, b, running_mean, running_var, training, eps)
     else:
-        out, mean, var = _op(kernel, op)(x, gates, w, b, running_mean, running_var, training, eps)
+        out, mean, var = _call(kernel, op, False, x, gates, w, b, running_mean, running_var, training, eps)
         out = _into(x, out, inplace)
     if training and running_mean is not None:
         n = x.numel() // x.shape[1]
@@ -212,18 +225,19 @@ def routed_batch_norm_relu(x: torch.Tensor, gates: torch.Tensor, running_mean: t
 def _bn_setup(ctx, inputs, output):
     x, gates, weight, bias, running_mean, running_var, training, eps = inputs
     _out, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
     if not training:  # normalised with the running statistics (the Triton op returns empty ones)
         mean, var = running_mean, running_var
     ctx.save_for_backward(x, gates, weight, bias, mean, var)
     ctx.training, ctx.eps = training, eps
-    ctx.mark_non_differentiable(mean, var)
 
 
-def _bn_backward(kernel: str):
+def _bn_backward(bwd):
+    """The autograd backward, ``bwd`` the backward op (or, in eager Triton calls, its
+    Python implementation)."""
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         x, gates, weight, bias, mean, var = ctx.saved_tensors
-        gx, gw, gb = _op(kernel, "routed_batch_norm_relu_backward")(
-            grad_out, x, gates, weight, bias, mean, var, ctx.training, ctx.eps)
+        gx, gw, gb = bwd(grad_out, x, gates, weight, bias, mean, var, ctx.training, ctx.eps)
         need = ctx.needs_input_grad
         return (gx if need[0] else None, None, gw if need[2] else None, gb if need[3] else None,
                 None, None, None, None)
@@ -272,9 +286,9 @@ def group_norm_add_relu(x: torch.Tensor, residual: torch.Tensor, num_groups: int
         return group_norm_add_relu_reference(x, residual, num_groups, weight, bias, eps, inplace=inplace)
     w, b = _affine_or_default(x, weight, bias)
     if inplace and x.is_contiguous() and residual is not x:
-        _op(kernel, op, inplace=True)(x, residual, w, b, num_groups, eps)
+        _call(kernel, op, True, x, residual, w, b, num_groups, eps)
         return x
-    return _into(x, _op(kernel, op)(x, residual, w, b, num_groups, eps)[0], inplace)
+    return _into(x, _call(kernel, op, False, x, residual, w, b, num_groups, eps)[0], inplace)
 
 
 def _gn_setup(ctx, inputs, output):
@@ -285,11 +299,11 @@ def _gn_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _gn_backward(kernel: str):
+def _gn_backward(bwd):
+    """As _bn_backward, for group_norm_add_relu."""
     def backward(ctx, grad_out, _grad_mean, _grad_rstd):
         out, x, weight, mean, rstd = ctx.saved_tensors
-        gx, gr, gw, gb = _op(kernel, "group_norm_add_relu_backward")(
-            grad_out, out, x, weight, mean, rstd, ctx.num_groups)
+        gx, gr, gw, gb = bwd(grad_out, out, x, weight, mean, rstd, ctx.num_groups)
         need = ctx.needs_input_grad
         return (gx if need[0] else None, gr if need[1] else None, gw if need[2] else None,
                 gb if need[3] else None, None, None)
@@ -330,11 +344,26 @@ if _extension.has_op("routed_batch_norm_relu"):
     def _gn_inplace_fake(x, residual, weight, bias, num_groups, eps):
         return x.new_empty(x.shape[0], num_groups), x.new_empty(x.shape[0], num_groups)
 
-    torch.library.register_autograd("fastmod::routed_batch_norm_relu", _bn_backward("cpu"), setup_context=_bn_setup)
-    torch.library.register_autograd("fastmod::group_norm_add_relu", _gn_backward("cpu"), setup_context=_gn_setup)
+    torch.library.register_autograd("fastmod::routed_batch_norm_relu",
+                                    _bn_backward(torch.ops.fastmod.routed_batch_norm_relu_backward),
+                                    setup_context=_bn_setup)
+    torch.library.register_autograd("fastmod::group_norm_add_relu",
+                                    _gn_backward(torch.ops.fastmod.group_norm_add_relu_backward),
+                                    setup_context=_gn_setup)
 
+_EAGER: dict = {}  # eager Triton calls (_call): op name -> autograd.Function
+_EAGER_INPLACE: dict = {}  # op name -> the in-place implementation, launching directly
 if backends.triton_installed():
+    from fastmod.ops import _eager
     from fastmod.ops import _fused_norm_triton as _triton
 
-    _triton.routed_batch_norm_relu_triton.register_autograd(_bn_backward("triton"), setup_context=_bn_setup)
-    _triton.group_norm_add_relu_triton.register_autograd(_gn_backward("triton"), setup_context=_gn_setup)
+    _triton.routed_batch_norm_relu_triton.register_autograd(
+        _bn_backward(_triton.routed_batch_norm_relu_backward_triton), setup_context=_bn_setup)
+    _triton.group_norm_add_relu_triton.register_autograd(
+        _gn_backward(_triton.group_norm_add_relu_backward_triton), setup_context=_gn_setup)
+    _EAGER["routed_batch_norm_relu"] = _eager.eager_function(
+        "RoutedBatchNormReluTriton", _triton.bn_relu, _bn_setup, _bn_backward(_triton.bn_relu_backward))
+    _EAGER["group_norm_add_relu"] = _eager.eager_function(
+        "GroupNormAddReluTriton", _triton.gn_add_relu, _gn_setup, _gn_backward(_triton.gn_add_relu_backward))
+    _EAGER_INPLACE["routed_batch_norm_relu"] = _eager.direct_launch(_triton.bn_relu_)
+    _EAGER_INPLACE["group_norm_add_relu"] = _eager.direct_launch(_triton.gn_add_relu_)
