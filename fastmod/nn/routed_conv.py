@@ -142,7 +142,9 @@ class RoutedBottleneck(_RoutedBlock):
 
     def forward(self, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         fused = self.backend != "reference" and fused_norm.has_kernel(x)
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gates, *self.parameters()))
+        # short-circuits: in training x requires grad, so the parameters are not walked
+        grad = torch.is_grad_enabled() and (x.requires_grad or gates.requires_grad
+                                            or any(p.requires_grad for p in self.parameters()))
         exact = self.conv1.router_grad != "active" and gates.requires_grad and torch.is_grad_enabled()
         routed_bn = fused and not exact
         if fused and not grad and x.device.type == "cpu" and isinstance(self.bn3, nn.GroupNorm):

@@ -148,7 +148,7 @@ def gn_add_relu_backward(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Ten
     wrap_triton(k.gn_add_relu_bwd_kernel)[(N * num_groups,)](
         dy, out, x, weight, mean.contiguous(), rstd.contiguous(), dx, dres, s0, s1, C, HW, num_groups, cg,
         BLOCK_C=block_c, BLOCK=block, HW_ALIGN=pow2_divisor(HW), num_warps=NUM_WARPS)
-    dw = (rstd.repeat_interleave(cg, dim=1) * s1).sum(0)
+    dw = (s1.view(N, num_groups, cg) * rstd[:, :, None]).sum(0).view(C)
     return dx, dres, dw.to(weight.dtype), s0.sum(0).to(weight.dtype)
 
 

@@ -141,8 +141,8 @@ def has_kernel(x: torch.Tensor, backend: str | None = None) -> bool:
 
 def _block_mask(gates: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
     """gates [N, G] -> 0/1 mask [N, channels, 1, 1] (gate != 0), repeated over each block."""
-    on = (gates != 0).to(dtype)
-    return on.repeat_interleave(channels // gates.shape[1], dim=1)[:, :, None, None]
+    n, g = gates.shape
+    return (gates != 0).to(dtype)[:, :, None].expand(n, g, channels // g).reshape(n, channels, 1, 1)
 
 
 def _check_routed_bn(x, gates, running_mean, running_var, weight, bias, training, momentum, eps):

@@ -158,8 +158,11 @@ def _check(x, weight, gates, bias, stride, padding, dilation, groups, gate_on, r
 
 
 def _block_scale(gates: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
-    """gates [N, G] -> [N, channels, 1, 1], each gate repeated over its block."""
-    return gates.to(dtype).repeat_interleave(channels // gates.shape[1], dim=1)[:, :, None, None]
+    """gates [N, G] -> [N, channels, 1, 1], each gate repeated over its block (one copy
+    kernel; repeat_interleave builds an index tensor first, several launches on a GPU,
+    on every routed call)."""
+    n, g = gates.shape
+    return gates.to(dtype)[:, :, None].expand(n, g, channels // g).reshape(n, channels, 1, 1)
 
 
 def routed_conv2d_reference(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor,
