@@ -173,6 +173,11 @@ def routed_conv2d_reference(x: torch.Tensor, weight: torch.Tensor, gates: torch.
     :func:`routed_conv2d` (which see); computes every block, including the off ones."""
     stride, padding, dilation = _check(x, weight, gates, bias, stride, padding, dilation, groups,
                                        gate_on, router_grad)
+    return _masked_dense(x, weight, gates, bias, stride, padding, dilation, groups, gate_on, router_grad)
+
+
+def _masked_dense(x, weight, gates, bias, stride, padding, dilation, groups, gate_on, router_grad):
+    """routed_conv2d_reference on checked arguments (stride, padding, dilation pairs)."""
     g = gates
     if router_grad == "active":  # off blocks get no gate gradient
         g = torch.where(gates != 0, gates, gates.detach())
@@ -267,10 +272,8 @@ def routed_conv2d(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor,
     stride, padding, dilation = _check(x, weight, gates, bias, stride, padding, dilation, groups,
                                        gate_on, router_grad)
     chosen = _select(backend, x, gate_on)
-    if chosen == "reference":
-        return routed_conv2d_reference(x, weight, gates, bias, stride=stride, padding=padding,
-                                       dilation=dilation, groups=groups, gate_on=gate_on,
-                                       router_grad=router_grad)
+    if chosen == "reference":  # already checked
+        return _masked_dense(x, weight, gates, bias, stride, padding, dilation, groups, gate_on, router_grad)
     if chosen == "triton":
         if x.dtype == torch.float64:  # tl.dot has no float64 tensor-core path on the GPU
             raise TypeError("routed_conv2d: backend='triton' takes float16, bfloat16 or float32 x, got float64; "
