@@ -14,6 +14,7 @@
 #    copied to channels-last, as before)                            -> routed_triton*.txt;
 #    the Triton grouped weight gradient against cuDNN, each variant in its own process
 #    (a fault names itself)                                         -> group_wgrad_check.txt;
+#    host time per call of a Triton launch, the fused norms, the routed conv -> launch_overhead.txt;
 #    whole models profiled: GPU kernels and host hot spots, kernels on vs off
 #                                                                   -> profile_models.txt
 # 3. with the extension: the routed-conv CUDA kernels profiled      -> routed_profile.txt;
@@ -42,7 +43,7 @@ T0=$(date +%s)
 
 # want PART: whether PART is not named in SKIP (space-separated; parts: bandwidth,
 # bench_fwd_bwd, bench_fwd, launch_counts, tests_triton, tune_mixed_node, routed_triton,
-# routed_triton_cl, routed_triton_copy, group_wgrad_check, profile_models, routed_profile, tests_cuda, routed_bench,
+# routed_triton_cl, routed_triton_copy, group_wgrad_check, launch_overhead, profile_models, routed_profile, tests_cuda, routed_bench,
 # bench_models; the build has SKIP_BUILD).
 want() { case " ${SKIP:-} " in *" $1 "*) return 1 ;; *) return 0 ;; esac; }
 
@@ -187,6 +188,10 @@ if want group_wgrad_check; then  # the Triton grouped weight gradient, each vari
   stage group_wgrad_check "${WGRAD_LIMIT:-100}" sh -c 'exec python3 scripts/check_group_wgrad.py --sanitize \
       > "$1" 2>&1' sh "$RES/group_wgrad_check.txt"
   cat "$RES/group_wgrad_check.txt"
+fi
+if want launch_overhead; then  # host time per call: Triton launches, fused norms, routed conv vs PyTorch
+  stage launch_overhead 60 sh -c 'exec python3 scripts/launch_overhead.py > "$1" 2>&1' sh "$RES/launch_overhead.txt"
+  cat "$RES/launch_overhead.txt"
 fi
 if want profile_models; then  # whole models: GPU kernels and host hot spots, kernels on vs off
   stage profile_models "${PROFILE_MODELS_LIMIT:-120}" sh -c 'exec python3 scripts/profile_models.py --top 8 \
