@@ -8,6 +8,7 @@ tiny tensors (the GPU finishes each call long before the host issues the next).
 The whole models on an H100 (2026-11-27) were host-bound with the kernels on; this
 says what one call of each piece costs that host.  GPU only; exits 2 without one.
 """
+import argparse
 import sys
 import time
 
@@ -26,6 +27,7 @@ def host_us(fn, n=2000):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     if not torch.cuda.is_available():
         print("no GPU", file=sys.stderr)
         sys.exit(2)

@@ -101,7 +101,10 @@ def test_launch_counts_script_explains_itself():
 
 
 @pytest.mark.parametrize("name,phrase", [("profile_routed_triton.py", "host's launch overhead"),
-                                         ("profile_routed_cuda.py", "kernels listed by total GPU time")])
+                                         ("profile_routed_cuda.py", "kernels listed by total GPU time"),
+                                         ("check_group_wgrad.py", "each variant in its own process"),
+                                         ("profile_models.py", "where the host time goes"),
+                                         ("launch_overhead.py", "Host time per call on a GPU")])
 def test_profile_scripts_explain_themselves(name, phrase):
     script = os.path.join(os.path.dirname(BENCH), "scripts", name)
     assert phrase in " ".join(_run(script, "--help").split())
