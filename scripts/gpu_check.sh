@@ -195,7 +195,7 @@ if want launch_overhead; then  # host time per call: Triton launches, fused norm
 fi
 if want profile_models; then  # whole models: GPU kernels and host hot spots, kernels on vs off
   stage profile_models "${PROFILE_MODELS_LIMIT:-120}" sh -c 'exec python3 scripts/profile_models.py --top 8 \
-      --impls fastmod,fastmod-nonorm,reference --host 20 > "$1" 2>&1' sh "$RES/profile_models.txt"
+      --models qgmrn-brn,qgmrn-frn,lnmn --impls fastmod,fastmod-nonorm,reference --host 20 > "$1" 2>&1' sh "$RES/profile_models.txt"
   grep -E "wall|^ +[0-9]" "$RES/profile_models.txt" | head -80
 fi
 
