@@ -26,7 +26,7 @@
 # is rewritten after each stage, so a run cut short still returns what it had).  A stage
 # starts only with at least 20 s left and is cut at its own limit or the deadline,
 # whichever comes first, so a slow stage still leaves the later ones some time.
-# Overrides: DEADLINE, BUILD_LIMIT, WGRAD_LIMIT, PROFILE_MODELS_LIMIT, ROUTED_BENCH_LIMIT, MODELS_LIMIT (per model), MODELS, TEST_LIMIT, BENCH_LIMIT,
+# Overrides: DEADLINE, BUILD_LIMIT, WGRAD_LIMIT, WGRAD_ARGS (more check_group_wgrad.py arguments), PROFILE_MODELS_LIMIT, ROUTED_BENCH_LIMIT, MODELS_LIMIT (per model), MODELS, TEST_LIMIT, BENCH_LIMIT,
 # TUNE_LIMIT, TUNE_MN_LIMIT (seconds); TRITON_TESTS, CUDA_TESTS, TEST_WORKERS; TUNE_CONFIGS (see
 # scripts/profile_routed_triton.py --configs); ROUTED_CASES (its --cases); GROUP_WGRAD (its
 # --group-wgrad, default both); TUNE_MN_ARGS (more
@@ -186,7 +186,7 @@ if want routed_triton_copy; then  # the grouped 3x3 with its x copied to channel
 fi
 if want group_wgrad_check; then  # the Triton grouped weight gradient, each variant in its own process
   stage group_wgrad_check "${WGRAD_LIMIT:-100}" sh -c 'exec python3 scripts/check_group_wgrad.py --sanitize \
-      > "$1" 2>&1' sh "$RES/group_wgrad_check.txt"
+      ${WGRAD_ARGS:-} > "$1" 2>&1' sh "$RES/group_wgrad_check.txt"
   cat "$RES/group_wgrad_check.txt"
 fi
 if want launch_overhead; then  # host time per call: Triton launches, fused norms, routed conv vs PyTorch
