@@ -10,20 +10,10 @@ says what one call of each piece costs that host.  GPU only; exits 2 without one
 """
 import argparse
 import sys
-import time
 
 import torch
 
-
-def host_us(fn, n=2000):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e6
+from profile_routed_triton import wall_us  # scripts/ is sys.path[0]
 
 
 def main():
@@ -75,7 +65,7 @@ def main():
         ]
     for name, fn in rows:
         with torch.no_grad():
-            print(f"{name:45s} {host_us(fn):8.1f} us per call", flush=True)
+            print(f"{name:45s} {wall_us(fn, 2000):8.1f} us per call", flush=True)
 
 
 if __name__ == "__main__":
