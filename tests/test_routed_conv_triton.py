@@ -293,6 +293,21 @@ def test_group_weight_grad_wide_groups(monkeypatch):
         assert_close(g, r, torch.float32)
 
 
+def test_group_wgrad_rule(monkeypatch):
+    """The backward takes the Triton grouped weight gradient only when asked, and on a
+    GPU in float32 only (its first 16-bit build faulted on an H100)."""
+    from types import SimpleNamespace
+
+    from fastmod.ops import _routed_conv_triton as rt
+    like = lambda dtype, cuda: SimpleNamespace(dtype=dtype, is_cuda=cuda)  # noqa: E731
+    assert not rt._use_group_wgrad(like(torch.float32, True))  # "dense" by default
+    monkeypatch.setitem(rt.CONFIG, "group_wgrad", "triton")
+    assert rt._use_group_wgrad(like(torch.float32, True))
+    assert not rt._use_group_wgrad(like(torch.bfloat16, True))
+    assert not rt._use_group_wgrad(like(torch.float16, True))
+    assert rt._use_group_wgrad(like(torch.float16, False))  # the interpreter runs every dtype
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["random", "on"])
