@@ -1,6 +1,7 @@
 """The Triton grouped weight gradient (routed_conv_group_wgrad_kernel) on a GPU, each
-variant in its own process (a fault there kills the CUDA context): error against
-the dense cuDNN grad_weight of the gated dy, and GPU time of both.
+variant in its own process (a fault there kills the CUDA context): its error against a
+float64 reference, and its GPU time next to cuDNN's grad_weight of the gated dy (fp32 in
+TF32 on both sides when cuDNN may use it, its default).
 
     python scripts/check_group_wgrad.py [--cases brn3x3-w64-hw56-c8,...] [--dtypes float32,bfloat16]
         [--rhos 1.0,0.57] [--stages 3] [--sanitize]
@@ -40,7 +41,9 @@ def one(case_name: str, dtype_name: str, rho: float, stages: int) -> None:
     dy = torch.randn(n, cout, ho, ho, device="cuda", dtype=dtype)
     g = gates(n, G, rho, "cuda").to(dtype)
     rt.CONFIG["group_wgrad_stages"] = stages
-    args = ([cout, cin // groups, k, k], [stride] * 2, [k // 2] * 2, [1, 1], False)
+    # fp32 in TF32 when cuDNN's dense conv may use it (its default), so both sides alike
+    tf32 = torch.backends.cudnn.allow_tf32
+    args = ([cout, cin // groups, k, k], [stride] * 2, [k // 2] * 2, [1, 1], tf32)
     fast = lambda: rt.group_weight_grad(x, dy, g, *args)  # noqa: E731
     dense = lambda: conv2d_weight(x, args[0], dy * _block_scale(g, cout, dtype), stride, k // 2, 1, groups)  # noqa: E731
     got = fast()
@@ -49,7 +52,7 @@ def one(case_name: str, dtype_name: str, rho: float, stages: int) -> None:
     err = ((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
     f_us = sum(us for us, _ in kernel_times(fast).values())
     d_us = sum(us for us, _ in kernel_times(dense).values())
-    print(f"{name:24s} {dtype_name:8s} rho={rho:.2f} stages={stages}: max rel err {err:.2e}; "
+    print(f"{name:24s} {dtype_name:8s} rho={rho:.2f} stages={stages} tf32={tf32}: max rel err {err:.2e}; "
           f"gpu {f_us:7.1f} us (dense cuDNN of gated dy {d_us:7.1f} us, {f_us / d_us:.2f}x)", flush=True)
 
 
