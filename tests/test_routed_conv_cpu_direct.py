@@ -228,3 +228,38 @@ def test_large_off_blocks_streamed_zeros(mode):
     torch.testing.assert_close(gx, gxd.float(), rtol=1e-4, atol=1e-4)
     if mode == "group":
         assert torch.equal(gx[off], torch.zeros_like(gx[off]))
+
+
+_LANES_SCRIPT = """
+import torch
+from fastmod.ops import routed_conv2d, routed_conv2d_reference
+gen = torch.Generator().manual_seed(3)
+# 1x1 convs on small images (<= 256 pixels): grad_weight with the lanes over the dense
+# side's channels.  200 of them: three 64-column tiles and a partial one, split over
+# threads; a 72-channel gated side: 6-row tiles and the rows left; 1, 49 and 256 pixels.
+for mode, cin, cout in (("in", 72, 200), ("out", 200, 72)):
+    for h, w in ((1, 1), (7, 7), (16, 16)):
+        for soft in (False, True):
+            x = torch.randn(5, cin, h, w, generator=gen, dtype=torch.float64)
+            wt = torch.randn(cout, cin, 1, 1, generator=gen, dtype=torch.float64)
+            g = (torch.rand(5, 6, generator=gen) < 0.5).double()
+            g[0], g[1] = 0.0, 1.0
+            if soft:
+                g = g * (torch.rand(5, 6, generator=gen, dtype=torch.float64) + 0.5)
+            dy = torch.randn(5, cout, h, w, generator=gen, dtype=torch.float64)
+            grads = []
+            for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")),
+                                  (routed_conv2d_reference, torch.float64, {})):
+                wl = wt.to(dt).requires_grad_()
+                y = fn(x.to(dt), wl, g.to(dt), gate_on=mode, router_grad="active", **extra)
+                grads.append(torch.autograd.grad(y, wl, dy.to(dt))[0])
+            torch.testing.assert_close(grads[0], grads[1].float(), rtol=1e-4, atol=2e-3)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("direct", ["1", "avx2"])
+def test_1x1_weight_gradient_lanes_kernel(direct):
+    # Both builds of the kernel (AVX-512: 6 rows x 4 vectors; AVX2: 4 x 2), each in a
+    # fresh process since the choice is read once.
+    run_with_direct_setting(_LANES_SCRIPT, direct)

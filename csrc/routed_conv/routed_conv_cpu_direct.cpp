@@ -258,6 +258,19 @@ void pack_cl(const float* x, const ClPlan& plan, float* xp) {
   }
 }
 
+void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) {
+  // 16 x 16 blocks: both sides touch whole cache lines while the block is in L1.
+  constexpr int64_t kB = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kB) {
+    const int64_t r1 = r0 + kB < rows ? r0 + kB : rows;
+    for (int64_t c0 = 0; c0 < cols; c0 += kB) {
+      const int64_t c1 = c0 + kB < cols ? c0 + kB : cols;
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
+    }
+  }
+}
+
 #ifdef FM_HAVE_X86
 // ---- vector traits and the two kernel builds -------------------------------------
 struct Avx512Traits {
@@ -267,6 +280,8 @@ struct Avx512Traits {
   static constexpr int kTapRows = 2;       // 2 rows x 9 taps
   static constexpr int k1x1Channels = 8;   // 2 rows x 8 channels
   static constexpr int kClRows = 8;        // 8 rows x 2 channel vectors
+  static constexpr int kLanesRows = 6;     // 6 rows x 4 column vectors (wgrad_lanes)
+  static constexpr int kLanesVecs = 4;
   FM_AVX512_T FM_VI V zero() { return _mm512_setzero_ps(); }
   FM_AVX512_T FM_VI V set1(float f) { return _mm512_set1_ps(f); }
   FM_AVX512_T FM_VI V loadu(const float* p) { return _mm512_loadu_ps(p); }
@@ -287,6 +302,8 @@ struct Avx2Traits {
   static constexpr int kTapRows = 1;       // 1 row x 9 taps
   static constexpr int k1x1Channels = 6;   // 2 rows x 6 channels
   static constexpr int kClRows = 2;        // 2 rows x 4 channel vectors
+  static constexpr int kLanesRows = 4;     // 4 rows x 2 column vectors (wgrad_lanes)
+  static constexpr int kLanesVecs = 2;
   FM_AVX2_T FM_VI V zero() { return _mm256_setzero_ps(); }
   FM_AVX2_T FM_VI V set1(float f) { return _mm256_set1_ps(f); }
   FM_AVX2_T FM_VI V loadu(const float* p) { return _mm256_loadu_ps(p); }
@@ -338,12 +355,14 @@ struct Avx2Traits {
 void run_rows(const RowJob& job, const PixelPlan& plan) { FM_DISPATCH(run_rows, job, plan); }
 void run_wgrad(const WgradJob* jobs, int n, const PixelPlan& plan) { FM_DISPATCH(run_wgrad, jobs, n, plan); }
 void run_wgrad_cl(const WgradClJob& job, const ClPlan& plan) { FM_DISPATCH(run_wgrad_cl, job, plan); }
+void run_wgrad_1x1_lanes(const Wgrad1x1LanesJob& job) { FM_DISPATCH(run_wgrad_1x1_lanes, job); }
 float dot(const float* a, const float* b, int64_t n) { return FM_DISPATCH(dot, a, b, n); }
 #else
 // Not x86: available() is false and nothing calls these.
 void run_rows(const RowJob&, const PixelPlan&) { std::abort(); }
 void run_wgrad(const WgradJob*, int, const PixelPlan&) { std::abort(); }
 void run_wgrad_cl(const WgradClJob&, const ClPlan&) { std::abort(); }
+void run_wgrad_1x1_lanes(const Wgrad1x1LanesJob&) { std::abort(); }
 float dot(const float*, const float*, int64_t) { std::abort(); }
 #endif
 

@@ -194,6 +194,29 @@ struct WgradClJob {
 
 void run_wgrad_cl(const WgradClJob& job, const ClPlan& plan);
 
+// 1x1 weight gradient with the lanes over the dense side, for small images: the
+// pixel-vector kernel above sums over a 7x7 image in 4 vectors (the last one 1 of 16
+// lanes) and then reduces across lanes, so it ran at about half oneDNN's rate
+// there.  Here the pixels are the loop and each lane is an output column:
+//   t_row[i][j] += row_scale[i] * sum_{p < L} a_row[i][p] * bt[p * ldb + j],  j < ncols
+// a_row: the gated side's rows (the active x channels of a gated-input conv, the
+// active dy rows of a gated-output one); bt: the other side transposed, pixel-major.
+// row_scale may be null (1).  Jobs that add into the same t rows and columns must
+// not run concurrently.
+struct Wgrad1x1LanesJob {
+  const float* const* a_row;
+  float* const* t_row;
+  const float* row_scale;
+  int nrows;
+  const float* bt;
+  int64_t ldb, ncols, L;
+};
+
+void run_wgrad_1x1_lanes(const Wgrad1x1LanesJob& job);
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols.
+void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst);
+
 // sum_j a[j] * b[j], fp32 in 64 lanes.
 float dot(const float* a, const float* b, int64_t n);
 

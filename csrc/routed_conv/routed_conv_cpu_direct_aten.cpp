@@ -181,7 +181,9 @@ struct Jobs {
 };
 
 // "Small" images (output pixels), where per-sample fixed costs are not amortised:
-// the weight gradient sums a gate block's samples in registers (direct::run_wgrad
+// a 1x1 conv's weight gradient runs with its lanes over channels (wgrad_1x1_lanes;
+// at 28x28 and up its per-sample transposes cost more than the pixel-vector kernel
+// loses), other convs' sum a gate block's samples in registers (direct::run_wgrad
 // with several jobs; a 7x7 image is 4 vectors of pixels per reduction across lanes,
 // a 16x16 one 16), and an "in" conv with every gate on takes the dense backward.
 constexpr int64_t kSmallImagePixels = 256;
@@ -339,6 +341,59 @@ void wgrad_out_cl(const float* xp, const float* dyp, const float* gp, int64_t N,
               gwp[(r * Cin + k * C + j) * KK + t] += buf[((r - ra) * KK + t) * C + j];
     }
   });
+}
+
+// grad_weight of a 1x1 stride-1 "in" or "out" conv on small images by the
+// lanes-over-columns kernel (direct::run_wgrad_1x1_lanes).  Its rows are the gated
+// side's active channels of each sample (x channels for "in", dy rows for "out"),
+// its columns the other side's channels, transposed pixel-major per sample.  The
+// result T[gated][dense] is gw itself for "out" and gw transposed for "in".  Each
+// thread owns a range of columns of T, so samples add into it without races.
+void wgrad_1x1_lanes(const float* xp, const float* dyp, const float* gp, int64_t N, int64_t Cin,
+                     int64_t Cout, int64_t G, int64_t L, bool in, bool binary, float* gwp) {
+  const int64_t S = in ? Cin : Cout, D = in ? Cout : Cin;  // gated side rows, dense side columns
+  const int64_t Sb = S / G;
+  at::Tensor tbuf;  // "in": T = gw^T, transposed into gw at the end
+  float* tp = gwp;
+  if (in) {
+    tbuf = at::zeros({S, D}, at::kFloat);
+    tp = tbuf.data_ptr<float>();
+  }
+  // Column ranges in whole 64-column tiles, about two per thread.
+  constexpr int64_t kTile = 64;
+  const int64_t tiles = (D + kTile - 1) / kTile;
+  const int64_t parts = std::min<int64_t>(tiles, 2 * at::get_num_threads());
+  at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
+    const int64_t d0 = std::min(D, tiles * q0 / parts * kTile), d1 = std::min(D, tiles * q1 / parts * kTile);
+    if (d1 <= d0) return;
+    std::vector<float> bt((size_t)(L * (d1 - d0)));
+    std::vector<const float*> a;
+    std::vector<float*> t;
+    std::vector<float> sc;
+    for (int64_t n = 0; n < N; ++n) {
+      a.clear();
+      t.clear();
+      sc.clear();
+      for (int64_t b = 0; b < G; ++b) {
+        const float gv = gp[n * G + b];
+        if (gv == 0.0f) continue;
+        for (int64_t s = b * Sb; s < (b + 1) * Sb; ++s) {
+          a.push_back(in ? xp + (n * Cin + s) * L : dyp + (n * Cout + s) * L);
+          t.push_back(tp + s * D + d0);
+          sc.push_back(gv);
+        }
+      }
+      if (a.empty()) continue;
+      const float* dense = in ? dyp + n * Cout * L : xp + n * Cin * L;
+      direct::transpose(dense + d0 * L, L, d1 - d0, L, bt.data(), d1 - d0);
+      direct::run_wgrad_1x1_lanes({a.data(), t.data(), binary ? nullptr : sc.data(), (int)a.size(), bt.data(),
+                                   d1 - d0, d1 - d0, L});
+    }
+  });
+  if (in)  // gw[r][c] = T[c][r], by ranges of r
+    at::parallel_for(0, Cout, 64, [&](int64_t r0, int64_t r1) {
+      direct::transpose(tp + r0, Cout, Cin, r1 - r0, gwp + r0 * Cin, Cin);
+    });
 }
 
 // n zero floats at p, with streaming stores where 16-byte aligned.
@@ -643,7 +698,9 @@ bool backward_direct(const at::Tensor& dout_, const at::Tensor& x_, const at::Te
     // the reduction across lanes; see direct::run_wgrad).  Large ones keep a job per
     // sample, which reads that sample's data once for all its rows.
     const bool by_block = L <= kSmallImagePixels;
-    if (mode == Mode::Out && KK > 1 && Cin % direct::kChunk == 0 && !geo.strided) {
+    if (KK == 1 && mode != Mode::Group && !geo.strided && by_block) {
+      wgrad_1x1_lanes(xp, dyp, gp, N, Cin, Cout, G, L, mode == Mode::In, binary, gwp);
+    } else if (mode == Mode::Out && KK > 1 && Cin % direct::kChunk == 0 && !geo.strided) {
       wgrad_out_cl(xp, dyp, gp, N, Cin, Cout, G, L, kh, kw, padding, dilation, H, W, binary, gwp);
     } else if (mode == Mode::Out) {  // buckets: chunks of input channels (multiples of 8 for the 1x1 tile)
       const int64_t chunk = std::max<int64_t>(8, (Cin / 8 + 7) / 8 * 8);

@@ -453,6 +453,60 @@ void run_wgrad_cl(const WgradClJob& job, const ClPlan& plan) {
   }
 }
 
+// Lanes-over-columns 1x1 weight-gradient tile: MR rows x NV vectors of columns from
+// j0, the last vector under `last` (the lanes left at the end of the columns).
+template <int MR, int NV>
+FM_TARGET void wgrad_lanes_tile(const Wgrad1x1LanesJob& job, int r0, int64_t j0, unsigned last) {
+  constexpr unsigned kFull = (1u << W) - 1u;
+  V acc[MR][NV];
+  FM_UNROLL for (int i = 0; i < MR; ++i)
+    FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = VT::zero();
+  const float* a[MR];
+  FM_UNROLL for (int i = 0; i < MR; ++i) a[i] = job.a_row[r0 + i];
+  const float* b = job.bt + j0;
+  for (int64_t p = 0; p < job.L; ++p, b += job.ldb) {
+    V bv[NV];
+    FM_UNROLL for (int v = 0; v < NV; ++v) bv[v] = VT::load_mask(v == NV - 1 ? last : kFull, b + v * W);
+    FM_UNROLL for (int i = 0; i < MR; ++i) {
+      const V ai = VT::set1(a[i][p]);
+      FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = VT::fmadd(ai, bv[v], acc[i][v]);
+    }
+  }
+  FM_UNROLL for (int i = 0; i < MR; ++i) {
+    const V s = VT::set1(job.row_scale ? job.row_scale[r0 + i] : 1.0f);
+    float* t = job.t_row[r0 + i] + j0;
+    FM_UNROLL for (int v = 0; v < NV; ++v) {
+      const unsigned m = v == NV - 1 ? last : kFull;
+      VT::store_mask(t + v * W, m, VT::fmadd(s, acc[i][v], VT::load_mask(m, t + v * W)));
+    }
+  }
+}
+
+// Rows [r0, nrows) of one column tile of nv (1 ... NV) vectors: MR-row tiles, then
+// the rows left one size down at a time.
+template <int NV, int MR = VT::kLanesRows>
+FM_TARGET void wgrad_lanes_rows(const Wgrad1x1LanesJob& job, int r0, int64_t j0, unsigned last) {
+  for (; r0 + MR <= job.nrows; r0 += MR) wgrad_lanes_tile<MR, NV>(job, r0, j0, last);
+  if constexpr (MR > 1) wgrad_lanes_rows<NV, MR - 1>(job, r0, j0, last);
+}
+
+void run_wgrad_1x1_lanes(const Wgrad1x1LanesJob& job) {
+  constexpr int NV = VT::kLanesVecs;
+  for (int64_t j0 = 0; j0 < job.ncols; j0 += NV * W) {
+    const int64_t left = job.ncols - j0 < NV * W ? job.ncols - j0 : NV * W;
+    const int nv = (int)((left + W - 1) / W);
+    const int64_t tail = left - (int64_t)(nv - 1) * W;  // lanes of the last vector, 1 ... W
+    const unsigned last = tail == W ? (1u << W) - 1u : (1u << tail) - 1u;
+    static_assert(NV <= 4, "wgrad_lanes: extend the switch below");
+    switch (nv) {
+      case 4: if constexpr (NV >= 4) wgrad_lanes_rows<4>(job, 0, j0, last); break;
+      case 3: if constexpr (NV >= 3) wgrad_lanes_rows<3>(job, 0, j0, last); break;
+      case 2: wgrad_lanes_rows<2>(job, 0, j0, last); break;
+      default: wgrad_lanes_rows<1>(job, 0, j0, last); break;
+    }
+  }
+}
+
 #undef FM_KERNEL_INLINE
 
 }  // namespace FM_NS
