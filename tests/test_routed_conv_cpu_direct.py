@@ -254,12 +254,35 @@ for mode, cin, cout in (("in", 72, 200), ("out", 200, 72)):
                 y = fn(x.to(dt), wl, g.to(dt), gate_on=mode, router_grad="active", **extra)
                 grads.append(torch.autograd.grad(y, wl, dy.to(dt))[0])
             torch.testing.assert_close(grads[0], grads[1].float(), rtol=1e-4, atol=2e-3)
+# Grouped convs with at least 16 output rows per block: lanes over the rows (16 rows:
+# one AVX-512 vector; 24: a vector and a half; 32: two), one accumulator per
+# (channel, tap) pair (3 x 9 = 27 or 5 x 25: tiles of 12 / 8 pairs and the rest);
+# 3x3, dilated 3x3 and 5x5 with their zero borders; 1x1 images; soft gates.
+for blocks, per_in, per_out, k, dil in ((4, 3, 16, 3, 1), (3, 5, 24, 5, 1), (2, 3, 32, 3, 2), (2, 2, 16, 1, 1)):
+    for h, w in ((1, 1), (7, 7), (5, 12)):
+        for soft in (False, True):
+            x = torch.randn(5, blocks * per_in, h, w, generator=gen, dtype=torch.float64)
+            wt = torch.randn(blocks * per_out, per_in, k, k, generator=gen, dtype=torch.float64)
+            g = (torch.rand(5, blocks, generator=gen) < 0.5).double()
+            g[0], g[1] = 0.0, 1.0
+            if soft:
+                g = g * (torch.rand(5, blocks, generator=gen, dtype=torch.float64) + 0.5)
+            dy = torch.randn(5, blocks * per_out, h, w, generator=gen, dtype=torch.float64)
+            kw = dict(padding=dil * (k // 2), dilation=dil, groups=blocks, gate_on="group", router_grad="active")
+            grads = []
+            for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")),
+                                  (routed_conv2d_reference, torch.float64, {})):
+                wl = wt.to(dt).requires_grad_()
+                y = fn(x.to(dt), wl, g.to(dt), **kw, **extra)
+                grads.append(torch.autograd.grad(y, wl, dy.to(dt))[0])
+            torch.testing.assert_close(grads[0], grads[1].float(), rtol=1e-4, atol=2e-3)
 print("ok")
 """
 
 
 @pytest.mark.parametrize("direct", ["1", "avx2"])
-def test_1x1_weight_gradient_lanes_kernel(direct):
-    # Both builds of the kernel (AVX-512: 6 rows x 4 vectors; AVX2: 4 x 2), each in a
-    # fresh process since the choice is read once.
+def test_weight_gradient_lanes_kernels(direct):
+    # Both builds of the small-image weight-gradient kernels with lanes over channels
+    # or rows (AVX-512 and AVX2 tile sizes differ), each in a fresh process since the
+    # choice is read once.
     run_with_direct_setting(_LANES_SCRIPT, direct)

@@ -282,6 +282,8 @@ struct Avx512Traits {
   static constexpr int kClRows = 8;        // 8 rows x 2 channel vectors
   static constexpr int kLanesRows = 6;     // 6 rows x 4 column vectors (wgrad_lanes)
   static constexpr int kLanesVecs = 4;
+  static constexpr int kTapsLanes2 = 12;   // 12 pairs x 2 vectors, 8 x 1 (wgrad_taps_lanes)
+  static constexpr int kTapsLanes1 = 8;
   FM_AVX512_T FM_VI V zero() { return _mm512_setzero_ps(); }
   FM_AVX512_T FM_VI V set1(float f) { return _mm512_set1_ps(f); }
   FM_AVX512_T FM_VI V loadu(const float* p) { return _mm512_loadu_ps(p); }
@@ -304,6 +306,8 @@ struct Avx2Traits {
   static constexpr int kClRows = 2;        // 2 rows x 4 channel vectors
   static constexpr int kLanesRows = 4;     // 4 rows x 2 column vectors (wgrad_lanes)
   static constexpr int kLanesVecs = 2;
+  static constexpr int kTapsLanes2 = 6;    // 6 pairs x 2 vectors, 6 x 1 (wgrad_taps_lanes)
+  static constexpr int kTapsLanes1 = 6;
   FM_AVX2_T FM_VI V zero() { return _mm256_setzero_ps(); }
   FM_AVX2_T FM_VI V set1(float f) { return _mm256_set1_ps(f); }
   FM_AVX2_T FM_VI V loadu(const float* p) { return _mm256_loadu_ps(p); }
@@ -356,6 +360,7 @@ void run_rows(const RowJob& job, const PixelPlan& plan) { FM_DISPATCH(run_rows, 
 void run_wgrad(const WgradJob* jobs, int n, const PixelPlan& plan) { FM_DISPATCH(run_wgrad, jobs, n, plan); }
 void run_wgrad_cl(const WgradClJob& job, const ClPlan& plan) { FM_DISPATCH(run_wgrad_cl, job, plan); }
 void run_wgrad_1x1_lanes(const Wgrad1x1LanesJob& job) { FM_DISPATCH(run_wgrad_1x1_lanes, job); }
+void run_wgrad_taps_lanes(const WgradTapsLanesJob& job) { FM_DISPATCH(run_wgrad_taps_lanes, job); }
 float dot(const float* a, const float* b, int64_t n) { return FM_DISPATCH(dot, a, b, n); }
 #else
 // Not x86: available() is false and nothing calls these.
@@ -363,6 +368,7 @@ void run_rows(const RowJob&, const PixelPlan&) { std::abort(); }
 void run_wgrad(const WgradJob*, int, const PixelPlan&) { std::abort(); }
 void run_wgrad_cl(const WgradClJob&, const ClPlan&) { std::abort(); }
 void run_wgrad_1x1_lanes(const Wgrad1x1LanesJob&) { std::abort(); }
+void run_wgrad_taps_lanes(const WgradTapsLanesJob&) { std::abort(); }
 float dot(const float*, const float*, int64_t) { std::abort(); }
 #endif
 

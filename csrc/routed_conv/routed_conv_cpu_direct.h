@@ -214,6 +214,26 @@ struct Wgrad1x1LanesJob {
 
 void run_wgrad_1x1_lanes(const Wgrad1x1LanesJob& job);
 
+// The same idea for a gate block of a grouped conv at stride 1 (any taps), summed
+// over the block's active samples: lanes over the block's output rows (dy rows
+// transposed per sample, times the gate), one accumulator row per (channel, tap)
+// pair k, whose input is a zero-bordered copy of the block's x channels:
+//   t[k][j] += sum_s sum_{y < H, x < W} xpad[s][koff[k] + y * Wp + x] * bt[s][(y * W + x) * ldb + j]
+// for j < ncols; koff[k] = c * (padded pixels per channel) + the tap's offset in the
+// padded image.
+struct WgradTapsLanesJob {
+  const float* const* xpad;
+  const float* const* bt;
+  int ns;
+  const int64_t* koff;
+  int nk;
+  float* t;
+  int64_t ldt, ncols, ldb;
+  int64_t H, W, Wp;
+};
+
+void run_wgrad_taps_lanes(const WgradTapsLanesJob& job);
+
 // dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols.
 void transpose(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst);
 

@@ -507,6 +507,58 @@ void run_wgrad_1x1_lanes(const Wgrad1x1LanesJob& job) {
   }
 }
 
+// Grouped-conv lanes tile: pairs [k0, k0 + MR) x NV vectors of columns from j0,
+// summed over every sample and pixel, then added into t.
+template <int MR, int NV>
+FM_TARGET void taps_lanes_tile(const WgradTapsLanesJob& job, int k0, int64_t j0, unsigned last) {
+  constexpr unsigned kFull = (1u << W) - 1u;
+  V acc[MR][NV];
+  FM_UNROLL for (int i = 0; i < MR; ++i)
+    FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = VT::zero();
+  for (int s = 0; s < job.ns; ++s) {
+    const float* a[MR];
+    FM_UNROLL for (int i = 0; i < MR; ++i) a[i] = job.xpad[s] + job.koff[k0 + i];
+    const float* b = job.bt[s] + j0;
+    for (int64_t y = 0; y < job.H; ++y) {
+      const int64_t q0 = y * job.Wp;
+      for (int64_t x = 0; x < job.W; ++x, b += job.ldb) {
+        V bv[NV];
+        FM_UNROLL for (int v = 0; v < NV; ++v) bv[v] = VT::load_mask(v == NV - 1 ? last : kFull, b + v * W);
+        FM_UNROLL for (int i = 0; i < MR; ++i) {
+          const V ai = VT::set1(a[i][q0 + x]);
+          FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = VT::fmadd(ai, bv[v], acc[i][v]);
+        }
+      }
+    }
+  }
+  FM_UNROLL for (int i = 0; i < MR; ++i) {
+    float* t = job.t + (k0 + i) * job.ldt + j0;
+    FM_UNROLL for (int v = 0; v < NV; ++v) {
+      const unsigned m = v == NV - 1 ? last : kFull;
+      VT::store_mask(t + v * W, m, VT::add(acc[i][v], VT::load_mask(m, t + v * W)));
+    }
+  }
+}
+
+// Pairs [k0, nk) for one column tile of NV vectors: MR-pair tiles, then smaller.
+template <int NV, int MR>
+FM_TARGET void taps_lanes_pairs(const WgradTapsLanesJob& job, int k0, int64_t j0, unsigned last) {
+  for (; k0 + MR <= job.nk; k0 += MR) taps_lanes_tile<MR, NV>(job, k0, j0, last);
+  if constexpr (MR > 1) taps_lanes_pairs<NV, MR - 1>(job, k0, j0, last);
+}
+
+void run_wgrad_taps_lanes(const WgradTapsLanesJob& job) {
+  // Column tiles of 2 vectors or of 1 (a block of 16 rows; AVX2: 8).
+  constexpr int M2 = VT::kTapsLanes2, M1 = VT::kTapsLanes1;
+  for (int64_t j0 = 0; j0 < job.ncols; j0 += 2 * W) {
+    const int64_t left = job.ncols - j0 < 2 * W ? job.ncols - j0 : 2 * W;
+    const int64_t tail = left > W ? left - W : left;
+    const unsigned last = tail == W ? (1u << W) - 1u : (1u << tail) - 1u;
+    if (left > W) taps_lanes_pairs<2, M2>(job, 0, j0, last);
+    else taps_lanes_pairs<1, M1>(job, 0, j0, last);
+  }
+}
+
 #undef FM_KERNEL_INLINE
 
 }  // namespace FM_NS
