@@ -1,6 +1,7 @@
 """Checks shared by the routed-convolution tests: a fused op's autograd fallback
-against its float64 reference, and a script run in a fresh process with the direct
-CPU kernels switched off or forced to their AVX2 build."""
+against its float64 reference, routed_conv2d's weight gradient against the
+reference's, and a script run in a fresh process with the direct CPU kernels
+switched off or forced to their AVX2 build."""
 import os
 import subprocess
 import sys
@@ -20,6 +21,20 @@ def assert_grads_match_reference(fast, reference, leaves64, gen, out_tol, rtol, 
     torch.testing.assert_close(got, want.float(), **out_tol)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b.float(), rtol=rtol, atol=atol)
+
+
+def assert_weight_grad_matches(x, wt, g, dy, atol, **kw):
+    """grad_weight of routed_conv2d (CPU backend, float32) against the float64
+    reference's, for the same x, weight, gates and upstream gradient dy."""
+    from fastmod.ops import routed_conv2d, routed_conv2d_reference
+
+    grads = []
+    for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")),
+                          (routed_conv2d_reference, torch.float64, {})):
+        wl = wt.detach().to(dt).requires_grad_()
+        y = fn(x.to(dt), wl, g.to(dt), **kw, **extra)
+        grads.append(torch.autograd.grad(y, wl, dy.to(dt))[0])
+    torch.testing.assert_close(grads[0], grads[1].float(), rtol=1e-4, atol=atol)
 
 
 def run_with_direct_setting(script: str, direct: str = "0") -> None:

@@ -8,6 +8,8 @@ images (tap masks at the borders), odd sizes at strides 2 and 3 (phase images pa
 input), dilation, a 5x5 kernel (runtime tap count), non-binary gates, samples with every
 block off.
 """
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 from fastmod import _extension
 from fastmod.ops import routed_conv2d, routed_conv2d_reference
 
-from _routed_helpers import run_with_direct_setting
+from _routed_helpers import assert_weight_grad_matches, run_with_direct_setting
 
 pytestmark = pytest.mark.skipif(not _extension.has_op("routed_conv2d"), reason="fastmod._C not built")
 
@@ -193,14 +195,7 @@ def test_in_mode_weight_gradient_channel_lists(k, kind):
                           [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0],
                           [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]])
     dy = torch.randn(n, cout, 6, 7, generator=gen)
-    kw = dict(padding=k // 2, gate_on="in")
-    grads = []
-    for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")),
-                          (routed_conv2d_reference, torch.float64, {})):
-        wl = wt.to(dt).requires_grad_()
-        y = fn(x.to(dt), wl, g.to(dt), **kw, **extra)
-        grads.append(torch.autograd.grad(y, wl, dy.to(dt))[0])
-    torch.testing.assert_close(grads[0], grads[1].float(), rtol=1e-4, atol=1e-3)
+    assert_weight_grad_matches(x, wt, g, dy, 1e-3, padding=k // 2, gate_on="in")
 
 
 @pytest.mark.parametrize("mode", ["group", "out"])
@@ -231,8 +226,10 @@ def test_large_off_blocks_streamed_zeros(mode):
 
 
 _LANES_SCRIPT = """
+import sys
 import torch
-from fastmod.ops import routed_conv2d, routed_conv2d_reference
+sys.path.insert(0, %r)
+from _routed_helpers import assert_weight_grad_matches
 gen = torch.Generator().manual_seed(3)
 # 1x1 convs on small images (<= 256 pixels): grad_weight with the lanes over the dense
 # side's channels.  200 of them: three 64-column tiles and a partial one, split over
@@ -247,13 +244,7 @@ for mode, cin, cout in (("in", 72, 200), ("out", 200, 72)):
             if soft:
                 g = g * (torch.rand(5, 6, generator=gen, dtype=torch.float64) + 0.5)
             dy = torch.randn(5, cout, h, w, generator=gen, dtype=torch.float64)
-            grads = []
-            for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")),
-                                  (routed_conv2d_reference, torch.float64, {})):
-                wl = wt.to(dt).requires_grad_()
-                y = fn(x.to(dt), wl, g.to(dt), gate_on=mode, router_grad="active", **extra)
-                grads.append(torch.autograd.grad(y, wl, dy.to(dt))[0])
-            torch.testing.assert_close(grads[0], grads[1].float(), rtol=1e-4, atol=2e-3)
+            assert_weight_grad_matches(x, wt, g, dy, 2e-3, gate_on=mode, router_grad="active")
 # Grouped convs with at least 16 output rows per block: lanes over the rows (16 rows:
 # one AVX-512 vector; 24: a vector and a half; 32: two), one accumulator per
 # (channel, tap) pair (3 x 9 = 27 or 5 x 25: tiles of 12 / 8 pairs and the rest);
@@ -268,14 +259,8 @@ for blocks, per_in, per_out, k, dil in ((4, 3, 16, 3, 1), (3, 5, 24, 5, 1), (2, 
             if soft:
                 g = g * (torch.rand(5, blocks, generator=gen, dtype=torch.float64) + 0.5)
             dy = torch.randn(5, blocks * per_out, h, w, generator=gen, dtype=torch.float64)
-            kw = dict(padding=dil * (k // 2), dilation=dil, groups=blocks, gate_on="group", router_grad="active")
-            grads = []
-            for fn, dt, extra in ((routed_conv2d, torch.float32, dict(backend="cpu")),
-                                  (routed_conv2d_reference, torch.float64, {})):
-                wl = wt.to(dt).requires_grad_()
-                y = fn(x.to(dt), wl, g.to(dt), **kw, **extra)
-                grads.append(torch.autograd.grad(y, wl, dy.to(dt))[0])
-            torch.testing.assert_close(grads[0], grads[1].float(), rtol=1e-4, atol=2e-3)
+            assert_weight_grad_matches(x, wt, g, dy, 2e-3, padding=dil * (k // 2), dilation=dil, groups=blocks,
+                                       gate_on="group", router_grad="active")
 print("ok")
 """
 
@@ -285,4 +270,4 @@ def test_weight_gradient_lanes_kernels(direct):
     # Both builds of the small-image weight-gradient kernels with lanes over channels
     # or rows (AVX-512 and AVX2 tile sizes differ), each in a fresh process since the
     # choice is read once.
-    run_with_direct_setting(_LANES_SCRIPT, direct)
+    run_with_direct_setting(_LANES_SCRIPT % os.path.dirname(os.path.abspath(__file__)), direct)

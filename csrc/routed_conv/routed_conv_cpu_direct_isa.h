@@ -453,33 +453,52 @@ void run_wgrad_cl(const WgradClJob& job, const ClPlan& plan) {
   }
 }
 
-// Lanes-over-columns 1x1 weight-gradient tile: MR rows x NV vectors of columns from
-// j0, the last vector under `last` (the lanes left at the end of the columns).
+// The register tile of the lanes-over-columns kernels: MR accumulator rows x NV
+// vectors of columns, the last vector under `last` (the lanes left at the end).
 template <int MR, int NV>
-FM_TARGET void wgrad_lanes_tile(const Wgrad1x1LanesJob& job, int r0, int64_t j0, unsigned last) {
-  constexpr unsigned kFull = (1u << W) - 1u;
+struct LanesTile {
+  static constexpr unsigned kFull = (1u << W) - 1u;
   V acc[MR][NV];
-  FM_UNROLL for (int i = 0; i < MR; ++i)
-    FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = VT::zero();
-  const float* a[MR];
-  FM_UNROLL for (int i = 0; i < MR; ++i) a[i] = job.a_row[r0 + i];
-  const float* b = job.bt + j0;
-  for (int64_t p = 0; p < job.L; ++p, b += job.ldb) {
+  unsigned last;
+
+  FM_KERNEL_INLINE explicit LanesTile(unsigned last_lanes) : last(last_lanes) {
+    FM_UNROLL for (int i = 0; i < MR; ++i)
+      FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = VT::zero();
+  }
+  // acc[i] += a(i) * the columns at b (one pixel).
+  template <class A>
+  FM_KERNEL_INLINE void step(const float* b, A a) {
     V bv[NV];
     FM_UNROLL for (int v = 0; v < NV; ++v) bv[v] = VT::load_mask(v == NV - 1 ? last : kFull, b + v * W);
     FM_UNROLL for (int i = 0; i < MR; ++i) {
-      const V ai = VT::set1(a[i][p]);
+      const V ai = VT::set1(a(i));
       FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = VT::fmadd(ai, bv[v], acc[i][v]);
     }
   }
-  FM_UNROLL for (int i = 0; i < MR; ++i) {
-    const V s = VT::set1(job.row_scale ? job.row_scale[r0 + i] : 1.0f);
-    float* t = job.t_row[r0 + i] + j0;
-    FM_UNROLL for (int v = 0; v < NV; ++v) {
-      const unsigned m = v == NV - 1 ? last : kFull;
-      VT::store_mask(t + v * W, m, VT::fmadd(s, acc[i][v], VT::load_mask(m, t + v * W)));
+  // row(i)[columns] += scale(i) * acc[i].
+  template <class Row, class Scale>
+  FM_KERNEL_INLINE void add_to(Row row, Scale scale) const {
+    FM_UNROLL for (int i = 0; i < MR; ++i) {
+      const V s = VT::set1(scale(i));
+      float* t = row(i);
+      FM_UNROLL for (int v = 0; v < NV; ++v) {
+        const unsigned m = v == NV - 1 ? last : kFull;
+        VT::store_mask(t + v * W, m, VT::fmadd(s, acc[i][v], VT::load_mask(m, t + v * W)));
+      }
     }
   }
+};
+
+// 1x1 weight-gradient tile: rows [r0, r0 + MR) x NV vectors of columns from j0.
+template <int MR, int NV>
+FM_TARGET void wgrad_lanes_tile(const Wgrad1x1LanesJob& job, int r0, int64_t j0, unsigned last) {
+  LanesTile<MR, NV> tile(last);
+  const float* a[MR];
+  FM_UNROLL for (int i = 0; i < MR; ++i) a[i] = job.a_row[r0 + i];
+  const float* b = job.bt + j0;
+  for (int64_t p = 0; p < job.L; ++p, b += job.ldb) tile.step(b, [&](int i) { return a[i][p]; });
+  tile.add_to([&](int i) { return job.t_row[r0 + i] + j0; },
+              [&](int i) { return job.row_scale ? job.row_scale[r0 + i] : 1.0f; });
 }
 
 // Rows [r0, nrows) of one column tile of nv (1 ... NV) vectors: MR-row tiles, then
@@ -511,33 +530,17 @@ void run_wgrad_1x1_lanes(const Wgrad1x1LanesJob& job) {
 // summed over every sample and pixel, then added into t.
 template <int MR, int NV>
 FM_TARGET void taps_lanes_tile(const WgradTapsLanesJob& job, int k0, int64_t j0, unsigned last) {
-  constexpr unsigned kFull = (1u << W) - 1u;
-  V acc[MR][NV];
-  FM_UNROLL for (int i = 0; i < MR; ++i)
-    FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = VT::zero();
+  LanesTile<MR, NV> tile(last);
   for (int s = 0; s < job.ns; ++s) {
     const float* a[MR];
     FM_UNROLL for (int i = 0; i < MR; ++i) a[i] = job.xpad[s] + job.koff[k0 + i];
     const float* b = job.bt[s] + j0;
     for (int64_t y = 0; y < job.H; ++y) {
       const int64_t q0 = y * job.Wp;
-      for (int64_t x = 0; x < job.W; ++x, b += job.ldb) {
-        V bv[NV];
-        FM_UNROLL for (int v = 0; v < NV; ++v) bv[v] = VT::load_mask(v == NV - 1 ? last : kFull, b + v * W);
-        FM_UNROLL for (int i = 0; i < MR; ++i) {
-          const V ai = VT::set1(a[i][q0 + x]);
-          FM_UNROLL for (int v = 0; v < NV; ++v) acc[i][v] = VT::fmadd(ai, bv[v], acc[i][v]);
-        }
-      }
+      for (int64_t x = 0; x < job.W; ++x, b += job.ldb) tile.step(b, [&](int i) { return a[i][q0 + x]; });
     }
   }
-  FM_UNROLL for (int i = 0; i < MR; ++i) {
-    float* t = job.t + (k0 + i) * job.ldt + j0;
-    FM_UNROLL for (int v = 0; v < NV; ++v) {
-      const unsigned m = v == NV - 1 ? last : kFull;
-      VT::store_mask(t + v * W, m, VT::add(acc[i][v], VT::load_mask(m, t + v * W)));
-    }
-  }
+  tile.add_to([&](int i) { return job.t + (k0 + i) * job.ldt + j0; }, [](int) { return 1.0f; });
 }
 
 // Pairs [k0, nk) for one column tile of NV vectors: MR-pair tiles, then smaller.
