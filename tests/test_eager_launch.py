@@ -1,12 +1,14 @@
 """Eager calls of the Triton ops launch their kernels directly, not through
 wrap_triton's higher-order op (fastmod.ops._eager): that costs host time per launch
-and leaves one entry per launch in torch's kernel side table for good."""
+and leaves one entry per launch in torch's kernel side table for good.  Eager calls
+of the C++ fused norms skip their torch.library autograd the same way."""
 import pytest
 import torch
 from torch._library.triton import is_wrap_triton_enabled
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from conftest import requires_cuda
+from fastmod import _extension
 from fastmod.ops import _eager
 
 
@@ -77,3 +79,38 @@ def test_no_side_table_growth_on_the_gpu():
     for _ in range(3):
         calls()
     assert len(kernel_side_table.constant_args) == before
+
+
+@pytest.mark.skipif(not _extension.has_op("routed_batch_norm_relu", "CPU"), reason="fastmod._C not built")
+def test_cpu_fused_norms_skip_the_registered_autograd():
+    # Eager CPU calls run the C++ ops below their torch.library autograd, inside
+    # fastmod's own Function: the graph node says so, and outputs and gradients are
+    # those of the registered op (which torch.compile still uses).
+    from fastmod.ops import fused_norm
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 4, 5, generator=gen)
+    gates = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    w, b = torch.rand(8, generator=gen) + 0.5, torch.randn(8, generator=gen)
+    dy = torch.randn(3, 8, 4, 5, generator=gen)
+    results = []
+    for eager in (True, False):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        rm, rv = torch.zeros(8), torch.ones(8)
+        args = (xs, gates, ws, bs, rm, rv, True, 1e-5)
+        out = (fused_norm._call("cpu", "routed_batch_norm_relu", False, *args) if eager
+               else torch.ops.fastmod.routed_batch_norm_relu(*args))[0]
+        assert (type(out.grad_fn).__name__ == "RoutedBatchNormReluCpuBackward") == eager
+        results.append((out,) + torch.autograd.grad(out, (xs, ws, bs), dy))
+        res = torch.randn(3, 8, 4, 5, generator=gen)
+        gn = (fused_norm._call("cpu", "group_norm_add_relu", False, xs, res, ws, bs, 2, 1e-5) if eager
+              else torch.ops.fastmod.group_norm_add_relu(xs, res, ws, bs, 2, 1e-5))[0]
+        assert (type(gn.grad_fn).__name__ == "GroupNormAddReluCpuBackward") == eager
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+    # The in-place inference op still bumps x's version, as the dispatcher does.
+    xi = x.clone()
+    v = xi._version
+    fused_norm._call("cpu", "routed_batch_norm_relu", True, xi, gates, w, b, torch.zeros(8), torch.ones(8),
+                     False, 1e-5)
+    assert xi._version > v

@@ -1,4 +1,4 @@
-"""Eager calls of the Triton ops without the torch.library dispatch.
+"""Eager calls of the Triton (and C++) ops without the torch.library dispatch.
 
 A Python custom op with registered autograd costs about 20 us of host time per
 call (measured on this project's CPU VM, torch 2.14: 21.4 us against 3.6 us for a
@@ -43,15 +43,28 @@ def direct_launch(fn: Callable) -> Callable:
     return run
 
 
-def eager_function(name: str, forward: Callable, setup_context: Callable, backward: Callable):
+def below_autograd(op: Callable) -> Callable:
+    """``op(*args)`` with the autograd dispatch keys excluded: for a C++ op run inside
+    an ``eager_function``, whose Function already records the graph, so the op's own
+    registered autograd (torch.library's Python wrapper: ~20 us a call) is skipped."""
+    def run(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return run
+
+
+def eager_function(name: str, forward: Callable, setup_context: Callable, backward: Callable,
+                   triton: bool = True):
     """An autograd.Function class from ``forward(*inputs)`` (no ctx),
     ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)``, as
     ``torch.library.register_autograd`` takes them.  Every input must be passed
     (defaults are not filled in).  The class uses the ctx-first ``forward``
     style: with a separate ``setup_context``, ``Function.apply`` binds the
-    arguments through ``inspect.signature`` on every call (~15 us)."""
+    arguments through ``inspect.signature`` on every call (~15 us).  ``triton``:
+    forward and backward launch Triton kernels (run under ``direct_launch``)."""
 
-    direct = direct_launch(forward)
+    wrap = direct_launch if triton else (lambda fn: fn)
+    direct = wrap(forward)
 
     def fwd(ctx, *inputs):
         output = direct(*inputs)
@@ -59,7 +72,7 @@ def eager_function(name: str, forward: Callable, setup_context: Callable, backwa
         return output
 
     return type(name, (torch.autograd.Function,),
-                {"forward": staticmethod(fwd), "backward": staticmethod(direct_launch(backward))})
+                {"forward": staticmethod(fwd), "backward": staticmethod(wrap(backward))})
 
 
 def call(op, function, *args):
