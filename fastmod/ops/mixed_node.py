@@ -147,6 +147,10 @@ if _extension.has_op("mixed_node_fwd"):
     torch.library.register_autograd("fastmod::mixed_node_fwd",
                                     _autograd_backward(lambda *a: torch.ops.fastmod.mixed_node_bwd(*a)),
                                     setup_context=_setup_context)
+    # Eager calls: the op below its torch.library autograd (see fastmod.ops._eager).
+    _CppFunction = _eager.eager_function("_MixedNodeCpp", _eager.below_autograd(torch.ops.fastmod.mixed_node_fwd.default),
+                                         _setup_context, _autograd_backward(torch.ops.fastmod.mixed_node_bwd.default),
+                                         triton=False)
 
 
 # --------------------------------------------------------------------------- Triton backend
@@ -229,7 +233,7 @@ def mixed_node(x1: torch.Tensor, x2: torch.Tensor, alpha: torch.Tensor, *, mode:
     w = mixed_node_weights(alpha, mode, op_mask)
     acc = _acc_dtype(x1.dtype)
     w = (w if w.dtype == acc else w.to(acc)).reshape(-1, len(OP_NAMES)).contiguous()
-    out = torch.ops.fastmod.mixed_node_fwd(a, b, w, normalize)
+    out = _eager.call(torch.ops.fastmod.mixed_node_fwd, _CppFunction, a, b, w, normalize)
     return out.reshape(full)
 
 

@@ -92,6 +92,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmod import _checks, _extension, backends
+from fastmod.ops import _eager
 
 GATE_MODES = ("group", "out", "in")
 ROUTER_GRADS = (None, "exact", "active")
@@ -227,6 +228,10 @@ if _extension.has_op("routed_conv2d"):
                 weight.new_empty((weight.shape[0],)), gates.new_empty(gates.shape))
 
     torch.library.register_autograd("fastmod::routed_conv2d", _backward, setup_context=_setup_context)
+    # Eager calls: the same op below its torch.library autograd, in fastmod's own
+    # Function (fastmod.ops._eager), ~20-30 us less host time per call.
+    _CppFunction = _eager.eager_function("RoutedConvCpp", _eager.below_autograd(torch.ops.fastmod.routed_conv2d.default),
+                                         _setup_context, _backward, triton=False)
 
 
 GPU_ENV = "FASTMOD_ROUTED_CONV_GPU"  # what backend=None runs on CUDA tensors
@@ -278,9 +283,9 @@ def routed_conv2d(x: torch.Tensor, weight: torch.Tensor, gates: torch.Tensor,
         if x.dtype == torch.float64:  # tl.dot has no float64 tensor-core path on the GPU
             raise TypeError("routed_conv2d: backend='triton' takes float16, bfloat16 or float32 x, got float64; "
                             "use backend='cuda' or 'reference'")
-        from fastmod.ops import _eager, _routed_conv_triton as tri
+        from fastmod.ops import _routed_conv_triton as tri
         return _eager.call(tri.routed_conv2d_triton, tri.RoutedConvFunction, x, weight, gates, bias, list(stride),
                            list(padding), list(dilation), gate_on, router_grad != "active",
                            torch.backends.cudnn.allow_tf32)
-    return torch.ops.fastmod.routed_conv2d(x, weight, gates, bias, list(stride), list(padding),
-                                           list(dilation), groups, gate_on, router_grad != "active")
+    return _eager.call(torch.ops.fastmod.routed_conv2d, _CppFunction, x, weight, gates, bias, list(stride),
+                       list(padding), list(dilation), groups, gate_on, router_grad != "active")
