@@ -114,3 +114,18 @@ def test_cpu_fused_norms_skip_the_registered_autograd():
     fused_norm._call("cpu", "routed_batch_norm_relu", True, xi, gates, w, b, torch.zeros(8), torch.ones(8),
                      False, 1e-5)
     assert xi._version > v
+
+
+@pytest.mark.skipif(not _extension.has_op("routed_conv2d", "CPU"), reason="fastmod._C not built")
+def test_cpu_ops_record_fastmods_own_graph_node():
+    # Eager CPU calls of the routed conv and the mixed node: fastmod's Function, not
+    # torch.library's generated one (which traced code keeps using).
+    from fastmod.ops import mixed_node, routed_conv2d
+
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    y = routed_conv2d(x, torch.randn(4, 8, 1, 1), torch.tensor([[1.0, 0.0], [0.0, 1.0]]), gate_on="in",
+                      backend="cpu")
+    assert type(y.grad_fn).__name__ == "RoutedConvCppBackward"
+    z = mixed_node(x, torch.randn(2, 8, 1, 1), torch.zeros(6, requires_grad=True), backend="cpu")
+    assert z.grad_fn.name() == "ViewBackward0"  # the op's canonical [K, B, C, S] output, viewed back
+    assert z.grad_fn.next_functions[0][0].name() == "_MixedNodeCppBackward"
