@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from fastmod import _checks, _extension, backends
 from fastmod.ops import _eager
+from fastmod.ops.routed_conv import _block_scale
 
 _IMPLEMENTED = ("triton", "cpu")
 
@@ -144,8 +145,7 @@ def has_kernel(x: torch.Tensor, backend: str | None = None) -> bool:
 
 def _block_mask(gates: torch.Tensor, channels: int, dtype: torch.dtype) -> torch.Tensor:
     """gates [N, G] -> 0/1 mask [N, channels, 1, 1] (gate != 0), repeated over each block."""
-    n, g = gates.shape
-    return (gates != 0).to(dtype)[:, :, None].expand(n, g, channels // g).reshape(n, channels, 1, 1)
+    return _block_scale(gates != 0, channels, dtype)
 
 
 def _check_routed_bn(x, gates, running_mean, running_var, weight, bias, training, momentum, eps):
